@@ -1,0 +1,49 @@
+"""Differentiable batch augmentation (kornia) used by synthesis and by student training on bank images.
+
+Synthesis backpropagates through it (the generator must produce images that stay classifiable under crop and
+flip); students see the same family on bank images. Horizontal flips are off for digit datasets (a flipped
+"2" is not a 2), on for natural-image datasets; both are params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import kornia.augmentation as K
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    crop_pad: int = 4
+    flip: bool = False
+    jitter: float = 0.0  # colour jitter strength (brightness/contrast/saturation); CPNet uses it
+
+
+def build_augment(image_size: int, cfg: AugmentConfig) -> nn.Module:
+    ops: list[nn.Module] = []
+    if cfg.crop_pad:
+        ops.append(K.RandomCrop((image_size, image_size), padding=cfg.crop_pad))
+    if cfg.flip:
+        ops.append(K.RandomHorizontalFlip())
+    if cfg.jitter:
+        j = cfg.jitter
+        ops.append(K.ColorJitter(j, j, j, 0.0, p=0.8))
+    if not ops:
+        return nn.Identity()
+    return K.AugmentationSequential(*ops)
+
+
+def augment_config(d: dict[str, object] | None) -> AugmentConfig:
+    d = dict(d or {})
+    return AugmentConfig(
+        crop_pad=int(d.get("crop_pad", 4)),  # type: ignore[arg-type]
+        flip=bool(d.get("flip", False)),
+        jitter=float(d.get("jitter", 0.0)),  # type: ignore[arg-type]
+    )
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 0-255 -> float [0, 1] (on the images' device)."""
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images

@@ -1,0 +1,321 @@
+"""ImageBank: the HDF5 artifact every image-producing stage writes and every student stage reads.
+
+Schema version 1 (one file per bank)::
+
+    images          uint8   (N, C, H, W)  chunked ~1 MiB, resizable along N, uncompressed, values 0-255
+    labels          int64   (N,)          synthesis target, or the teacher's label (retrieval); -1 = none
+    round           int32   (N,)          synthesis round/epoch that produced the row
+    teacher_logits  float16 (N, K)        optional
+    parent_index    int64   (N,)          optional: row in the parent bank (augmented banks)
+    score           float32 (N,)          optional: retrieval confidence score / filter similarity
+    source          int16   (N,)          optional: index into attrs["source_names"] (retrieval pools)
+
+    attrs: schema_version, kind (synthetic|retrieved|augmented|merged), method, params (JSON),
+           teacher_checksum, parent_checksum, dataset (JSON DatasetInfo of the teacher), seed,
+           created_at, version, source_names (JSON list, optional)
+
+Images are stored unnormalised so any HDF5 viewer shows them; models normalise their own input. Chunks are
+uncompressed because random reads from gzip chunks are slow, and training reads the whole bank into memory
+anyway (50k RGB 32x32 = 147 MiB).
+
+Writing is atomic and resumable: :class:`BankWriter` writes to a hidden work file beside the target
+(``.<name>.work``), :meth:`BankWriter.commit` marks how many rows are complete, and :meth:`BankWriter.close`
+renames the work file into place. An interrupted stage leaves the target untouched (an old good bank
+survives a failed re-run) and can reopen the work file, truncated to the last commit, to resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from dfkd_common import __version__
+from dfkd_common.checkpoint import now
+from dfkd_common.errors import DfkdError
+
+SCHEMA_VERSION = 1
+KINDS = ("synthetic", "retrieved", "augmented", "merged")
+OPTIONAL = {
+    "teacher_logits": np.float16,
+    "parent_index": np.int64,
+    "score": np.float32,
+    "source": np.int16,
+}
+
+
+def work_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.parent / f".{p.name}.work"
+
+
+class BankWriter:
+    """Append rows to a bank; see the module docstring for the atomic/resumable protocol."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        channels: int,
+        image_size: int,
+        kind: str,
+        method: str,
+        dataset: dict[str, Any],
+        params: dict[str, Any] | None = None,
+        seed: int = 0,
+        teacher_checksum: str = "",
+        parent_checksum: str = "",
+        optional: tuple[str, ...] = (),
+        num_classes: int | None = None,
+        source_names: list[str] | None = None,
+        resume: bool = False,
+    ) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"bank kind must be one of {KINDS}")
+        for name in optional:
+            if name not in OPTIONAL:
+                raise ValueError(f"unknown optional bank field {name!r}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.work = work_path(self.path)
+        self.shape = (channels, image_size, image_size)
+        self.optional = optional
+        k = num_classes if num_classes is not None else int(dataset["num_classes"])
+        if resume and self.work.exists():
+            try:
+                self.h5 = h5py.File(self.work, "a")
+                n = int(self.h5.attrs["committed"])
+                if tuple(self.h5["images"].shape[1:]) != self.shape:
+                    raise DfkdError("work file has another image shape")
+                for name in self.h5:
+                    self.h5[name].resize(n, axis=0)
+                return
+            except (OSError, KeyError, DfkdError):
+                if hasattr(self, "h5"):
+                    self.h5.close()
+                self.work.unlink()
+        self.work.unlink(missing_ok=True)
+        self.h5 = h5py.File(self.work, "w")
+        rows = max(1, (1 << 20) // int(np.prod(self.shape)))
+        self.h5.create_dataset("images", (0, *self.shape), np.uint8, maxshape=(None, *self.shape),
+                               chunks=(rows, *self.shape))
+        self.h5.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
+        self.h5.create_dataset("round", (0,), np.int32, maxshape=(None,), chunks=(4096,))
+        for name in optional:
+            shape = (0, k) if name == "teacher_logits" else (0,)
+            chunks = (max(1, 4096 // k), k) if name == "teacher_logits" else (4096,)
+            self.h5.create_dataset(name, shape, OPTIONAL[name], maxshape=(None, *shape[1:]), chunks=chunks)
+        attrs = self.h5.attrs
+        attrs["schema_version"] = SCHEMA_VERSION
+        attrs["kind"] = kind
+        attrs["method"] = method
+        attrs["params"] = json.dumps(params or {}, sort_keys=True, default=str)
+        attrs["dataset"] = json.dumps(dataset)
+        attrs["seed"] = seed
+        attrs["teacher_checksum"] = teacher_checksum
+        attrs["parent_checksum"] = parent_checksum
+        attrs["created_at"] = now()
+        attrs["version"] = __version__
+        attrs["source_names"] = json.dumps(source_names or [])
+        attrs["committed"] = 0
+
+    def __len__(self) -> int:
+        return int(self.h5["images"].shape[0])
+
+    @property
+    def committed(self) -> int:
+        return int(self.h5.attrs["committed"])
+
+    def max_round(self) -> int:
+        n = len(self)
+        return int(self.h5["round"][:n].max()) if n else -1
+
+    def append(self, images: torch.Tensor | np.ndarray, labels: Any, round_index: int | Any, **optional: Any) -> None:
+        """Append a batch. ``images`` uint8 (B,C,H,W) or float in [0, 1] (quantised here)."""
+        imgs = to_uint8(images)
+        b = imgs.shape[0]
+        if tuple(imgs.shape[1:]) != self.shape:
+            raise DfkdError(f"bank image shape is {self.shape}, got {tuple(imgs.shape[1:])}")
+        missing = set(self.optional) - set(optional)
+        if missing:
+            raise ValueError(f"append() needs {sorted(missing)} for this bank")
+        n = len(self)
+        cols = {"images": imgs, "labels": _np(labels, np.int64, b), "round": _np(round_index, np.int32, b)}
+        for name in self.optional:
+            cols[name] = _np(optional[name], OPTIONAL[name], b)
+        for name, arr in cols.items():
+            ds = self.h5[name]
+            ds.resize(n + b, axis=0)
+            ds[n : n + b] = arr
+
+    def truncate(self, n: int) -> None:
+        """Drop rows past ``n`` (a resume rolls back to the last round its state file knows about)."""
+        for name in self.h5:
+            if self.h5[name].shape[0] > n:
+                self.h5[name].resize(n, axis=0)
+        self.commit()
+
+    def commit(self) -> None:
+        """Mark all rows so far complete and flush (a resume restarts from here)."""
+        self.h5.attrs["committed"] = len(self)
+        self.h5.flush()
+
+    def set_attr(self, key: str, value: Any) -> None:
+        self.h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+
+    def close(self) -> None:
+        """Commit, close and atomically move the finished bank into place."""
+        self.commit()
+        del self.h5.attrs["committed"]
+        self.h5.close()
+        os.replace(self.work, self.path)
+
+    def abort(self, keep_work: bool = True) -> None:
+        """Close without publishing; the work file stays for a resume unless ``keep_work`` is False."""
+        try:
+            self.h5.close()
+        finally:
+            if not keep_work:
+                self.work.unlink(missing_ok=True)
+
+    def __enter__(self) -> BankWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort(keep_work=True)
+
+
+def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8:
+            images = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return images.cpu().contiguous().numpy()
+    if images.dtype != np.uint8:
+        return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+    return images
+
+
+def _np(value: Any, dtype: Any, n: int) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().float().numpy() if value.dtype == torch.bfloat16 else value.detach().cpu().numpy()
+    arr = np.asarray(value, dtype=dtype)
+    if arr.ndim == 0:
+        arr = np.full(n, arr, dtype=dtype)
+    if arr.shape[0] != n:
+        raise ValueError(f"column has {arr.shape[0]} rows, images have {n}")
+    return arr
+
+
+@dataclass
+class Bank:
+    """A bank read whole into memory, validated against the schema."""
+
+    path: Path
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    rounds: torch.Tensor  # int32 (N,)
+    extra: dict[str, torch.Tensor]
+    attrs: dict[str, Any]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        return dict(self.attrs.get("dataset") or {})
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        c, h, w = self.images.shape[1:]
+        return int(c), int(h), int(w)
+
+    def check_compatible(self, channels: int, image_size: int, num_classes: int, what: str = "teacher") -> None:
+        """Fail clearly when a bank cannot feed a model of that input shape / class count."""
+        c, h, w = self.image_shape
+        if (c, h, w) != (channels, image_size, image_size):
+            raise DfkdError(
+                f"bank {self.path.name} has images {c}x{h}x{w}, the {what} expects "
+                f"{channels}x{image_size}x{image_size}"
+            )
+        k = self.dataset.get("num_classes")
+        if k is not None and int(k) != num_classes:
+            raise DfkdError(f"bank {self.path.name} is for {k} classes, the {what} has {num_classes}")
+        if len(self) and int(self.labels.max()) >= num_classes:
+            raise DfkdError(f"bank {self.path.name} has label {int(self.labels.max())} >= {num_classes} classes")
+
+
+def _open(path: str | os.PathLike[str]) -> h5py.File:
+    path = Path(path)
+    if not path.is_file():
+        raise DfkdError(f"bank not found: {path}")
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        raise DfkdError(f"{path} is not a readable HDF5 bank (truncated or wrong format: {exc})") from None
+
+
+def read_attrs(h5: h5py.File, path: Path) -> dict[str, Any]:
+    attrs: dict[str, Any] = {}
+    for k, v in h5.attrs.items():
+        if isinstance(v, bytes):
+            v = v.decode()
+        if k in ("params", "dataset", "source_names") and isinstance(v, str):
+            try:
+                v = json.loads(v)
+            except json.JSONDecodeError:
+                raise DfkdError(f"{path}: attribute {k} is not valid JSON") from None
+        attrs[k] = v.item() if isinstance(v, np.generic) else v
+    version = attrs.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DfkdError(f"{path}: bank schema version {version}, this dfkd reads version {SCHEMA_VERSION}")
+    return attrs
+
+
+def validate(h5: h5py.File, path: Path) -> int:
+    for name in ("images", "labels", "round"):
+        if name not in h5:
+            raise DfkdError(f"{path}: bank has no '{name}' dataset")
+    images = h5["images"]
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DfkdError(f"{path}: 'images' must be uint8 (N, C, H, W), is {images.dtype} {images.shape}")
+    n = images.shape[0]
+    for name in ("labels", "round", *OPTIONAL):
+        if name in h5 and h5[name].shape[0] != n:
+            raise DfkdError(f"{path}: '{name}' has {h5[name].shape[0]} rows, 'images' has {n}")
+    return n
+
+
+def bank_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Attributes and shapes without reading the images."""
+    path = Path(path)
+    with _open(path) as h5:
+        attrs = read_attrs(h5, path)
+        n = validate(h5, path)
+        return {"attrs": attrs, "n": n, "image_shape": tuple(h5["images"].shape[1:]),
+                "fields": sorted(h5.keys())}
+
+
+def load_bank(path: str | os.PathLike[str], rows: slice | None = None) -> Bank:
+    """Read a whole bank (or a slice of it) into memory after validating it."""
+    path = Path(path)
+    sel = rows if rows is not None else slice(None)
+    with _open(path) as h5:
+        attrs = read_attrs(h5, path)
+        validate(h5, path)
+        try:
+            images = torch.from_numpy(h5["images"][sel])
+            labels = torch.from_numpy(h5["labels"][sel].astype(np.int64))
+            rounds = torch.from_numpy(h5["round"][sel].astype(np.int32))
+            extra = {k: torch.from_numpy(h5[k][sel]) for k in OPTIONAL if k in h5}
+        except OSError as exc:
+            raise DfkdError(f"{path}: bank data is unreadable (truncated file? {exc})") from None
+    return Bank(path, images, labels, rounds, extra, attrs)

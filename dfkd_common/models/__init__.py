@@ -1,0 +1,6 @@
+"""Model zoo and generators, registered by name."""
+
+from dfkd_common.models.generators import GENERATORS, build_generator
+from dfkd_common.models.zoo import MODELS, Classifier, build_model
+
+__all__ = ["GENERATORS", "MODELS", "Classifier", "build_generator", "build_model"]

@@ -1,0 +1,85 @@
+"""Generators that map a latent (noise or class embedding) to images, registered by name.
+
+Output convention: images for a :class:`~dfkd_common.models.zoo.Classifier`, i.e. in [0, 1] pixel space.
+``head="sigmoid"`` squashes into [0, 1] (Fast/NAYER/CPNet). ``head="dafl"`` is DAFL's ``tanh -> BN(C, affine
+=False)`` output, which produces *normalised* images; we map it back to pixel space with the teacher's
+mean/std, so the teacher sees exactly what DAFL's teacher sees. Such images can leave [0, 1]; banks clip
+them when they quantise to uint8.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dfkd_common.registry import Registry
+
+GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator")
+
+
+def build_generator(name: str, **kwargs: Any) -> nn.Module:
+    return GENERATORS.get(name)(**kwargs)
+
+
+class OutputHead(nn.Module):
+    """Final activation; see module docstring."""
+
+    def __init__(self, kind: str, channels: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if kind not in ("sigmoid", "dafl"):
+            raise ValueError(f"unknown generator head {kind!r}")
+        self.kind = kind
+        self.bn = nn.BatchNorm2d(channels, affine=False) if kind == "dafl" else None
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is None:
+            return torch.sigmoid(x)
+        return self.bn(torch.tanh(x)) * self.std + self.mean
+
+
+class DCGenerator(nn.Module):
+    """DAFL/DFAD/Fast generator: Linear -> 128 x s/4 x s/4 -> (up x2, conv, BN, LeakyReLU) x 2 -> conv C."""
+
+    def __init__(
+        self,
+        nz: int = 100,
+        ngf: int = 64,
+        image_size: int = 32,
+        channels: int = 1,
+        head: str = "sigmoid",
+        mean: Sequence[float] = (0.0,),
+        std: Sequence[float] = (1.0,),
+    ) -> None:
+        super().__init__()
+        if image_size % 4:
+            raise ValueError("image_size must be divisible by 4")
+        self.nz = nz
+        self.init_size = image_size // 4
+        self.l1 = nn.Linear(nz, 2 * ngf * self.init_size**2)
+        self.conv_blocks = nn.Sequential(
+            nn.BatchNorm2d(2 * ngf),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, 2 * ngf, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(2 * ngf),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * ngf, ngf, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ngf, channels, 3, 1, 1),
+        )
+        self.head = OutputHead(head, channels, mean, std)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.l1(z).view(z.shape[0], -1, self.init_size, self.init_size)
+        return self.head(self.conv_blocks(x))
+
+
+@GENERATORS.register("dcgan")
+def dcgan(**kwargs: Any) -> nn.Module:
+    return DCGenerator(**kwargs)

@@ -1,0 +1,238 @@
+"""Classifier zoo (registry) and the :class:`Classifier` wrapper every model is built in.
+
+Every architecture is wrapped in :class:`Classifier`, which owns the input normalisation: all image tensors in
+dfkd are in [0, 1] (generators end in a sigmoid/tanh rescale, banks store 0-255), and the model normalises
+them itself. A checkpoint therefore carries its normalisation, and synthesis never has to know it.
+
+Penultimate features and intermediate stages are reached by forward hooks addressed by module path
+(:mod:`dfkd_common.models.hooks`), never by a custom ``forward``: the last ``nn.Linear`` in module order is
+the classifier, and its input is the penultimate feature.
+
+``lenet5`` follows DAFL/DFAD's LeNet-5 (conv 1->6->16->120, 5x5 kernels, 32x32 input, fc 120->84->C) with one
+deliberate addition, on by default: a BatchNorm2d after each convolution. BN running statistics are the
+main prior of DeepInversion, Fast, NAYER and CPNet (L_bn); a BN-free teacher would leave them nothing to
+match. ``batchnorm=False`` gives the exact published network (DAFL and DFAD do not need BN).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfkd_common.registry import Registry
+
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
+
+
+class Classifier(nn.Module):
+    """``net`` behind a fixed input normalisation; input images are float in [0, 1]."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+    @property
+    def classifier(self) -> nn.Linear:
+        """The last Linear layer: its input is the penultimate feature, its (W, b) the class hyperplanes."""
+        last = None
+        for m in self.net.modules():
+            if isinstance(m, nn.Linear):
+                last = m
+        if last is None:
+            raise TypeError("model has no nn.Linear classifier")
+        return last
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_features
+
+
+def build_model(
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    **kwargs: Any,
+) -> Classifier:
+    """Build a registered architecture wrapped with its normalisation."""
+    net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    return Classifier(net, mean, std)
+
+
+# ----------------------------------------------------------------------------------------------- LeNet-5
+class LeNet5(nn.Module):
+    def __init__(self, widths: tuple[int, int, int, int], num_classes: int, in_channels: int, batchnorm: bool):
+        super().__init__()
+        c1, c2, c3, f1 = widths
+
+        def block(cin: int, cout: int, pool: bool) -> nn.Sequential:
+            layers: list[nn.Module] = [nn.Conv2d(cin, cout, 5, bias=not batchnorm)]
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.ReLU(inplace=True))
+            if pool:
+                layers.append(nn.MaxPool2d(2))
+            return nn.Sequential(*layers)
+
+        self.features = nn.Sequential(block(in_channels, c1, True), block(c1, c2, True), block(c2, c3, False))
+        self.fc1 = nn.Sequential(nn.Linear(c3, f1), nn.ReLU(inplace=True))
+        self.fc = nn.Linear(f1, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.fc1(torch.flatten(self.features(x), 1)))
+
+
+@MODELS.register("lenet5")
+def lenet5(num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True) -> nn.Module:
+    return LeNet5((6, 16, 120, 84), num_classes, in_channels, batchnorm)
+
+
+@MODELS.register("lenet5_half")
+def lenet5_half(num_classes: int = 10, in_channels: int = 1, batchnorm: bool = True) -> nn.Module:
+    return LeNet5((3, 8, 60, 42), num_classes, in_channels, batchnorm)
+
+
+# ------------------------------------------------------------------------------------ CIFAR-style ResNets
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32x32 inputs: 3x3 stem, no max-pool, four stages 64-128-256-512."""
+
+    def __init__(self, blocks: Sequence[int], num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        layers, cin = [], 64
+        for i, (n, cout) in enumerate(zip(blocks, (64, 128, 256, 512), strict=True)):
+            stage = []
+            for j in range(n):
+                stage.append(BasicBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+@MODELS.register("resnet18")
+def resnet18(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return CifarResNet((2, 2, 2, 2), num_classes, in_channels)
+
+
+@MODELS.register("resnet34")
+def resnet34(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return CifarResNet((3, 4, 6, 3), num_classes, in_channels)
+
+
+# ----------------------------------------------------------------------------------- Wide ResNets (WRN-d-k)
+class WideBlock(nn.Module):
+    """Pre-activation block (BN-ReLU-conv) as in Zagoruyko & Komodakis."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        y = self.conv1(o)
+        y = self.conv2(F.relu(self.bn2(y)))
+        return y + (self.shortcut(o) if self.shortcut is not None else x)
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth: int, widen: int, num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError("WRN depth must be 6n+4")
+        n = (depth - 4) // 6
+        widths = (16, 16 * widen, 32 * widen, 64 * widen)
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)
+        blocks, cin = [], widths[0]
+        for i, cout in enumerate(widths[1:]):
+            stage = []
+            for j in range(n):
+                stage.append(WideBlock(cin, cout, 2 if (j == 0 and i > 0) else 1))
+                cin = cout
+            blocks.append(nn.Sequential(*stage))
+        self.block1, self.block2, self.block3 = blocks
+        self.bn = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        x = F.relu(self.bn(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def _wrn(depth: int, widen: int) -> Callable[..., nn.Module]:
+    def make(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+        return WideResNet(depth, widen, num_classes, in_channels)
+
+    return make
+
+
+for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
+    MODELS.register(f"wrn_{_d}_{_k}")(_wrn(_d, _k))
+
+
+# ------------------------------------------------------------------------------------------------ VGG-11-BN
+class VGG(nn.Module):
+    def __init__(self, cfg: Sequence[int | str], num_classes: int, in_channels: int) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                assert isinstance(v, int)
+                layers += [nn.Conv2d(cin, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                cin = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+@MODELS.register("vgg11_bn")
+def vgg11_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    return VGG((64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512), num_classes, in_channels)

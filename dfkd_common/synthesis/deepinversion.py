@@ -1,0 +1,49 @@
+"""DeepInversion (Yin et al., CVPR 2020): optimise the pixels of each batch directly.
+
+Differs from the generator methods only in what is optimised: a batch of free pixels (parametrised in the
+teacher's normalised space, where one Adam step of lr 0.1 means the same for every dataset, and clipped to
+[0, 1] after every step) under bn*L_bn + oh*CE + tv*TV + l2*||x||^2. Slow but simple and generator-free.
+The lowest-loss iterate of each round goes to the bank.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd_common.synthesis.base import SYNTHESIZERS, SynthResult, Synthesizer
+
+
+@SYNTHESIZERS.register("deepinversion")
+class DeepInversion(Synthesizer):
+    name = "deepinversion"
+    defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 256,
+        "g_steps": 200,
+        "lr": 0.1,
+        "betas": [0.5, 0.99],
+        "weights": {"bn": 1.0, "oh": 1.0, "tv": 0.1, "l2": 0.0},
+    }
+
+    def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
+        b, info = int(self.cfg["batch_size"]), self.info
+        mean = self.teacher.mean.to(self.device)
+        std = self.teacher.std.to(self.device)
+        y = self.targets(b, round_index)
+        v = self.noise(b, info.channels, info.image_size, info.image_size).requires_grad_(True)
+        opt = torch.optim.Adam([v], lr=float(self.cfg["lr"]), betas=tuple(self.cfg["betas"]))
+        best_loss, best_x, logs = float("inf"), None, {}
+        with self.bn_active():
+            for _ in range(int(self.cfg["g_steps"])):
+                x = (v * std + mean).clamp(0, 1)
+                loss, logs = self.loss(self.context(x, y, student))
+                if logs["loss"] < best_loss:
+                    best_loss, best_x = logs["loss"], x.detach()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        self.end_round()
+        assert best_x is not None
+        return SynthResult(best_x.float().cpu(), y.cpu(), logs)

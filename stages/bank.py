@@ -1,0 +1,78 @@
+"""``dfkd bank info|grid``: look inside a bank (what did the teacher dream?)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dfkd_common.inspect import bank_summary, save_grid
+from stages.common import errors
+
+app = typer.Typer(help="Inspect image banks.", no_args_is_help=True)
+out_console = Console()
+
+
+@app.command("info")
+@errors
+def info(
+    bank: Path = typer.Argument(..., help="bank (.h5)"),
+    teacher: Path | None = typer.Option(None, "--teacher", help="re-score with this teacher"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the summary as JSON"),
+) -> None:
+    """Size, shape, provenance, per-class and per-round counts, teacher agreement, lineage."""
+    s = bank_summary(bank, teacher)
+    head = Table(title=f"bank {bank}", show_header=False)
+    for key in ("kind", "method", "size", "image_shape", "seed", "created_at", "version",
+                "teacher_checksum", "parent_checksum", "agreement", "mean_confidence", "agreement_source"):
+        if s.get(key) not in (None, ""):
+            head.add_row(key, str(s[key]))
+    out_console.print(head)
+    classes = Table(title="per class")
+    for col in ("class", "name", "count", "agreement", "confidence"):
+        classes.add_column(col, justify="right")
+    for row in s["per_class"]:
+        classes.add_row(str(row["class"]), row["name"], str(row["count"]),
+                        _pct(row.get("agreement")), _pct(row.get("confidence")))
+    out_console.print(classes)
+    rounds = Table(title="per round")
+    for col in ("round", "count", "agreement"):
+        rounds.add_column(col, justify="right")
+    for row in s["per_round"]:
+        rounds.add_row(str(row["round"]), str(row["count"]), _pct(row.get("agreement")))
+    out_console.print(rounds)
+    if s.get("per_source"):
+        src = Table(title="per source")
+        for col in ("source", "count"):
+            src.add_column(col, justify="right")
+        for row in s["per_source"]:
+            src.add_row(row["source"], str(row["count"]))
+        out_console.print(src)
+    if json_out:
+        from dfkd_common.engine import write_json
+
+        write_json(json_out, s)
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+@app.command("grid")
+@errors
+def grid(
+    bank: Path = typer.Argument(..., help="bank (.h5)"),
+    out: Path = typer.Option(..., "--out", help="PNG to write"),
+    per_class: int = typer.Option(10, help="samples per class (one row per class)"),
+    round_index: int | None = typer.Option(None, "--round", help="only images of this round"),
+    seed: int = typer.Option(0),
+) -> None:
+    """A PNG grid: one row per class, ``per_class`` samples each."""
+    n = save_grid(bank, out, per_class, round_index, seed)
+    out_console.print(f"{n} images -> {out}")
+
+
+if __name__ == "__main__":
+    app()

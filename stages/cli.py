@@ -1,0 +1,41 @@
+"""The ``dfkd`` console script: one sub-command per pipeline stage."""
+
+from __future__ import annotations
+
+import typer
+
+from stages import bank, distill, evaluate, report, synthesize, teacher
+
+app = typer.Typer(
+    help="dfkd: data-free knowledge distillation. Stages: teacher -> synthesize/retrieve -> augment -> distill.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(teacher.app, name="teacher")
+app.add_typer(bank.app, name="bank")
+app.command("synthesize")(synthesize.main)
+app.command("distill")(distill.main)
+app.command("evaluate")(evaluate.main)
+app.command("report")(report.main)
+
+
+@app.command("methods")
+def methods() -> None:
+    """List registered datasets, models, synthesis methods and student losses."""
+    from dfkd_common.data import DATASETS
+    from dfkd_common.distill import STUDENT_LOSSES
+    from dfkd_common.models import MODELS
+    from dfkd_common.synthesis import SYNTHESIZERS
+
+    for title, reg in (("datasets", DATASETS), ("models", MODELS), ("synthesis methods", SYNTHESIZERS),
+                       ("student losses", STUDENT_LOSSES)):
+        typer.echo(f"{title}: {', '.join(reg.names())}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""What every stage command shares: params files + CLI overrides, the error boundary, console output."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import typer
+import yaml
+from rich.console import Console
+
+from dfkd_common.errors import DfkdError
+from dfkd_common.synthesis.base import merge
+
+console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file; the stage reads its own section")
+SetOpt = typer.Option(None, "--set", help="override a param: dotted.key=value (YAML value); repeatable")
+DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+
+
+def errors(fn: F) -> F:
+    """Turn user-facing errors into one line on stderr and exit code 2 (no traceback wall)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DfkdError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def load_params(path: Path, section: str, profile: str | None = None) -> dict[str, Any]:
+    """``section.common`` merged with ``section.<profile>`` (or the flat section when it has no common)."""
+    if not path.exists():
+        if path == Path("params.yaml"):
+            return {}
+        raise DfkdError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DfkdError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    sec = data.get(section) or {}
+    if not isinstance(sec, dict):
+        raise DfkdError(f"{path}: section {section!r} must be a mapping")
+    out = dict(sec.get("common", {})) if "common" in sec else {k: v for k, v in sec.items()}
+    if profile and isinstance(sec.get(profile), dict):
+        out = merge(out, sec[profile])
+    if "seed" not in out and "seed" in data:
+        out["seed"] = data["seed"]
+    return out
+
+
+def apply_overrides(params: dict[str, Any], sets: list[str] | None, **explicit: Any) -> dict[str, Any]:
+    """CLI wins: explicit options that were given, then ``--set a.b=v`` pairs."""
+    out = merge(params, {k: v for k, v in explicit.items() if v is not None})
+    for item in sets or []:
+        if "=" not in item:
+            raise DfkdError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise DfkdError(f"--set {key}: {p} is not a mapping")
+        node[parts[-1]] = value
+    return out
+
+
+def require(params: dict[str, Any], *keys: str) -> None:
+    missing = [k for k in keys if params.get(k) in (None, "")]
+    if missing:
+        raise DfkdError(f"missing parameter(s): {', '.join(missing)} (give them in params.yaml or on the CLI)")
+
+
+def quiet_env() -> None:
+    """Offline-friendly defaults for library calls made by stages."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")

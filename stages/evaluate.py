@@ -1,0 +1,36 @@
+"""``dfkd evaluate``: accuracy of a checkpoint on a real test split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dfkd_common.checkpoint import load_model
+from dfkd_common.data import get_dataset
+from dfkd_common.engine import Engine, write_json
+from dfkd_common.training import accuracy
+from stages.common import DeviceOpt, console, errors
+
+
+@errors
+def main(
+    checkpoint: Path = typer.Argument(..., help="model checkpoint (.safetensors)"),
+    dataset: str | None = typer.Option(None, help="dataset (default: the checkpoint's)"),
+    split: str = typer.Option("test"),
+    data_root: Path | None = typer.Option(None),
+    metrics: Path | None = typer.Option(None, "--metrics"),
+    device: str = DeviceOpt,
+) -> None:
+    """Print (and optionally write) top-1 accuracy."""
+    engine = Engine.create(device, amp=False)
+    model, meta = load_model(checkpoint, engine.device)
+    data = get_dataset(dataset or meta.dataset.name).load(split, data_root)
+    acc = accuracy(engine.model(model), data, engine)
+    if metrics:
+        write_json(metrics, {"test_acc": acc, "dataset": data.info.name, "split": split})
+    console.print(f"{checkpoint}: {acc:.4f} on {data.info.name}/{split} ({len(data)} images)")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,42 @@
+"""``dfkd synthesize --method M``: invert a teacher into an image bank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dfkd_common.checkpoint import load_model
+from dfkd_common.engine import Engine, seed_everything, write_json
+from dfkd_common.synthesis import SYNTHESIZERS
+from dfkd_common.synthesize import run_synthesis
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
+
+
+@errors
+def main(
+    method: str = typer.Option(..., "--method", "-m", help="synthesis method (see `dfkd methods`)"),
+    teacher: Path = typer.Option(..., "--teacher", help="teacher checkpoint (.safetensors)"),
+    out: Path = typer.Option(..., "--out", help="bank to write (.h5)"),
+    metrics: Path | None = typer.Option(None, "--metrics", help="synthesis metrics JSON"),
+    rounds: int | None = typer.Option(None, help="synthesis rounds (each adds batch_size images)"),
+    seed: int | None = typer.Option(None),
+    params_file: Path = ParamsOpt,
+    sets: list[str] | None = SetOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Synthesize a bank with METHOD; rerunning an interrupted command resumes it."""
+    SYNTHESIZERS.get(method)  # unknown names fail before any work
+    params = apply_overrides(load_params(params_file, "synthesize", method), sets, rounds=rounds, seed=seed)
+    seed_everything(int(params.get("seed", 0)))
+    engine = Engine.create(device, amp=bool(params.pop("amp", True)))
+    model, meta = load_model(teacher, engine.device)
+    result = run_synthesis(method, model, meta, teacher, out, params, engine)
+    if metrics:
+        write_json(metrics, result)
+    console.print(f"{method}: {result['images']} images in {result['seconds']:.1f}s "
+                  f"({result['images_per_s']:.1f} img/s) -> {out}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
