@@ -25,7 +25,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dfkd_common import __version__
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import atomic_path
 from dfkd_common.errors import DfkdError

@@ -13,7 +13,7 @@ The loop is method-agnostic. What varies lives behind two small interfaces:
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -110,7 +110,7 @@ class DistillConfig:
     lr: float = 0.05
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
-    augment: AugmentConfig = AugmentConfig()
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     amp: bool = False  # bf16 autocast for student/teacher passes (fp32 default: small students suffer)
     seed: int = 0
 

@@ -95,7 +95,9 @@ class Resume:
         self.path.unlink(missing_ok=True)
 
 
-def make_optimizer(params: Any, name: str, lr: float, weight_decay: float, momentum: float = 0.9) -> torch.optim.Optimizer:
+def make_optimizer(
+    params: Any, name: str, lr: float, weight_decay: float, momentum: float = 0.9
+) -> torch.optim.Optimizer:
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     if name == "adam":

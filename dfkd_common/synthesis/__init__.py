@@ -1,6 +1,6 @@
 """Synthesis methods. Importing this package registers every method module listed here."""
 
 from dfkd_common.synthesis import dafl, deepinversion  # noqa: F401  (registration side effects)
-from dfkd_common.synthesis.base import SYNTHESIZERS, SynthResult, Synthesizer, build_synthesizer
+from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult, build_synthesizer
 
 __all__ = ["SYNTHESIZERS", "SynthResult", "Synthesizer", "build_synthesizer"]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from dfkd_common.models import build_generator
-from dfkd_common.synthesis.base import SYNTHESIZERS, SynthResult, Synthesizer
+from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
 
 
 @SYNTHESIZERS.register("dafl")

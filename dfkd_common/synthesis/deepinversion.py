@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dfkd_common.synthesis.base import SYNTHESIZERS, SynthResult, Synthesizer
+from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
 
 
 @SYNTHESIZERS.register("deepinversion")
