@@ -12,7 +12,7 @@ The loop is method-agnostic. What varies lives behind two small interfaces:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -51,6 +51,15 @@ class StudentLoss(nn.Module):
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def extra_optimizer(self) -> torch.optim.Optimizer | None:
+        """An optimiser of the loss's own for (some of) its parameters, or None (the default).
+
+        Called by the loop after the loss moved to the device. Parameters it owns are left out of the student
+        optimiser and stepped by it instead, every student step and without the student's LR schedule: DFND
+        trains its transition matrix with Adam at 1e-3 while the student uses SGD with a cosine schedule.
+        """
+        return None
+
 
 STUDENT_LOSSES: Registry[type[StudentLoss]] = Registry("student loss")
 
@@ -88,8 +97,21 @@ class BankFeed:
         """Hook for online synthesis (grow the bank against the current student); static banks do nothing."""
         return {}
 
+    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shuffled pass of (images, labels) batches; the loop stops early after ``kd_steps`` batches.
+
+        A feed that makes its images on the fly (DFAD: fresh G(z) for every student step, with a generator step
+        against the student between them) overrides this instead of the loop growing a special case.
+        """
+        for idx in epoch_batches(len(self), batch_size, gen):
+            idx = idx.to(self.images.device)
+            yield self.images[idx], self.labels[idx]
+
     def finish(self) -> None:
         """Called once after the last epoch (online feeds publish their bank here)."""
+
+    def abort(self) -> None:
+        """Called by the stage when training fails; online feeds keep their work file for a resume."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -134,7 +156,9 @@ def distill(
     teacher = engine.model(teacher).eval()
     student = engine.model(student)
     loss_fn = loss_fn.to(engine.device)
-    params = list(student.parameters()) + list(loss_fn.parameters())
+    extra_opt = loss_fn.extra_optimizer()
+    own = {id(p) for g in extra_opt.param_groups for p in g["params"]} if extra_opt else set()
+    params = list(student.parameters()) + [p for p in loss_fn.parameters() if id(p) not in own]
     opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs))
     aug = build_augment(test.info.image_size, cfg.augment)
@@ -146,6 +170,8 @@ def distill(
         student.load_state_dict(state["student"])
         loss_fn.load_state_dict(state["loss"])
         opt.load_state_dict(state["opt"])
+        if extra_opt is not None and state.get("extra_opt"):
+            extra_opt.load_state_dict(state["extra_opt"])
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         feed.load_state_dict(state["feed"])
@@ -162,18 +188,21 @@ def distill(
             bs = min(cfg.batch_size, n)
             limit = cfg.kd_steps if cfg.kd_steps else max(1, n // bs)
             while steps < limit:
-                for idx in epoch_batches(n, bs, gen):
-                    idx = idx.to(feed.images.device)
-                    x = engine.images(aug(to_float(feed.images[idx])))
+                for images, labels in feed.batches(bs, gen):
+                    x = engine.images(aug(to_float(images)))
                     with torch.no_grad(), engine.autocast(cfg.amp):
                         t_logits = teacher(x).float()
                     with engine.autocast(cfg.amp):
                         s_logits = student(x).float()
-                    loss, logs = loss_fn(Batch(x, s_logits, t_logits, feed.labels[idx]))
+                    loss, logs = loss_fn(Batch(x, s_logits, t_logits, labels))
                     check_finite(loss, "student loss")
                     opt.zero_grad(set_to_none=True)
+                    if extra_opt is not None:
+                        extra_opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    if extra_opt is not None:
+                        extra_opt.step()
                     for k, v in {"loss": float(loss.detach()), **logs}.items():
                         sums[k] = sums.get(k, 0.0) + v
                     steps += 1
@@ -189,7 +218,12 @@ def distill(
                 on_epoch(row)
             if resume:
                 resume.save({"student": student.state_dict(), "loss": loss_fn.state_dict(),
-                             "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                             "opt": opt.state_dict(), "extra_opt": extra_opt.state_dict() if extra_opt else {},
+                             "sched": sched.state_dict(), "gen": gen.get_state(),
                              "feed": feed.state_dict(), "history": history, "epoch": epoch + 1})
     feed.finish()
     return accuracy(student, test, engine), history
+
+
+# Student losses that live in their own modules register themselves on import (kept last: they import this one).
+from dfkd_common import noise_adaptation as _noise_adaptation  # noqa: E402, F401

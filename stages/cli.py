@@ -5,6 +5,8 @@ from __future__ import annotations
 import typer
 
 from stages import bank, distill, evaluate, report, synthesize, teacher
+from stages import pool as pool_stage
+from stages import retrieve as retrieve_stage
 
 app = typer.Typer(
     help="dfkd: data-free knowledge distillation. Stages: teacher -> synthesize/retrieve -> augment -> distill.",
@@ -15,6 +17,8 @@ app = typer.Typer(
 app.add_typer(teacher.app, name="teacher")
 app.add_typer(bank.app, name="bank")
 app.command("synthesize")(synthesize.main)
+app.add_typer(pool_stage.app, name="pool")
+app.command("retrieve")(retrieve_stage.main)
 app.command("distill")(distill.main)
 app.command("evaluate")(evaluate.main)
 app.command("report")(report.main)

@@ -15,7 +15,8 @@ from rich.console import Console
 from dfkd_common.errors import DfkdError
 from dfkd_common.synthesis.base import merge
 
-console = Console(stderr=True)
+console = Console()  # progress and results: stdout
+err_console = Console(stderr=True)  # errors only, one line each
 F = TypeVar("F", bound=Callable[..., Any])
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file; the stage reads its own section")
@@ -31,10 +32,10 @@ def errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DfkdError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: rerun the same command to resume")
+            err_console.print("[yellow]interrupted[/]: rerun the same command to resume")
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]

@@ -10,13 +10,14 @@ import typer
 
 from dfkd_common import __version__
 from dfkd_common.augment_ops import augment_config
-from dfkd_common.bank import load_bank
-from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
+from dfkd_common.bank import Bank, BankWriter, load_bank
+from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
 from dfkd_common.data import get_dataset
 from dfkd_common.distill import STUDENT_LOSSES, BankFeed, DistillConfig, distill
 from dfkd_common.engine import Engine, seed_everything, write_json
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_model
+from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
 from dfkd_common.training import Resume
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
@@ -36,13 +37,20 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "test_dataset": None,  # default: the teacher's dataset
     "data_root": None,
+    # online synthesis (`--online M`): feed params (g_loops, warmup, warmup_loops; DFAD: iterations, ...),
+    # `amp` for the synthesis passes, `method` (the CLI's --online wins), and the method's own params
+    "online": {},
 }
 
 
 @errors
 def main(
     teacher: Path = typer.Option(..., "--teacher", help="teacher checkpoint"),
-    bank: Path | None = typer.Option(None, "--bank", help="image bank (.h5) to distill from"),
+    bank: Path | None = typer.Option(None, "--bank", help="image bank (.h5) to distill from (--online: optional "
+                                     "initial bank)"),
+    online: str | None = typer.Option(None, "--online", help="keep synthesising with METHOD against the student"),
+    bank_out: Path | None = typer.Option(None, "--bank-out", help="with --online: the grown bank to write "
+                                         "(default: <out>.bank.h5 beside the student)"),
     out: Path = typer.Option(..., "--out", help="student checkpoint to write"),
     metrics: Path | None = typer.Option(None, "--metrics", help="final metrics JSON"),
     plots: Path | None = typer.Option(None, "--plots", help="per-epoch metrics JSON (dvc plots)"),
@@ -55,38 +63,63 @@ def main(
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,
 ) -> None:
-    """Distill a student from a bank and evaluate it on the teacher's real test split."""
+    """Distill a student from a bank and evaluate it on the teacher's real test split.
+
+    With ``--online M`` the student trains on images that method M keeps making against it (rounds appended to
+    the bank between epochs, or fresh generator batches for DFAD); the grown bank is written to ``--bank-out``.
+    Rerunning an interrupted command resumes it (student, optimiser, synthesizer and bank).
+    """
     params = apply_overrides(
         {**DEFAULTS, **load_params(params_file, "distill", name)}, sets,
         student=student, loss=loss, epochs=epochs, seed=seed,
     )
     loss_cls = STUDENT_LOSSES.get(params["loss"])
-    if bank is None:
-        raise DfkdError("--bank is required")
+    online_cfg = dict(params.get("online") or {})
+    method = online or online_cfg.pop("method", None)
+    online_cfg.pop("method", None)
+    if bank is None and method is None:
+        raise DfkdError("--bank is required (or --online METHOD to synthesise during training)")
     seed_everything(int(params["seed"]))
     engine = Engine.create(device, amp=bool(params["amp"]))
     t_model, t_meta = load_model(teacher, engine.device)
     info = t_meta.dataset
-    data = load_bank(bank)
-    data.check_compatible(info.channels, info.image_size, info.num_classes)
-    if len(data) == 0:
-        raise DfkdError(f"bank {bank} is empty")
+    data = load_bank(bank) if bank is not None else None
+    if data is not None:
+        data.check_compatible(info.channels, info.image_size, info.num_classes)
+        if len(data) == 0 and method is None:
+            raise DfkdError(f"bank {bank} is empty")
     test = get_dataset(params["test_dataset"] or info.name).load("test", params["data_root"])
     s_model = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
                           **params["student_kwargs"])
-    loss_fn = loss_cls(params["loss_cfg"], t_model, s_model)
+    # teacher_meta_accuracy: the checkpoint's measured accuracy, for losses that need it (dfnd's Q diagonal)
+    loss_fn = loss_cls({"teacher_meta_accuracy": t_meta.accuracy, **params["loss_cfg"]}, t_model, s_model)
     cfg = DistillConfig(
         epochs=int(params["epochs"]), batch_size=int(params["batch_size"]),
         kd_steps=params["kd_steps"], lr=float(params["lr"]), optimizer=params["optimizer"],
         weight_decay=float(params["weight_decay"]), augment=augment_config(params["augment"]),
         amp=bool(params["amp"]), seed=int(params["seed"]),
     )
-    feed = BankFeed(data.images, data.labels, engine.device)
-    console.print(f"distill {params['student']} from {bank.name} ({len(data)} images), "
-                  f"teacher acc {t_meta.accuracy}")
-    resume = Resume.for_output(out, {**params, "bank": str(bank), "teacher": str(teacher)})
+    if method is not None:
+        bank_out = bank_out or out.with_name(f"{out.stem}.bank.h5")
+    resume = Resume.for_output(out, {**params, "bank": str(bank), "teacher": str(teacher), "online": method,
+                                     "online_cfg": online_cfg, "bank_out": str(bank_out)})
+    if method is not None:
+        assert bank_out is not None
+        resuming = resume.load() is not None  # else a stale work file belongs to other params: start over
+        feed: BankFeed = online_feed(method, online_cfg, t_model, teacher, info, data, bank_out, params, engine,
+                                     resuming)
+        source = f"online {method}" + (f" + {bank.name} ({len(data)} images)" if bank and data else "")
+    else:
+        assert data is not None and bank is not None
+        feed = BankFeed(data.images, data.labels, engine.device)
+        source = f"{bank.name} ({len(data)} images)"
+    console.print(f"distill {params['student']} from {source}, teacher acc {t_meta.accuracy}")
     t0 = time.perf_counter()
-    acc, history = distill(t_model, s_model, feed, test, loss_fn, cfg, engine, resume)
+    try:
+        acc, history = distill(t_model, s_model, feed, test, loss_fn, cfg, engine, resume)
+    except BaseException:
+        feed.abort()
+        raise
     seconds = time.perf_counter() - t0
     meta = ModelMeta(params["student"], params["student_kwargs"], info, acc,
                      {**params, "bank": str(bank)}, now(), __version__, "student")
@@ -94,15 +127,40 @@ def main(
     t_acc = t_meta.accuracy
     summary = {"name": name or params["student"], "test_acc": acc, "teacher_acc": t_acc,
                "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": str(bank),
-               "bank_size": len(data), "epochs": cfg.epochs, "seconds": seconds,
+               "bank_size": len(data) if data is not None else 0, "epochs": cfg.epochs, "seconds": seconds,
                "best_epoch_test_acc (selected on test, for reference only)":
                    max((h["test_acc"] for h in history), default=acc)}
+    if isinstance(feed, RecordedFeed):
+        stats = feed.stats()
+        summary.update({"online": method, "bank_out": str(bank_out), "bank_size": stats["bank_rows"],
+                        **{f"online_{k}": v for k, v in stats.items()}})
     if metrics:
         write_json(metrics, summary)
     if plots:
         write_json(plots, history)
     resume.clear()
     console.print(f"student test accuracy {acc:.4f} (teacher {t_acc}) -> {out}")
+
+
+def online_feed(
+    method: str, cfg: dict[str, Any], t_model: Any, teacher: Path, info: Any, data: Bank | None,
+    bank_out: Path, params: dict[str, Any], engine: Engine, resuming: bool,
+) -> RecordedFeed:
+    """The online feed plus its bank writer (reopened when a previous run left a work file)."""
+    syn_engine = Engine(engine.device, amp=bool(cfg.pop("amp", True)), channels_last=engine.channels_last)
+    writer = BankWriter(
+        bank_out, channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
+        dataset=info.to_dict(), params={"online": cfg, "distill": params}, seed=int(params["seed"]),
+        teacher_checksum=file_checksum(teacher),
+        parent_checksum=file_checksum(data.path) if data is not None else "",
+        optional=("teacher_logits",), resume=resuming,
+    )
+    ctx = FeedContext(t_model, info, syn_engine, writer, data, int(params["seed"]), int(params["batch_size"]))
+    try:
+        return build_online_feed(method, ctx, cfg)
+    except BaseException:
+        writer.abort(keep_work=True)
+        raise
 
 
 if __name__ == "__main__":

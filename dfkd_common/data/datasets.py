@@ -288,7 +288,7 @@ def imagefolder(
         ds = ImageFolder(str(root / split), loader=lambda p: _pil_load(p, mode, image_size))
         if tuple(ds.classes) != classes:
             raise DfkdError(f"imagefolder: {root / split} has classes {ds.classes}, train has {classes}")
-        imgs = [torch.from_numpy(np.asarray(img)).reshape(image_size, image_size, channels) for img, _ in ds]
+        imgs = [torch.from_numpy(np.array(img)).reshape(image_size, image_size, channels) for img, _ in ds]
         images = torch.stack(imgs).permute(0, 3, 1, 2).contiguous()
         return images, torch.as_tensor(ds.targets, dtype=torch.int64)
 

@@ -3,8 +3,7 @@
 Output convention: images for a :class:`~dfkd_common.models.zoo.Classifier`, i.e. in [0, 1] pixel space.
 ``head="sigmoid"`` squashes into [0, 1] (Fast/NAYER/CPNet). ``head="dafl"`` is DAFL's ``tanh -> BN(C, affine
 =False)`` output, which produces *normalised* images; we map it back to pixel space with the teacher's
-mean/std, so the teacher sees exactly what DAFL's teacher sees. Such images can leave [0, 1]; banks clip
-them when they quantise to uint8.
+mean/std and clip to [0, 1] with a straight-through gradient.
 """
 
 from __future__ import annotations
@@ -39,7 +38,11 @@ class OutputHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is None:
             return torch.sigmoid(x)
-        return self.bn(torch.tanh(x)) * self.std + self.mean
+        x = self.bn(torch.tanh(x)) * self.std + self.mean
+        # Straight-through clip: the teacher sees exactly the [0, 1] image a bank will store (a plain
+        # clip would kill the gradient of saturated pixels, no clip lets the teacher judge pixels that
+        # never reach the bank and labels then flip after quantisation).
+        return x + (x.clamp(0, 1) - x).detach()
 
 
 class DCGenerator(nn.Module):

@@ -58,8 +58,17 @@ def bn_term(ctx: Context) -> torch.Tensor:
 
 @TERMS.register("oh")
 def onehot_term(ctx: Context) -> torch.Tensor:
-    """CE(T(x), y): the teacher must be confident about the target class (argmax T when y is None)."""
+    """CE(T(x), y): the teacher must be confident about the target class (argmax T when y is None).
+
+    When the batch was CutMix-ed (``ctx.extra["cutmix"] = (perm, lam)``, CPNet) it is the lambda-mixed
+    lam * CE(T(x), y) + (1 - lam) * CE(T(x), y[perm]).
+    """
     y = ctx.y if ctx.y is not None else ctx.t_logits.argmax(1)
+    mix = ctx.extra.get("cutmix")
+    if mix is not None:
+        perm, lam = mix
+        t = ctx.t_logits.float()
+        return lam * F.cross_entropy(t, y) + (1 - lam) * F.cross_entropy(t, y[perm])
     return F.cross_entropy(ctx.t_logits.float(), y)
 
 

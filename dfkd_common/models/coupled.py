@@ -1,0 +1,136 @@
+"""CPNet's coupled generator: the teacher's stage structure, mirrored, discovered from the model itself.
+
+CPNet (Chen et al., ICCV 2025) treats the generator as an approximate inverse of the teacher, so the generator's
+layers should correspond to the teacher's stages. :func:`teacher_stages` finds those stages with one dummy
+forward pass instead of a per-architecture table: every ``BatchNorm2d`` reports the shape of its input, and for
+each spatial resolution the *last* BN to run at that resolution marks the end of that stage (its input is the
+stage's last feature map). This gives, for example, LeNet-5 (6@28, 16@10, 120@1), CIFAR ResNet-18/34
+(64@32, 128@16, 256@8, 512@4), WRN-40-2 (32@32, 64@16, 128@8, the final BN) and VGG-11-BN (64@32 ... 512@2)
+without naming a module.
+
+:class:`CoupledGenerator` mirrors them, deepest first:
+``z -> Linear -> C0 x s0 x s0 -> BN`` (= stage tensor g_0), then per shallower stage
+``LeakyReLU -> [upsample to s_i] -> conv3x3 -> BN`` (= g_i), and finally
+``LeakyReLU -> [upsample to the image size] -> conv3x3 -> sigmoid``.
+The stage tensors g_i are BN outputs (before the activation) because the feature-coupling loss compares them to
+the teacher's *BN inputs* renormalised to that BN's running statistics, and an affine BN output can match any
+per-channel mean/variance. Stages smaller than ``min_size`` (LeNet-5's 1x1 map) are dropped: nearest/bilinear
+upsampling of a 1x1 map is constant, so the generator would have to draw digits from zero-padding border
+effects; the Linear layer plays that stage's role instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfkd_common.errors import DfkdError
+from dfkd_common.models.generators import GENERATORS
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One teacher stage: the BN at its end (module path) and the shape (channels, height, width) it sees."""
+
+    path: str
+    channels: int
+    height: int
+    width: int
+
+
+@torch.no_grad()
+def teacher_stages(model: nn.Module, channels: int, image_size: int, min_size: int = 2) -> list[Stage]:
+    """Stage boundaries of ``model`` in forward order (largest resolution first), from one dummy forward."""
+    seen: list[Stage] = []
+    handles = []
+    names = {m: n for n, m in model.named_modules()}
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+
+            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+                _, c, h, w = inputs[0].shape
+                seen.append(Stage(names[mod], int(c), int(h), int(w)))
+
+            handles.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        model.eval()
+        model(torch.zeros(1, channels, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    last: dict[tuple[int, int], Stage] = {}
+    order: list[tuple[int, int]] = []
+    for stage in seen:
+        key = (stage.height, stage.width)
+        if key not in last:
+            order.append(key)
+        last[key] = stage
+    stages = [last[k] for k in order if min(k) >= min_size]
+    if not stages:
+        raise DfkdError(
+            f"{type(model).__name__} has no BatchNorm2d on a feature map of at least {min_size}x{min_size}: "
+            "CPNet's coupled generator mirrors the teacher's BN stages"
+        )
+    return stages
+
+
+class CoupledGenerator(nn.Module):
+    """Vector -> image through the teacher's stages reversed; ``forward(z, return_stages=True)`` also returns
+    the stage tensors, deepest first, i.e. in the order of ``self.stages``."""
+
+    def __init__(
+        self,
+        stages: list[Stage],
+        nz: int,
+        image_size: int,
+        channels: int,
+        slope: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.stages = list(reversed(stages))  # deepest (smallest) first
+        first = self.stages[0]
+        self.image_size = image_size
+        self.l1 = nn.Linear(nz, first.channels * first.height * first.width)
+        self.bn0 = nn.BatchNorm2d(first.channels)
+        self.blocks = nn.ModuleList()
+        for prev, cur in zip(self.stages[:-1], self.stages[1:], strict=False):
+            self.blocks.append(nn.ModuleDict({
+                "conv": nn.Conv2d(prev.channels, cur.channels, 3, 1, 1, bias=False),
+                "bn": nn.BatchNorm2d(cur.channels),
+            }))
+        self.out = nn.Conv2d(self.stages[-1].channels, channels, 3, 1, 1)
+        self.slope = slope
+
+    def _resize(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        if x.shape[-2:] == (h, w):
+            return x
+        return F.interpolate(x, size=(h, w), mode="nearest")
+
+    def forward(self, z: torch.Tensor, return_stages: bool = False) -> Any:
+        first = self.stages[0]
+        g = self.bn0(self.l1(z).view(z.shape[0], first.channels, first.height, first.width))
+        outs = [g]
+        for stage, block in zip(self.stages[1:], self.blocks, strict=True):
+            h = self._resize(F.leaky_relu(g, self.slope), stage.height, stage.width)
+            g = block["bn"](block["conv"](h))
+            outs.append(g)
+        h = self._resize(F.leaky_relu(g, self.slope), self.image_size, self.image_size)
+        x = torch.sigmoid(self.out(h))
+        return (x, outs) if return_stages else x
+
+
+@GENERATORS.register("coupled")
+def coupled(
+    teacher: nn.Module, nz: int, image_size: int, channels: int, min_size: int = 2, **kwargs: Any
+) -> nn.Module:
+    """Build the mirror of ``teacher`` (see module docstring)."""
+    return CoupledGenerator(teacher_stages(teacher, channels, image_size, min_size), nz, image_size, channels,
+                            **kwargs)

@@ -1,0 +1,252 @@
+"""Online distillation: feeds that keep making images against the current student while it trains.
+
+``dfkd distill --online M`` swaps the static :class:`~dfkd_common.distill.BankFeed` for one of these; the
+distillation loop does not change. Two kinds exist:
+
+* :class:`OnlineFeed` wraps any registered :class:`~dfkd_common.synthesis.Synthesizer` (Fast, NAYER, CPNet,
+  even DeepInversion): before every epoch it runs ``g_loops`` synthesis rounds against the student
+  (``warmup_loops`` rounds and *no student*, hence no adversarial term, during the first ``warmup`` epochs)
+  and appends them to the in-memory bank the student trains on.
+* Methods whose synthesis is interleaved with the student's steps (DFAD) register their own feed class in
+  :data:`ONLINE`; :func:`build_online_feed` looks there first and falls back to the synthesizers.
+
+Both record what they made in a :class:`~dfkd_common.bank.BankWriter` work file (round index = synthesis
+round, counted across epochs, so ``dfkd bank info`` shows how synthesis evolved) and publish it atomically in
+:meth:`RecordedFeed.finish`. Resume protocol, the same as offline synthesis: every round is appended and
+committed; the distillation loop saves :meth:`RecordedFeed.state_dict` (rows accounted for, next round,
+synthesizer state) after each epoch; a rerun truncates the work file to those rows and reloads the bank from
+it, so an interrupted epoch is redone exactly once and no round is duplicated.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from dfkd_common.bank import Bank, BankWriter, to_uint8
+from dfkd_common.data import DatasetInfo
+from dfkd_common.distill import BankFeed
+from dfkd_common.engine import Engine
+from dfkd_common.errors import DfkdError
+from dfkd_common.models import Classifier
+from dfkd_common.registry import Registry
+from dfkd_common.synthesis import SYNTHESIZERS, Synthesizer, build_synthesizer
+from dfkd_common.synthesis.base import merge
+
+
+@contextmanager
+def frozen(model: nn.Module, eval_mode: bool = True) -> Iterator[nn.Module]:
+    """Use ``model`` as a fixed function: no parameter gradients (input gradients still flow), eval mode.
+
+    Synthesis backpropagates *through* the student into the images; computing the student's own parameter
+    gradients there would only cost time (and leave stale ``.grad`` the optimiser must clear).
+    """
+    flags = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if eval_mode:
+        model.eval()
+    try:
+        yield model
+    finally:
+        for p, f in zip(model.parameters(), flags, strict=True):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+@dataclass
+class FeedContext:
+    """What every online feed is built from (the stage assembles it once)."""
+
+    teacher: Classifier
+    info: DatasetInfo
+    engine: Engine
+    writer: BankWriter
+    initial: Bank | None = None
+    seed: int = 0
+    batch_size: int = 256  # the student's batch size (feeds that make the batches use it)
+
+
+class RecordedFeed(BankFeed):
+    """An in-memory bank that mirrors a :class:`BankWriter` work file; base of every online feed.
+
+    Invariant: ``self.images/labels`` == the work file's rows. Initialisation is lazy (first
+    :meth:`before_epoch`) because a resumed run must first get the chance to :meth:`load_state_dict`; a
+    fresh run truncates the work file and copies the initial bank (if any) into it, keeping its rounds.
+    """
+
+    #: keys of the ``online:`` params that configure the feed itself (the rest configures the method)
+    feed_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, ctx: FeedContext, cfg: dict[str, Any]) -> None:
+        super().__init__(torch.zeros(0, ctx.info.channels, ctx.info.image_size, ctx.info.image_size,
+                                     dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), ctx.engine.device)
+        self.ctx = ctx
+        self.cfg = cfg
+        self.device = ctx.engine.device
+        self.teacher = ctx.teacher
+        self.writer = ctx.writer
+        self.next_round = 0
+        self.started = False
+        self.seconds = 0.0  # wall time spent making images (for images/s)
+        self.made = 0  # images made (recorded or not)
+        self.rows = 0  # rows in the work file (kept here too: stats() is read after the writer is closed)
+
+    @classmethod
+    def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> RecordedFeed:
+        """Build the feed from the ``online:`` params (registered feeds implement this)."""
+        raise NotImplementedError
+
+    # -- bank bookkeeping ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Fresh run: empty work file, then the initial bank (rounds kept; online rounds continue after)."""
+        if self.started:
+            return
+        self.writer.truncate(0)
+        self.rows = 0
+        init = self.ctx.initial
+        if init is not None and len(init):
+            for i in range(0, len(init), 4096):
+                sl = slice(i, i + 4096)
+                self.record(init.images[sl], init.labels[sl], init.rounds[sl], keep=True)
+            self.next_round = int(init.rounds.max()) + 1
+        self.writer.commit()
+        self.started = True
+
+    @torch.no_grad()
+    def record(self, images: torch.Tensor, labels: torch.Tensor, rounds: torch.Tensor | int,
+               keep: bool = True) -> None:
+        """Append rows to the work file (with the teacher's logits) and, when ``keep``, to the training bank."""
+        u8 = torch.from_numpy(to_uint8(images))
+        x = self.ctx.engine.images(u8.to(self.device).float().div_(255.0))
+        t_logits = self.teacher(x).float().cpu()
+        self.writer.append(u8, labels, rounds, teacher_logits=t_logits.half())
+        self.writer.commit()
+        self.rows = len(self.writer)
+        if keep:
+            self.images = torch.cat([self.images, u8.to(self.device)])
+            self.labels = torch.cat([self.labels, labels.to(self.device, torch.int64)])
+
+    def rounds_written(self) -> np.ndarray:
+        return self.writer.h5["round"][: len(self.writer)]
+
+    # -- state -----------------------------------------------------------------------------------------
+    def method_state(self) -> dict[str, Any]:
+        return {}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        self.writer.commit()
+        return {"rows": len(self.writer), "next_round": self.next_round, "seconds": self.seconds,
+                "made": self.made, "method": self.method_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rows = int(state["rows"])
+        if self.writer.committed < rows:
+            raise DfkdError(f"online bank work file {self.writer.work} has {self.writer.committed} rows, the "
+                            f"resume state expects {rows}; delete it and the state file to start over")
+        self.writer.truncate(rows)
+        self.rows = rows
+        h5 = self.writer.h5
+        self.images = torch.from_numpy(h5["images"][:rows]).to(self.device)
+        self.labels = torch.from_numpy(h5["labels"][:rows].astype(np.int64)).to(self.device)
+        self.next_round = int(state["next_round"])
+        self.seconds = float(state["seconds"])
+        self.made = int(state["made"])
+        self.load_method_state(state["method"])
+        self.started = True
+
+    def stats(self) -> dict[str, Any]:
+        """Figures the stage puts into its metrics and the bank's attributes."""
+        return {"synthesis_seconds": self.seconds, "images_made": self.made,
+                "images_per_s": self.made / max(self.seconds, 1e-9), "rounds": self.next_round,
+                "bank_rows": self.rows}
+
+    def finish(self) -> None:
+        self.start()
+        for k, v in self.stats().items():
+            self.writer.set_attr(k, v)
+        self.writer.close()
+
+    def abort(self) -> None:
+        self.writer.abort(keep_work=True)
+
+
+class OnlineFeed(RecordedFeed):
+    """A synthesizer in the loop: ``g_loops`` rounds against the student before every epoch (see module doc).
+
+    Feed params (the rest of ``online:`` configures the synthesizer): ``g_loops`` rounds per epoch,
+    ``warmup`` epochs whose rounds run without the student (so without L_adv: the published recipes first
+    build a bank the student can learn from at all), ``warmup_loops`` rounds per warm-up epoch (default
+    ``g_loops``).
+    """
+
+    feed_defaults: ClassVar[dict[str, Any]] = {"g_loops": 1, "warmup": 0, "warmup_loops": None}
+
+    def __init__(self, ctx: FeedContext, cfg: dict[str, Any], synth: Synthesizer) -> None:
+        super().__init__(ctx, cfg)
+        self.synth = synth
+        self.g_loops = int(cfg["g_loops"])
+        self.warmup = int(cfg["warmup"])
+        self.warmup_loops = int(cfg["warmup_loops"] if cfg["warmup_loops"] is not None else self.g_loops)
+
+    @classmethod
+    def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> OnlineFeed:
+        feed_cfg, synth_cfg = split_cfg(cls.feed_defaults, cfg)
+        synth = build_synthesizer(method, ctx.teacher, ctx.info, synth_cfg, ctx.engine, ctx.seed)
+        return cls(ctx, feed_cfg, synth)
+
+    def before_epoch(self, epoch: int, student: nn.Module) -> dict[str, float]:
+        self.start()
+        warm = epoch < self.warmup
+        loops = self.warmup_loops if warm else self.g_loops
+        logs: dict[str, float] = {}
+        t0 = time.perf_counter()
+        with frozen(student):
+            for _ in range(loops):
+                result = self.synth.synthesize(self.next_round, None if warm else student)
+                self.made += int(result.images.shape[0])
+                self.record(result.images, result.labels, self.next_round)
+                self.next_round += 1
+                logs = result.logs
+        self.seconds += time.perf_counter() - t0
+        return {f"synth_{k}": v for k, v in logs.items()}
+
+    def method_state(self) -> dict[str, Any]:
+        return {"synth": self.synth.state_dict()}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.synth.load_state_dict(state["synth"])
+
+
+def split_cfg(feed_defaults: dict[str, Any], cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``online:`` params -> (feed params with defaults, method params)."""
+    feed = {k: cfg.get(k, v) for k, v in feed_defaults.items()}
+    rest = {k: v for k, v in cfg.items() if k not in feed_defaults}
+    return feed, rest
+
+
+#: online methods with a feed class of their own (DFAD); any other name is looked up in SYNTHESIZERS
+ONLINE: Registry[type[RecordedFeed]] = Registry("online method")
+
+
+def online_methods() -> list[str]:
+    return sorted(set(ONLINE.names()) | set(SYNTHESIZERS.names()))
+
+
+def build_online_feed(method: str, ctx: FeedContext, cfg: dict[str, Any] | None = None) -> RecordedFeed:
+    """The feed for ``dfkd distill --online METHOD`` (own feed class first, else a synthesizer in the loop)."""
+    if method not in ONLINE and method not in SYNTHESIZERS:
+        raise DfkdError(f"unknown online method {method!r} (known: {', '.join(online_methods())})")
+    factory = ONLINE.get(method) if method in ONLINE else OnlineFeed
+    return factory.create(method, ctx, merge({}, cfg))

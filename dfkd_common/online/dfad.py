@@ -1,0 +1,171 @@
+"""DFAD (Fang et al., "Data-Free Adversarial Distillation"): a generator and the student play a min-max game.
+
+Per iteration the student takes ``student_steps`` (5) steps minimising the mean L1 distance between its logits
+and the teacher's on fresh, detached ``x = G(z)``; then the generator takes one step *maximising* that
+distance, so it keeps producing the inputs the student imitates worst. No bank is needed.
+
+How it fits the method-agnostic distillation loop without a special case: the student side is the ordinary
+loop with the student loss ``l1`` (registered here); the generator side is :class:`DFADFeed`, whose
+:meth:`DFADFeed.batches` hands the loop a fresh ``G(z)`` for every student step and takes a generator step
+against the (just updated) student before every ``student_steps``-th batch. The loop's optimiser, cosine
+schedule, resume and metrics therefore apply unchanged; an epoch is ``iterations x student_steps`` student
+steps (the loop's ``kd_steps``, derived from the feed's length unless set). The generator is DAFL's
+(``tanh -> BN(affine=False)`` output, i.e. normalised images mapped back to pixel space), in train mode
+throughout, as in the published code; the student stays in train mode during generator steps as well.
+
+What the feed records: the first ``record`` images of every epoch (teacher labels and logits), round index =
+epoch, so ``dfkd bank info/grid`` shows how the generator evolved. Nothing is replayed from it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd_common.distill import STUDENT_LOSSES, Batch, StudentLoss
+from dfkd_common.engine import check_finite
+from dfkd_common.errors import DfkdError
+from dfkd_common.models import build_generator
+from dfkd_common.online.base import ONLINE, FeedContext, RecordedFeed, frozen
+from dfkd_common.synthesis.base import merge
+
+
+def l1_discrepancy(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
+    """Mean absolute logit difference (DFAD's discrepancy: F.l1_loss, mean over batch and classes)."""
+    return (s_logits.float() - t_logits.float()).abs().mean()
+
+
+@STUDENT_LOSSES.register("l1")
+class L1Loss(StudentLoss):
+    """DFAD's student objective: mean |S(x) - T(x)| over logits (no temperature, no softmax).
+
+    L1 on raw logits keeps a gradient where KL saturates (the student already agrees on the argmax), which is
+    what the adversarial generator exploits; the paper shows it beats KL for this game.
+    """
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = l1_discrepancy(batch.s_logits, batch.t_logits)
+        return loss, {"l1": float(loss.detach())}
+
+
+@ONLINE.register("dfad")
+class DFADFeed(RecordedFeed):
+    """The generator side of DFAD (see the module docstring). All ``online:`` params configure this feed."""
+
+    feed_defaults: ClassVar[dict[str, Any]] = {
+        "nz": 100,  # latent size (MNIST 100, CIFAR 256)
+        "ngf": 64,
+        "head": "dafl",
+        "lr_g": 1e-3,  # Adam
+        "betas": [0.9, 0.999],
+        "student_steps": 5,  # student steps per generator step
+        "iterations": 50,  # generator steps per epoch
+        "record": 100,  # images of each epoch kept in the output bank
+    }
+
+    def __init__(self, ctx: FeedContext, cfg: dict[str, Any]) -> None:
+        unknown = set(cfg) - set(self.feed_defaults)
+        if unknown:
+            raise DfkdError(f"dfad: unknown online param(s) {', '.join(sorted(unknown))} "
+                            f"(known: {', '.join(sorted(self.feed_defaults))})")
+        if ctx.initial is not None and len(ctx.initial):
+            raise DfkdError("dfad trains on fresh generator samples only; run it without --bank")
+        cfg = merge(self.feed_defaults, cfg)
+        super().__init__(ctx, cfg)
+        info, engine = ctx.info, ctx.engine
+        self.nz = int(cfg["nz"])
+        self.student_steps = int(cfg["student_steps"])
+        self.iterations = int(cfg["iterations"])
+        self.to_record = int(cfg["record"])
+        if self.student_steps < 1 or self.iterations < 1:
+            raise DfkdError("dfad: student_steps and iterations must be >= 1")
+        self.generator = engine.model(build_generator(
+            "dcgan", nz=self.nz, ngf=int(cfg["ngf"]), image_size=info.image_size, channels=info.channels,
+            head=str(cfg["head"]), mean=info.mean, std=info.std,
+        )).train()
+        self.opt = torch.optim.Adam(self.generator.parameters(), lr=float(cfg["lr_g"]),
+                                    betas=tuple(cfg["betas"]))
+        self.gen = torch.Generator().manual_seed(ctx.seed + 1)
+        self.step = 0  # student batches handed out so far (all epochs)
+        self.student: nn.Module | None = None
+        self.pending_record = False
+        self.epoch_logs: dict[str, float] = {}
+        self.g_sum, self.g_count = 0.0, 0
+
+    @classmethod
+    def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> DFADFeed:
+        return cls(ctx, cfg)
+
+    def __len__(self) -> int:
+        """Images the student sees per epoch; the loop derives ``iterations x student_steps`` batches from it."""
+        return self.iterations * self.student_steps * self.ctx.batch_size
+
+    def noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.nz, generator=self.gen).to(self.device)
+
+    def before_epoch(self, epoch: int, student: nn.Module) -> dict[str, float]:
+        self.start()
+        self.student = student
+        self.pending_record = self.to_record > 0
+        self.g_sum, self.g_count = 0.0, 0
+        # the loop merges this dict into the epoch's metrics row *after* the epoch, so filling it in
+        # batches() reports this epoch's generator loss and bank size
+        self.epoch_logs = {"bank_size": float(len(self.writer))}
+        return self.epoch_logs
+
+    def generator_step(self, n: int) -> float:
+        """One Adam step of G maximising the student-teacher L1 discrepancy; returns the discrepancy."""
+        assert self.student is not None, "before_epoch() must run first"
+        engine = self.ctx.engine
+        with frozen(self.student, eval_mode=False):
+            x = engine.images(self.generator(self.noise(n)))
+            with engine.autocast():
+                t_logits = self.teacher(x)
+                s_logits = self.student(x)
+            loss = -l1_discrepancy(s_logits, t_logits)
+            check_finite(loss, "dfad generator loss")
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        return -float(loss.detach())
+
+    def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless fresh batches; the loop stops after its step limit (one epoch)."""
+        no_labels = torch.full((batch_size,), -1, dtype=torch.int64, device=self.device)
+        while True:
+            t0 = time.perf_counter()
+            if self.step % self.student_steps == 0:
+                self.g_sum += self.generator_step(batch_size)
+                self.g_count += 1
+                self.epoch_logs["g_l1"] = self.g_sum / self.g_count
+            with torch.no_grad(), self.ctx.engine.autocast():
+                x = self.generator(self.noise(batch_size)).float()
+            self.seconds += time.perf_counter() - t0
+            self.made += batch_size
+            if self.pending_record:
+                self.pending_record = False
+                self.record_sample(x[: self.to_record])
+            self.step += 1
+            yield x, no_labels
+
+    @torch.no_grad()
+    def record_sample(self, x: torch.Tensor) -> None:
+        engine = self.ctx.engine
+        labels = self.teacher(engine.images(x.clamp(0, 1))).argmax(1).cpu()
+        self.record(x.clamp(0, 1).cpu(), labels, self.next_round)
+        self.next_round += 1
+        self.epoch_logs["bank_size"] = float(len(self.writer))
+
+    def method_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.state_dict(), "opt": self.opt.state_dict(),
+                "gen": self.gen.get_state(), "step": self.step}
+
+    def load_method_state(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.opt.load_state_dict(state["opt"])
+        self.gen.set_state(state["gen"])
+        self.step = int(state["step"])

@@ -1,0 +1,96 @@
+"""CPNet (Chen et al., ICCV 2025): NAYER with the generator coupled to the teacher.
+
+Only the differences from :class:`~dfkd_common.synthesis.nayer.NAYER` live here (schedule, text-embedding
+input, noisy layer, momentum L_bn, one-hot and adversarial terms are inherited):
+
+1. **Coupled generator**: the body after the noisy layer is the teacher's stage structure mirrored
+   (:mod:`dfkd_common.models.coupled`), discovered with a dummy forward, so it works for any BN teacher.
+2. **Feature coupling** ``xn`` (weight 1): each generator stage tensor is pulled toward the teacher's BN input at
+   the mirrored stage on the same, *un-augmented* generated batch (one extra no-grad teacher forward: random
+   crops and CutMix would misalign the two maps), renormalised to that BN's running statistics.
+3. **Inverse-classifier alignment** ``align`` (eps 0.1, singular values clamped at 0.1), added to the
+   adversarial part after warm-up; its weight defaults to the adversarial weight (the paper adds it *inside*
+   L_adv).
+4. **CutMix** (probability ``cutmix``, 0.5) after the differentiable augmentation, with the lambda-mixed one-hot
+   loss, and colour jitter in that augmentation. CutMix is applied to the one batch every term sees (one
+   teacher forward rather than a second one just for the one-hot term).
+
+Adversarial KL order: the paper writes the adversarial term as NAYER's KL(p_T || p_S) ("teacher_student", the
+default here); the released code computes KL(p_S || p_T), available as ``adv_kl_order: student_teacher``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd_common.models.coupled import CoupledGenerator, Stage, teacher_stages
+from dfkd_common.models.hooks import FeatureHooks
+from dfkd_common.synthesis.base import SYNTHESIZERS, merge
+from dfkd_common.synthesis.coupling import CutMix, InverseClassifier
+from dfkd_common.synthesis.losses import Context
+from dfkd_common.synthesis.nayer import NAYER
+
+
+@SYNTHESIZERS.register("cpnet")
+class CPNet(NAYER):
+    name = "cpnet"
+    defaults: ClassVar[dict[str, Any]] = merge(NAYER.defaults, {
+        "weights": {"bn": 10.0, "oh": 0.5, "adv": 1.33, "align": 1.33, "xn": 1.0},
+        "adv_kl_order": "teacher_student",
+        "augment": {"crop_pad": 4, "flip": False, "jitter": 0.2},
+        "cutmix": 0.5,
+        "label_smoothing": 0.1,
+        "min_singular": 0.1,
+        "min_stage_size": 2,  # teacher stages smaller than this (LeNet-5's 1x1) are not mirrored
+    })
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        modules = dict(self.teacher.named_modules())
+        self.stage_paths = [s.path for s in reversed(self.stages)]  # deepest first, as the generator's
+        self.stage_bns = [modules[p] for p in self.stage_paths]
+        self.inverse = InverseClassifier(self.teacher.classifier, float(self.cfg["label_smoothing"]),
+                                         float(self.cfg["min_singular"])).to(self.device)
+        self.cutmix = CutMix(float(self.cfg["cutmix"]), self.gen)
+        self.augment = nn.Sequential(self.augment, self.cutmix)
+
+    @functools.cached_property
+    def stages(self) -> list[Stage]:
+        """The teacher's stage boundaries (one dummy forward; needed first by NAYER.__init__'s generator)."""
+        return teacher_stages(self.teacher, self.info.channels, self.info.image_size,
+                              int(self.cfg["min_stage_size"]))
+
+    def make_body(self, nz: int) -> nn.Module:
+        return CoupledGenerator(self.stages, nz, self.info.image_size, self.info.channels)
+
+    def generate(self, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        with self.engine.autocast():
+            x, stages = self.generator(y, return_stages=True)
+        return x.float(), {"stages": stages}
+
+    def make_context(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module | None,
+                     extra: dict[str, Any]) -> Context:
+        phis = self.teacher_stage_inputs(x) if self.weights.get("xn") else []
+        ctx = self.context(x, y, student)
+        ctx.extra["cutmix"] = self.cutmix.last
+        ctx.extra["inverse_classifier"] = self.inverse
+        if phis:
+            ctx.extra["coupling"] = list(zip(extra["stages"], phis, self.stage_bns, strict=True))
+        return ctx
+
+    @torch.no_grad()
+    def teacher_stage_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The teacher's BN inputs at the coupled stages on the clean batch (BN-statistics hooks paused)."""
+        if self.bn is not None:
+            self.bn.enable(False)
+        try:
+            with FeatureHooks(self.teacher, self.stage_paths, capture="input") as hooks, self.engine.autocast():
+                self.teacher(self.engine.images(x.detach()))
+            return [hooks.features[p].float() for p in self.stage_paths]
+        finally:
+            if self.bn is not None:
+                self.bn.enable(True)

@@ -1,0 +1,127 @@
+"""NAYER (Tran et al., CVPR 2024): a text-embedding-conditioned generator with a re-initialised noisy layer.
+
+What differs from the other generator methods:
+
+* **Input**: no noise vector. Each target class's prompt ("an image of a {class}") is embedded once by a text
+  model (:mod:`dfkd_common.embeddings`: local CLIP, the packaged all-MiniLM-L6-v2 by default, seeded random as
+  last resort), and the generator sees BatchNorm1d(embedding) passed through a *noisy layer*
+  (:class:`~dfkd_common.models.conditional.NoisyEmbeddingInput`), one Linear per chunk of ``noisy_chunk``
+  samples, re-initialised before every batch. Randomness lives in that layer, meaning lives in the embedding.
+* **Schedule**: one round = one batch (the online feed runs ``g_loops`` rounds per epoch, more during warm-up).
+  The persistent generator and the fresh noisy layers are optimised together for ``g_steps`` with a fresh Adam
+  (lr ``lr_g``, betas 0.5/0.999, as the published code), and the *lowest-loss iterate* of the round goes to the
+  bank. The whole generator is rebuilt every ``g_life`` rounds (NAYER counts epochs; with ``g_loops`` rounds
+  per epoch, set ``g_life = epochs x g_loops``), so it does not collapse onto the few modes it found first.
+* **Loss**: bn*L_bn (momentum 0.9 EMA of batch statistics) + oh*CE + adv*L_adv, published weights 10 / 0.5 /
+  1.33. L_adv is only active when a student is passed (after the online feed's warm-up; never offline).
+
+The class embeddings are kept in the synthesizer's resumable state, so a resumed run reuses the vectors the run
+started with even if the text model changed or went missing, and the source actually used is recorded in
+``cfg["embedding"]["used"]`` (it reaches the bank's params attribute).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dfkd_common.embeddings import DEFAULT_TEMPLATE, class_embeddings
+from dfkd_common.models.conditional import LabelGenerator, NoisyEmbeddingInput
+from dfkd_common.models.generators import DCGenerator
+from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
+from dfkd_common.synthesis.losses import Context
+
+
+@SYNTHESIZERS.register("nayer")
+class NAYER(Synthesizer):
+    name = "nayer"
+    defaults: ClassVar[dict[str, Any]] = {
+        "batch_size": 256,
+        "g_steps": 30,
+        "lr_g": 4e-3,
+        "betas": [0.5, 0.999],
+        "g_life": 10,
+        "ngf": 64,
+        "noisy_chunk": None,  # samples per noisy layer; None = the number of classes
+        "bn_momentum": 0.9,
+        "weights": {"bn": 10.0, "oh": 0.5, "adv": 1.33},
+        "embedding": {"source": "auto", "path": None, "template": DEFAULT_TEMPLATE, "dim": 256},
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        emb = self.cfg["embedding"]
+        result = class_embeddings(
+            self.info.class_names, source=str(emb.get("source", "auto")), path=emb.get("path"),
+            template=str(emb.get("template", DEFAULT_TEMPLATE)), dim=int(emb.get("dim", 256)),
+            seed=int(emb.get("seed", 0)),
+        )
+        self.table = result.vectors
+        self.cfg["embedding"]["used"] = result.source
+        self.generator = self.build_generator()
+        self.built_at = 0
+
+    # -- generator ---------------------------------------------------------------------------------
+    def make_body(self, nz: int) -> nn.Module:
+        """The image-producing part after the noisy layer (CPNet overrides it with the coupled generator)."""
+        info = self.info
+        return DCGenerator(nz=nz, ngf=int(self.cfg["ngf"]), image_size=info.image_size, channels=info.channels,
+                           head="sigmoid")
+
+    def build_generator(self) -> LabelGenerator:
+        chunk = int(self.cfg["noisy_chunk"] or self.info.num_classes)
+        inputs = NoisyEmbeddingInput(self.table, int(self.cfg["batch_size"]), chunk)
+        return self.engine.model(LabelGenerator(inputs, self.make_body(inputs.out_dim)))
+
+    def labels(self, n: int, round_index: int) -> torch.Tensor:
+        """Consecutive classes (every chunk of K samples holds each class once), rotating with the round."""
+        return ((torch.arange(n) + round_index * n) % self.info.num_classes).to(self.device)
+
+    def generate(self, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Images for labels ``y`` and what the loss context needs besides them (CPNet: stage tensors)."""
+        with self.engine.autocast():
+            x = self.generator(y)
+        return x.float(), {}
+
+    def make_context(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module | None,
+                     extra: dict[str, Any]) -> Context:
+        return self.context(x, y, student)
+
+    # -- one round -----------------------------------------------------------------------------------
+    def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
+        if round_index - self.built_at >= int(self.cfg["g_life"]) or round_index < self.built_at:
+            self.generator = self.build_generator()
+            self.built_at = round_index
+        y = self.labels(int(self.cfg["batch_size"]), round_index)
+        self.generator.train()
+        self.generator.reinit_noise()
+        opt = torch.optim.Adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]),
+                               betas=tuple(self.cfg["betas"]))
+        best_loss, best_x, logs = float("inf"), None, {}
+        with self.bn_active():
+            for _ in range(int(self.cfg["g_steps"])):
+                x, extra = self.generate(y)
+                loss, logs = self.loss(self.make_context(x, y, student, extra))
+                if logs["loss"] < best_loss:
+                    best_loss, best_x = logs["loss"], x.detach()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        self.end_round()
+        assert best_x is not None, "g_steps must be >= 1"
+        return SynthResult(best_x.clamp(0, 1).cpu(), y.cpu(), {**logs, "best_loss": best_loss})
+
+    # -- state ---------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "table": self.table, "embedding_used": self.cfg["embedding"]["used"],
+                "generator": self.generator.state_dict(), "built_at": self.built_at}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.table = state["table"].float()
+        self.cfg["embedding"]["used"] = state["embedding_used"]
+        self.generator = self.build_generator()
+        self.generator.load_state_dict(state["generator"])
+        self.built_at = int(state["built_at"])

@@ -1,0 +1,35 @@
+"""``dfkd pool build``: the offline demo wild pool (installed digits, photo crops, noise) as a bank."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from dfkd_common.data.offline_pool import DEFAULTS, build_offline_pool
+from dfkd_common.engine import write_json
+from stages.common import ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
+
+app = typer.Typer(help="Wild image pools for retrieval (DFND).", no_args_is_help=True)
+
+
+@app.command("build")
+@errors
+def build(
+    out: Path = typer.Option(..., "--out", help="pool bank to write (.h5, kind merged)"),
+    metrics: Path | None = typer.Option(None, "--metrics", help="per-source counts JSON"),
+    seed: int | None = typer.Option(None),
+    params_file: Path = ParamsOpt,
+    sets: list[str] | None = SetOpt,
+) -> None:
+    """Mix scikit-learn digits, crops of the installed scikit-image/scikit-learn photos and noise into a pool."""
+    params = apply_overrides({**DEFAULTS, **load_params(params_file, "pool")}, sets, seed=seed)
+    result = build_offline_pool(out, params)
+    if metrics:
+        write_json(metrics, result)
+    counts = ", ".join(f"{k} {v}" for k, v in result["per_source"].items())
+    console.print(f"offline pool: {result['images']} images ({counts}) -> {out}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,89 @@
+"""``dfkd retrieve``: DFND: score a wild pool with the teacher and keep the images it is most sure about."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from dfkd_common.checkpoint import load_model
+from dfkd_common.data.wild import WildPool
+from dfkd_common.engine import Engine, seed_everything, write_json
+from dfkd_common.errors import DfkdError
+from dfkd_common.retrieval import RetrieveConfig, retrieve
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
+
+DEFAULTS: dict[str, Any] = {
+    "wild": [],  # source specs: folder:PATH | bank:PATH | dataset:NAME[:SPLIT] (or a bare path / name)
+    "num_select": 5000,
+    "balance": False,
+    "selection": "confidence",  # | random (the paper's "random unlabeled" baseline)
+    "batch_size": 512,
+    "workers": 0,
+    "amp": False,
+    "flush_every": 20,
+    "data_root": None,
+    "seed": 0,
+}
+
+
+@errors
+def main(
+    teacher: Path = typer.Option(..., "--teacher", help="teacher checkpoint (.safetensors)"),
+    wild: list[str] | None = typer.Option(
+        None, "--wild", help="wild source: a folder, a bank .h5 or a dataset name (prefix folder:/bank:/dataset:"
+        "NAME[:SPLIT] to be explicit); repeat for several sources"),
+    out: Path = typer.Option(..., "--out", help="retrieved bank to write (.h5)"),
+    metrics: Path | None = typer.Option(None, "--metrics", help="retrieval metrics JSON"),
+    name: str | None = typer.Option(None, "--name", help="params profile under retrieve: (e.g. dfnd, random)"),
+    num_select: int | None = typer.Option(None, "--num-select", "-n", help="images to keep"),
+    balance: bool | None = typer.Option(None, "--balance/--no-balance", help="top-k per predicted class"),
+    random: bool = typer.Option(False, "--random", help="random selection baseline (same size, same pool)"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    workers: int | None = typer.Option(None, "--workers", help="reader processes (0: read in this process)"),
+    seed: int | None = typer.Option(None),
+    params_file: Path = ParamsOpt,
+    sets: list[str] | None = SetOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Score every image of the wild pool by -log p_max and write the NUM_SELECT most confident as a bank.
+
+    Rerunning an interrupted command resumes scoring where it stopped.
+    """
+    params = apply_overrides(
+        {**DEFAULTS, **load_params(params_file, "retrieve", name)}, sets,
+        wild=list(wild) if wild else None, num_select=num_select, balance=balance, batch_size=batch_size,
+        workers=workers, seed=seed, selection="random" if random else None,
+    )
+    specs = params["wild"]
+    if isinstance(specs, str):
+        specs = [specs]
+    if not specs:
+        raise DfkdError("no wild pool: give --wild SOURCE (repeatable) or retrieve.wild in the params file")
+    cfg = RetrieveConfig(
+        num_select=int(params["num_select"]), balance=bool(params["balance"]), selection=str(params["selection"]),
+        batch_size=int(params["batch_size"]), workers=int(params["workers"]), amp=bool(params["amp"]),
+        flush_every=int(params["flush_every"]), seed=int(params["seed"]),
+    )
+    seed_everything(cfg.seed)
+    engine = Engine.create(device, amp=cfg.amp)
+    model, meta = load_model(teacher, engine.device)
+    info = meta.dataset
+    pool = WildPool.open([str(s) for s in specs], info.channels, info.image_size, params["data_root"])
+    console.print(f"retrieve from {len(pool)} wild images ({', '.join(s.spec for s in pool.sources)}) "
+                  f"-> {info.channels}x{info.image_size}x{info.image_size}")
+    result = retrieve(model, meta, teacher, pool, out, engine, cfg)
+    if metrics:
+        write_json(metrics, result)
+    if result["unreadable"]:
+        console.print(f"[yellow]skipped {result['unreadable']} unreadable image file(s)[/]")
+    if result["selected"] < cfg.num_select:
+        console.print(f"[yellow]only {result['selected']} readable images (asked for {cfg.num_select})[/]")
+    picked = ", ".join(f"{k} {v}" for k, v in result["per_source"].items())
+    console.print(f"{cfg.selection}{' balanced' if cfg.balance else ''}: kept {result['selected']} of {len(pool)} "
+                  f"({picked}); scored {result['images_per_s']:.0f} img/s -> {out}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,269 @@
+"""NAYER and CPNet: embeddings, noisy layer, coupled generator, L_xn, inverse-classifier term, tiny CLI runs."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+from typer.testing import CliRunner
+
+from dfkd_common.bank import load_bank
+from dfkd_common.checkpoint import load_model, load_tree, save_tree
+from dfkd_common.data import DatasetInfo
+from dfkd_common.embeddings import class_embeddings, random_embeddings
+from dfkd_common.engine import Engine
+from dfkd_common.errors import DfkdError
+from dfkd_common.models import build_model
+from dfkd_common.models.conditional import LabelGenerator
+from dfkd_common.models.coupled import CoupledGenerator, teacher_stages
+from dfkd_common.models.hooks import BNStats, FeatureHooks
+from dfkd_common.synthesis import build_synthesizer
+from dfkd_common.synthesis.coupling import CutMix, InverseClassifier, align_term, coupling_loss, renormalise
+from dfkd_common.synthesis.losses import TERMS, Context
+from stages.cli import app
+
+DIGITS = tuple(str(i) for i in range(10))
+TINY = {"batch_size": 20, "g_steps": 2, "augment": {"crop_pad": 2}, "embedding": {"source": "random", "dim": 32}}
+
+
+def _info(channels: int, size: int, k: int = 10) -> DatasetInfo:
+    return DatasetInfo("toy", channels, size, k, tuple(f"c{i}" for i in range(k)), (0.5,) * channels,
+                       (0.25,) * channels)
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+def test_minilm_embeddings_offline_distinct_per_class() -> None:
+    emb = class_embeddings(DIGITS, source="minilm")
+    assert emb.source == "minilm"
+    v = emb.vectors
+    assert v.shape == (10, 384) and torch.isfinite(v).all()
+    assert torch.allclose(v.norm(dim=1), torch.ones(10), atol=1e-4)
+    cos = v @ v.t()
+    off = cos[~torch.eye(10, dtype=torch.bool)]
+    assert off.max() < 0.999  # every class has its own vector
+    # cached: a second call does not reload the model and returns the same numbers
+    assert torch.equal(class_embeddings(DIGITS, source="auto").vectors, v)
+
+
+def test_random_embeddings_are_seeded_and_fallbacks_are_explicit(tmp_path: Path) -> None:
+    a = class_embeddings(DIGITS, source="random", dim=16, seed=3)
+    assert a.source == "random" and a.vectors.shape == (10, 16)
+    assert torch.equal(a.vectors, class_embeddings(DIGITS, source="random", dim=16, seed=3).vectors)
+    assert not torch.equal(a.vectors, random_embeddings(DIGITS, 16, seed=4))
+    with pytest.raises(DfkdError, match="needs a local model directory"):
+        class_embeddings(DIGITS, source="clip")
+    with pytest.raises(DfkdError, match="does not exist"):
+        class_embeddings(DIGITS, source="clip", path=tmp_path / "missing")
+    with pytest.raises(DfkdError, match="unknown embedding source"):
+        class_embeddings(DIGITS, source="word2vec")
+    with warnings.catch_warnings():  # auto: a broken CLIP directory falls through to MiniLM
+        warnings.simplefilter("ignore")
+        assert class_embeddings(DIGITS, source="auto", path=tmp_path / "missing").source == "minilm"
+
+
+# ------------------------------------------------------------------------------------- noisy layer
+def test_noisy_layer_is_reinitialised_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    info = _info(1, 32)
+    teacher = build_model("lenet5", 10, 1, info.mean, info.std).eval()
+    synth = build_synthesizer("nayer", teacher, info, {**TINY, "ngf": 8}, Engine.create("cpu", amp=False), 0)
+    seen: list[torch.Tensor] = []
+    original = LabelGenerator.reinit_noise
+
+    def spy(self: LabelGenerator) -> None:
+        original(self)
+        seen.append(self.inputs.noisy[0].weight.detach().clone())
+
+    monkeypatch.setattr(LabelGenerator, "reinit_noise", spy)
+    body_before = [p.detach().clone() for p in synth.generator.body.parameters()]
+    end_weights = []
+    for r in range(3):
+        synth.synthesize(r)
+        end_weights.append(synth.generator.inputs.noisy[0].weight.detach().clone())
+    assert len(seen) == 3  # once per batch (round)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    assert not torch.equal(seen[1], end_weights[0])  # a fresh draw, not the previous batch's trained layer
+    # the body persists across batches (trained, not rebuilt: g_life is 10 rounds)
+    assert any(not torch.equal(a, b) for a, b in zip(body_before, synth.generator.body.parameters(), strict=True))
+    # two chunks hold two different noisy layers: the same class gets different generator inputs
+    gen = synth.generator.eval()
+    y = torch.arange(20) % 10
+    z = gen.inputs(y)
+    assert not torch.allclose(z[:10], z[10:])
+
+
+def test_generator_is_rebuilt_after_g_life_rounds() -> None:
+    info = _info(1, 32)
+    teacher = build_model("lenet5", 10, 1, info.mean, info.std).eval()
+    synth = build_synthesizer("nayer", teacher, info, {**TINY, "ngf": 8, "g_steps": 1, "g_life": 2},
+                              Engine.create("cpu", amp=False), 0)
+    first = synth.generator
+    synth.synthesize(0)
+    synth.synthesize(1)
+    assert synth.generator is first
+    synth.synthesize(2)
+    assert synth.generator is not first and synth.built_at == 2
+
+
+# ------------------------------------------------------------------------------- coupled generator
+ARCHS = [("lenet5", 1, 32), ("lenet5_half", 1, 32), ("resnet18", 3, 16), ("resnet34", 3, 16),
+         ("wrn_16_1", 3, 16), ("wrn_16_2", 3, 16), ("wrn_40_1", 3, 16), ("wrn_40_2", 3, 16), ("vgg11_bn", 3, 32)]
+
+
+@pytest.mark.parametrize(("arch", "channels", "size"), ARCHS)
+def test_coupled_generator_mirrors_teacher_stages(arch: str, channels: int, size: int) -> None:
+    torch.manual_seed(0)
+    teacher = build_model(arch, 10, channels, (0.5,) * channels, (0.25,) * channels).eval()
+    stages = teacher_stages(teacher, channels, size)
+    modules = dict(teacher.named_modules())
+    # what every BN sees on a forward pass, in execution order
+    order: list[tuple[str, tuple[int, ...]]] = []
+    bn_paths = [n for n, m in teacher.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    with FeatureHooks(teacher, bn_paths, capture="input") as hooks, torch.no_grad():
+        handles = [modules[p].register_forward_pre_hook(lambda m, i, p=p: order.append((p, tuple(i[0].shape))))
+                   for p in bn_paths]
+        teacher(torch.rand(2, channels, size, size))
+        for h in handles:
+            h.remove()
+        phi = {p: hooks.features[p] for p in bn_paths}
+    sizes = [s.height for s in stages]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes) and min(sizes) >= 2
+    expected = {}
+    for path, shape in order:  # the last BN to run at each resolution ends that stage
+        if shape[-1] >= 2:
+            expected[shape[-2:]] = (path, shape[1:])
+    assert [(s.path, (s.channels, s.height, s.width)) for s in stages] == list(expected.values())
+    gen = CoupledGenerator(stages, 24, size, channels).eval()
+    x, outs = gen(torch.randn(3, 24), return_stages=True)
+    assert x.shape == (3, channels, size, size) and 0 <= float(x.min()) and float(x.max()) <= 1
+    teacher_shapes = [tuple(phi[s.path].shape[1:]) for s in reversed(stages)]
+    assert [tuple(o.shape[1:]) for o in outs] == teacher_shapes  # deepest first, channel and size matched
+
+
+# ------------------------------------------------------------------------------------------ L_xn
+def test_xn_is_zero_at_renormalised_teacher_features_and_pulls_toward_them() -> None:
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+        bn.running_var.copy_(torch.tensor([1.0, 4.0, 0.25, 9.0]))
+    phi = 3 * torch.randn(8, 4, 5, 5) + 7
+    target = renormalise(phi, bn)
+    # the target keeps phi's pattern with the BN's running statistics
+    assert torch.allclose(target.mean(dim=(0, 2, 3)), bn.running_mean, atol=1e-4)
+    assert torch.allclose(target.var(dim=(0, 2, 3), unbiased=False), bn.running_var, rtol=1e-3)
+    assert float(coupling_loss([(target.clone(), phi, bn)])) == pytest.approx(0.0, abs=1e-10)
+    g = torch.randn(8, 4, 5, 5, requires_grad=True)
+    loss = TERMS.get("xn")(Context(x=g, t_logits=torch.zeros(8, 10), extra={"coupling": [(g, phi, bn)]}))
+    assert loss.item() > 0
+    loss.backward()
+    assert g.grad is not None
+    assert float((g.grad * (g - target).detach()).sum()) > 0  # the gradient points away from the target
+    with torch.no_grad():
+        moved = g - 0.5 * g.grad
+    assert float(coupling_loss([(moved, phi, bn)])) < loss.item()
+    assert phi.grad is None  # stop-gradient: nothing flows into the teacher side
+
+
+# ----------------------------------------------------------------------------- inverse classifier
+def test_inverse_classifier_term_is_minimal_orthogonal_to_the_constant_direction() -> None:
+    torch.manual_seed(0)
+    k, d, eps = 10, 32, 0.1
+    fc = nn.Linear(d, k)
+    inv = InverseClassifier(fc, eps=eps, min_singular=0.1)
+    assert inv.delta == pytest.approx(math.log((1 - eps) * (k - 1) / eps))
+    y = torch.arange(20) % k
+    ideal = inv.label_features(y)
+    # the label's feature reproduces the smoothed one-hot distribution through the classifier
+    p = torch.softmax(fc(ideal), dim=1)
+    assert torch.allclose(p[torch.arange(20), y], torch.full((20,), 1 - eps), atol=1e-4)
+    # offsets along c (any constant on all logits) are the maximum, |cos| = 1
+    along = ideal + torch.randn(20, 1) * inv.c
+    assert float(inv.loss(along, y)) == pytest.approx(1.0, abs=1e-5)
+    # offsets orthogonal to c are the minimum, 0
+    r = torch.randn(20, d)
+    ortho = r - (r @ inv.c)[:, None] * inv.c / inv.c.dot(inv.c)
+    assert float(inv.loss(ideal + ortho, y)) == pytest.approx(0.0, abs=1e-5)
+    # random features lie in between, and the term is off without a student (warm-up)
+    mid = float(inv.loss(torch.randn(20, d), y))
+    assert 0 < mid < 1
+    ctx = Context(x=torch.zeros(20, 1), t_logits=torch.zeros(20, k), y=y, t_feat=torch.randn(20, d),
+                  extra={"inverse_classifier": inv})
+    assert float(align_term(ctx)) == 0.0
+    ctx.s_logits = torch.zeros(20, k)
+    assert float(align_term(ctx)) == pytest.approx(float(inv.loss(ctx.t_feat, y)))
+
+
+def test_cutmix_mixes_boxes_and_reports_lambda() -> None:
+    x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8).clone()
+    mix = CutMix(p=1.0, generator=torch.Generator().manual_seed(1))
+    out = mix(x)
+    assert mix.last is not None
+    perm, lam = mix.last
+    own = (out == x).float().mean(dim=(1, 2, 3))
+    moved = perm != torch.arange(4)
+    assert torch.allclose(own[moved], torch.full((int(moved.sum()),), lam))
+    assert CutMix(p=0.0)(x) is x
+
+
+# ----------------------------------------------------------------------------------- state / resume
+def test_cpnet_state_roundtrip_continues_identically(tmp_path: Path) -> None:
+    info = _info(1, 32)
+    teacher = build_model("lenet5", 10, 1, info.mean, info.std).eval()
+    engine = Engine.create("cpu", amp=False)
+    a = build_synthesizer("cpnet", teacher, info, TINY, engine, 0)
+    a.synthesize(0)
+    save_tree(tmp_path / "s.safetensors", {"synth": a.state_dict()})
+    rng = torch.get_rng_state()
+    first = a.synthesize(1)
+    b = build_synthesizer("cpnet", teacher, info, {**TINY, "embedding": {"source": "random", "seed": 9}},
+                          engine, 5)
+    b.load_state_dict(load_tree(tmp_path / "s.safetensors")["synth"])
+    assert torch.equal(b.table, a.table)  # the cached embeddings win over the (different) configured ones
+    torch.set_rng_state(rng)
+    second = b.synthesize(1)
+    assert torch.allclose(first.images, second.images, atol=1e-6)
+
+
+# -------------------------------------------------------------------------------- end to end (CLI)
+def _bn_distance(teacher: nn.Module, images: torch.Tensor) -> float:
+    stats = BNStats(teacher)
+    with torch.no_grad():
+        teacher(images)
+    d = float(stats.loss())
+    stats.remove()
+    return d
+
+
+@pytest.mark.parametrize("method", ["nayer", "cpnet"])
+def test_synthesize_cli_bank_is_recognised_and_matches_bn_statistics(
+    method: str, teacher_ckpt: Path, tmp_path: Path
+) -> None:
+    params: dict[str, Any] = {"seed": 0, "synthesize": {method: {
+        "rounds": 4, "batch_size": 60, "g_steps": 12, "amp": False, "ngf": 16, "augment": {"crop_pad": 2},
+    }}}
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    out = tmp_path / f"{method}.h5"
+    res = CliRunner().invoke(app, ["synthesize", "--method", method, "--teacher", str(teacher_ckpt), "--out",
+                                   str(out), "--params", str(pfile), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    bank = load_bank(out)
+    assert len(bank) == 240 and sorted(set(np.asarray(bank.rounds).tolist())) == [0, 1, 2, 3]
+    assert np.bincount(np.asarray(bank.labels), minlength=10).min() >= 20  # class-balanced targets
+    teacher, _ = load_model(teacher_ckpt, torch.device("cpu"))
+    images = torch.as_tensor(np.asarray(bank.images)).float() / 255
+    labels = torch.as_tensor(np.asarray(bank.labels))
+    with torch.no_grad():
+        agree = (teacher(images).argmax(1) == labels).float()
+    late = torch.as_tensor(np.asarray(bank.rounds)) >= 2
+    assert agree[late].mean() > 0.8, agree.mean()
+    # BN statistics of the bank are far closer to the teacher's running ones than those of noise images
+    noise = torch.rand(240, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    assert _bn_distance(teacher, images) < 0.5 * _bn_distance(teacher, noise)
