@@ -155,7 +155,8 @@ def online_feed(
         parent_checksum=file_checksum(data.path) if data is not None else "",
         optional=("teacher_logits",), resume=resuming,
     )
-    ctx = FeedContext(t_model, info, syn_engine, writer, data, int(params["seed"]), int(params["batch_size"]))
+    ctx = FeedContext(t_model, info, syn_engine, writer, data, int(params["seed"]), int(params["batch_size"]),
+                      int(params["epochs"]))
     try:
         return build_online_feed(method, ctx, cfg)
     except BaseException:

@@ -29,7 +29,8 @@ def main(
     SYNTHESIZERS.get(method)  # unknown names fail before any work
     params = apply_overrides(load_params(params_file, "synthesize", method), sets, rounds=rounds, seed=seed)
     seed_everything(int(params.get("seed", 0)))
-    engine = Engine.create(device, amp=bool(params.pop("amp", True)))
+    engine = Engine.create(device, amp=bool(params.pop("amp", True)),
+                           channels_last=bool(params.pop("channels_last", True)))
     model, meta = load_model(teacher, engine.device)
     result = run_synthesis(method, model, meta, teacher, out, params, engine)
     if metrics:

@@ -99,7 +99,7 @@ def test_truncated_and_foreign_files_are_refused(tmp_path: Path) -> None:
     write_bank(path, n=200)
     data = path.read_bytes()
     (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DfkdError, match="truncated|unreadable"):
+    with pytest.raises(DfkdError, match=r"truncated|unreadable"):
         load_bank(tmp_path / "cut.h5")
     (tmp_path / "text.h5").write_text("hello")
     with pytest.raises(DfkdError, match="not a readable HDF5"):
@@ -120,9 +120,9 @@ def test_bank_compatibility_with_teacher(tmp_path: Path) -> None:
     write_bank(path)
     bank = load_bank(path)
     bank.check_compatible(1, 32, 10)
-    with pytest.raises(DfkdError, match="1x32x32.*3x32x32"):
+    with pytest.raises(DfkdError, match=r"1x32x32.*3x32x32"):
         bank.check_compatible(3, 32, 10)
-    with pytest.raises(DfkdError, match="10 classes.*100"):
+    with pytest.raises(DfkdError, match=r"10 classes.*100"):
         bank.check_compatible(1, 32, 100)
 
 

@@ -245,8 +245,8 @@ def _bn_distance(teacher: nn.Module, images: torch.Tensor) -> float:
 def test_synthesize_cli_bank_is_recognised_and_matches_bn_statistics(
     method: str, teacher_ckpt: Path, tmp_path: Path
 ) -> None:
-    params: dict[str, Any] = {"seed": 0, "synthesize": {method: {
-        "rounds": 4, "batch_size": 60, "g_steps": 12, "amp": False, "ngf": 16, "augment": {"crop_pad": 2},
+    params: dict[str, Any] = {"seed": 0, "synthesize": {"common": {}, method: {
+        "rounds": 3, "batch_size": 50, "g_steps": 10, "ngf": 16, "augment": {"crop_pad": 2},
     }}}
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))
@@ -255,15 +255,15 @@ def test_synthesize_cli_bank_is_recognised_and_matches_bn_statistics(
                                    str(out), "--params", str(pfile), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     bank = load_bank(out)
-    assert len(bank) == 240 and sorted(set(np.asarray(bank.rounds).tolist())) == [0, 1, 2, 3]
-    assert np.bincount(np.asarray(bank.labels), minlength=10).min() >= 20  # class-balanced targets
+    assert len(bank) == 150 and sorted(set(np.asarray(bank.rounds).tolist())) == [0, 1, 2]
+    assert np.bincount(np.asarray(bank.labels), minlength=10).min() == 15  # class-balanced targets
     teacher, _ = load_model(teacher_ckpt, torch.device("cpu"))
     images = torch.as_tensor(np.asarray(bank.images)).float() / 255
     labels = torch.as_tensor(np.asarray(bank.labels))
     with torch.no_grad():
         agree = (teacher(images).argmax(1) == labels).float()
-    late = torch.as_tensor(np.asarray(bank.rounds)) >= 2
+    late = torch.as_tensor(np.asarray(bank.rounds)) >= 1
     assert agree[late].mean() > 0.8, agree.mean()
     # BN statistics of the bank are far closer to the teacher's running ones than those of noise images
-    noise = torch.rand(240, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    noise = torch.rand(150, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     assert _bn_distance(teacher, images) < 0.5 * _bn_distance(teacher, noise)

@@ -73,6 +73,7 @@ class FeedContext:
     initial: Bank | None = None
     seed: int = 0
     batch_size: int = 256  # the student's batch size (feeds that make the batches use it)
+    epochs: int = 1  # the student's epochs (feeds that follow its learning-rate schedule use it)
 
 
 class RecordedFeed(BankFeed):

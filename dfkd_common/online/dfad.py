@@ -12,6 +12,9 @@ schedule, resume and metrics therefore apply unchanged; an epoch is ``iterations
 steps (the loop's ``kd_steps``, derived from the feed's length unless set). The generator is DAFL's
 (``tanh -> BN(affine=False)`` output, i.e. normalised images mapped back to pixel space), in train mode
 throughout, as in the published code; the student stays in train mode during generator steps as well.
+The generator's learning rate decays with the student's (the published code steps both schedulers): with a
+constant ``lr_g`` the generator keeps winning once the student's cosine LR nears zero, and the student
+collapses in the last epochs (measured on mnist5k: 0.93 -> 0.21 test accuracy in the final epoch).
 
 What the feed records: the first ``record`` images of every epoch (teacher labels and logits), round index =
 epoch, so ``dfkd bank info/grid`` shows how the generator evolved. Nothing is replayed from it.
@@ -19,6 +22,7 @@ epoch, so ``dfkd bank info/grid`` shows how the generator evolved. Nothing is re
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -61,6 +65,7 @@ class DFADFeed(RecordedFeed):
         "ngf": 64,
         "head": "dafl",
         "lr_g": 1e-3,  # Adam
+        "g_schedule": "cosine",  # generator LR follows the student's cosine schedule ("constant": no decay)
         "betas": [0.9, 0.999],
         "student_steps": 5,  # student steps per generator step
         "iterations": 50,  # generator steps per epoch
@@ -81,6 +86,8 @@ class DFADFeed(RecordedFeed):
         self.student_steps = int(cfg["student_steps"])
         self.iterations = int(cfg["iterations"])
         self.to_record = int(cfg["record"])
+        if cfg["g_schedule"] not in ("cosine", "constant"):
+            raise DfkdError(f"dfad: g_schedule must be cosine or constant, got {cfg['g_schedule']!r}")
         if self.student_steps < 1 or self.iterations < 1:
             raise DfkdError("dfad: student_steps and iterations must be >= 1")
         self.generator = engine.model(build_generator(
@@ -109,6 +116,11 @@ class DFADFeed(RecordedFeed):
 
     def before_epoch(self, epoch: int, student: nn.Module) -> dict[str, float]:
         self.start()
+        scale = 1.0
+        if self.cfg["g_schedule"] == "cosine":
+            scale = 0.5 * (1 + math.cos(math.pi * epoch / max(1, self.ctx.epochs)))
+        for group in self.opt.param_groups:
+            group["lr"] = float(self.cfg["lr_g"]) * scale
         self.student = student
         self.pending_record = self.to_record > 0
         self.g_sum, self.g_count = 0.0, 0

@@ -22,12 +22,15 @@ started with even if the text model changed or went missing, and the source actu
 
 from __future__ import annotations
 
+import re
+import warnings
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from dfkd_common.embeddings import DEFAULT_TEMPLATE, class_embeddings
+from dfkd_common.errors import DfkdError
 from dfkd_common.models.conditional import LabelGenerator, NoisyEmbeddingInput
 from dfkd_common.models.generators import DCGenerator
 from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
@@ -52,6 +55,14 @@ class NAYER(Synthesizer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        known = set(Synthesizer.defaults) | set(type(self).defaults)
+        unknown = sorted(set(self.cfg) - known)
+        if unknown:  # a typo in params.yaml must not silently run the defaults
+            raise DfkdError(f"{self.name}: unknown param(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        names = self.info.class_names
+        if all(re.fullmatch(r"class_\d+", str(n)) for n in names):
+            warnings.warn(f"{self.name}: the teacher's class names are placeholders ({names[0]}, ...); the text "
+                          "embeddings carry no class meaning (see the dataset's class-name source)", stacklevel=2)
         emb = self.cfg["embedding"]
         result = class_embeddings(
             self.info.class_names, source=str(emb.get("source", "auto")), path=emb.get("path"),
