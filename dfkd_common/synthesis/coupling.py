@@ -37,8 +37,7 @@ from dfkd_common.synthesis.losses import TERMS, Context
 def renormalise(phi: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
     """Standardise ``phi`` per channel by its batch statistics, rescale to ``bn``'s running mean/var."""
     phi = phi.float()
-    mean = phi.mean(dim=(0, 2, 3), keepdim=True)
-    var = phi.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
+    var, mean = torch.var_mean(phi, dim=(0, 2, 3), keepdim=True, correction=0)
     rm, rv = bn.running_mean, bn.running_var
     assert rm is not None and rv is not None
     z = (phi - mean) / torch.sqrt(var + bn.eps)

@@ -84,7 +84,11 @@ class CPNet(NAYER):
 
     @torch.no_grad()
     def teacher_stage_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The teacher's BN inputs at the coupled stages on the clean batch (BN-statistics hooks paused)."""
+        """The teacher's BN inputs at the coupled stages on the clean batch.
+
+        Called inside :meth:`bn_active`: the L_bn hooks are paused for this extra forward (its statistics belong
+        to no optimisation step) and switched back on for the step's own, augmented forward that follows.
+        """
         if self.bn is not None:
             self.bn.enable(False)
         try:
