@@ -247,7 +247,7 @@ def test_synthesize_cli_bank_is_recognised_and_matches_bn_statistics(
     method: str, teacher_ckpt: Path, tmp_path: Path
 ) -> None:
     params: dict[str, Any] = {"seed": 0, "synthesize": {"common": {}, method: {
-        "rounds": 4, "batch_size": 40, "g_steps": 15, "ngf": 16, "augment": {"crop_pad": 2},
+        "rounds": 4, "batch_size": 40, "g_steps": 30, "ngf": 16, "augment": {"crop_pad": 2},
     }}}
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))

@@ -219,6 +219,21 @@ def cifar10() -> DatasetSpec:
     return DatasetSpec(info, _torchvision_loader(factory))
 
 
+# CIFAR-100 fine labels in label order (needed before any download: NAYER/CPNet embed class names)
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle", "bowl",
+    "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle", "chair", "chimpanzee",
+    "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur", "dolphin", "elephant",
+    "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard", "lamp", "lawn_mower",
+    "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom",
+    "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate",
+    "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal", "shark",
+    "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar", "sunflower",
+    "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor", "train", "trout", "tulip",
+    "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)
+
+
 @DATASETS.register("cifar100")
 def cifar100() -> DatasetSpec:
     def factory(root: Path, split: str) -> Any:
@@ -226,20 +241,8 @@ def cifar100() -> DatasetSpec:
 
         return CIFAR100(str(root), train=split == "train", download=True)
 
-    def class_names() -> tuple[str, ...]:
-        # The fine label names are only in the downloaded meta file; fall back to indices until then.
-        meta = DEFAULT_ROOT / "cifar-100-python" / "meta"
-        if meta.exists():
-            from torchvision.datasets import CIFAR100
-
-            try:
-                return tuple(CIFAR100(str(DEFAULT_ROOT), train=False, download=False).classes)
-            except Exception:  # pragma: no cover - corrupt local copy
-                pass
-        return tuple(f"class_{i}" for i in range(100))
-
     info = DatasetInfo(
-        "cifar100", 3, 32, 100, class_names(), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+        "cifar100", 3, 32, 100, CIFAR100_CLASSES, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     )
     return DatasetSpec(info, _torchvision_loader(factory))
 
