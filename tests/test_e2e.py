@@ -71,6 +71,7 @@ def test_dvc_repro_runs_the_default_pipeline_and_is_then_up_to_date(tmp_path: Pa
     for name in ("dfkd_common", "stages"):
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    shutil.copy(ROOT / ".dvcignore", work / ".dvcignore")
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     (work / "params.yaml").write_text(yaml.safe_dump(shrink(params)))
     run = lambda *a: subprocess.run(["dvc", *a], cwd=work, env=ENV, capture_output=True, text=True,  # noqa: E731
