@@ -35,7 +35,8 @@ class BNStatsHook:
         if not self.enabled:
             return
         x = inputs[0].float()
-        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)  # one pass, no transposed copy
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(dim=1, unbiased=False)
         self.last = (mean.detach(), var.detach())
         if self.momentum > 0 and self.ema is not None:
             m = self.momentum
