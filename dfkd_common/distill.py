@@ -5,7 +5,7 @@ The loop is method-agnostic. What varies lives behind two small interfaces:
 * :class:`StudentLoss` (registered in :data:`STUDENT_LOSSES`): the student's objective given the student and
   teacher logits on the same augmented batch; it may own trainable parameters (DFND's transition matrix,
   RGAL's adapters), which join the student's optimiser.
-* :class:`BankFeed`: where training images come from. :class:`StaticFeed` is a bank read whole into memory;
+* :class:`BankFeed`: where training images come from. :class:`BankFeed` itself is a bank read whole into memory;
   online methods (``dfkd distill --online M``) subclass it and grow the bank in :meth:`BankFeed.before_epoch`
   against the current student, so the loop itself never changes.
 """
@@ -119,8 +119,6 @@ class BankFeed:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         return None
 
-
-StaticFeed = BankFeed
 
 
 # ---------------------------------------------------------------------------------------------- loop

@@ -13,12 +13,29 @@ from typing import Any
 
 import torch
 
-from dfkd_common.bank import BankWriter
+from dfkd_common.bank import BankWriter, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.engine import Engine, progress
 from dfkd_common.models import Classifier
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.training import Resume
+
+
+@torch.no_grad()
+def append_scored(
+    writer: BankWriter, teacher: Classifier, engine: Engine, images: torch.Tensor, labels: Any, rounds: Any
+) -> torch.Tensor:
+    """Quantise ``images``, append them with the teacher's logits on exactly those stored pixels, commit.
+
+    Shared by offline synthesis and online feeds, so ``teacher_logits`` (what ``dfkd bank info`` reports as
+    agreement and confidence) always describes the bank's uint8 images. Returns the uint8 batch.
+    """
+    u8 = torch.from_numpy(to_uint8(images))
+    x = engine.images(u8.to(engine.device).float().div_(255.0))
+    t_logits = teacher(x).float().cpu()
+    writer.append(u8, labels, rounds, teacher_logits=t_logits.half())
+    writer.commit()
+    return u8
 
 
 def run_synthesis(
@@ -58,11 +75,7 @@ def run_synthesis(
                 t0 = time.perf_counter()
                 result = synth.synthesize(r)
                 elapsed += time.perf_counter() - t0
-                with torch.no_grad():
-                    x = engine.images(result.images.to(engine.device))
-                    t_logits = teacher(x).float().cpu()
-                writer.append(result.images, result.labels, r, teacher_logits=t_logits.half())
-                writer.commit()
+                append_scored(writer, teacher, engine, result.images, result.labels, r)
                 resume.save({"synth": synth.state_dict(), "rows": len(writer), "round": r + 1, "elapsed": elapsed})
                 logs = result.logs
                 bar.update(task, advance=1, info=f"loss {logs.get('loss', float('nan')):.3f} n {len(writer)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -84,9 +83,3 @@ def require(params: dict[str, Any], *keys: str) -> None:
     missing = [k for k in keys if params.get(k) in (None, "")]
     if missing:
         raise DfkdError(f"missing parameter(s): {', '.join(missing)} (give them in params.yaml or on the CLI)")
-
-
-def quiet_env() -> None:
-    """Offline-friendly defaults for library calls made by stages."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("DO_NOT_TRACK", "1")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd_common.bank import Bank, BankWriter, to_uint8
+from dfkd_common.bank import Bank, BankWriter
 from dfkd_common.data import DatasetInfo
 from dfkd_common.distill import BankFeed
 from dfkd_common.engine import Engine
@@ -39,6 +39,7 @@ from dfkd_common.models import Classifier
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis import SYNTHESIZERS, Synthesizer, build_synthesizer
 from dfkd_common.synthesis.base import merge
+from dfkd_common.synthesize import append_scored
 
 
 @contextmanager
@@ -126,11 +127,7 @@ class RecordedFeed(BankFeed):
     def record(self, images: torch.Tensor, labels: torch.Tensor, rounds: torch.Tensor | int,
                keep: bool = True) -> None:
         """Append rows to the work file (with the teacher's logits) and, when ``keep``, to the training bank."""
-        u8 = torch.from_numpy(to_uint8(images))
-        x = self.ctx.engine.images(u8.to(self.device).float().div_(255.0))
-        t_logits = self.teacher(x).float().cpu()
-        self.writer.append(u8, labels, rounds, teacher_logits=t_logits.half())
-        self.writer.commit()
+        u8 = append_scored(self.writer, self.teacher, self.ctx.engine, images, labels, rounds)
         self.rows = len(self.writer)
         if keep:
             self.images = torch.cat([self.images, u8.to(self.device)])
