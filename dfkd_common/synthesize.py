@@ -73,6 +73,7 @@ def run_synthesis(
             task = bar.add_task(f"synthesize {method}", total=rounds, completed=start, info="")
             for r in range(start, rounds):
                 t0 = time.perf_counter()
+                synth.begin_epoch(r)  # offline there are no student epochs: a round stands for one
                 result = synth.synthesize(r)
                 elapsed += time.perf_counter() - t0
                 append_scored(writer, teacher, engine, result.images, result.labels, r)

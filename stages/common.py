@@ -69,6 +69,11 @@ def apply_overrides(params: dict[str, Any], sets: list[str] | None, **explicit: 
             raise DfkdError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw)
+        if key.split(".")[0] not in out:  # a typo, or a path from params.yaml's top (distill.dfad.lr)
+            err_console.print(f"[yellow]warning:[/] --set {key}: this stage has no param {key.split('.')[0]!r}; "
+                              "it is added, but keys are relative to the stage's section (e.g. --set lr=0.1, "
+                              f"not distill.<name>.lr); known: {', '.join(sorted(out))}", highlight=False,
+                              soft_wrap=True)
         node = out
         parts = key.split(".")
         for p in parts[:-1]:

@@ -116,3 +116,15 @@ def test_nan_loss_stops_without_clobbering_the_old_student(tmp_path: Path, repo:
     assert_one_line_error(proc, "student loss became")
     assert out.read_bytes() == b"previous good student"
     assert not [n for n in listing(tmp_path) if n.endswith(".partial")]
+
+
+def test_set_of_an_unknown_key_warns_instead_of_passing_silently(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--set distill.dfad.lr=0.1` (a params.yaml path, not a stage key) must not be silently ignored."""
+    from stages.common import apply_overrides
+
+    out = apply_overrides({"lr": 0.05, "online": {"ngf": 16}}, ["lr=0.1", "online.ngf=32"])
+    assert out == {"lr": 0.1, "online": {"ngf": 32}}
+    assert "warning" not in capsys.readouterr().err
+    apply_overrides({"lr": 0.05}, ["distill.dfad.lr=0.1"])
+    err = capsys.readouterr().err
+    assert "warning" in err and "'distill'" in err and "lr=0.1" in err

@@ -210,6 +210,7 @@ class OnlineFeed(RecordedFeed):
         loops = self.warmup_loops if warm else self.g_loops
         logs: dict[str, float] = {}
         t0 = time.perf_counter()
+        self.synth.begin_epoch(epoch)
         with frozen(student):
             for _ in range(loops):
                 result = self.synth.synthesize(self.next_round, None if warm else student)

@@ -132,6 +132,13 @@ class Synthesizer(ABC):
             self.bn.update_ema()
 
     # -- the interface ---------------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before the rounds of each epoch (online: the student's epoch; offline: every round is one).
+
+        Methods with per-epoch schedules (NAYER's generator life) act here; most need nothing.
+        """
+        return None
+
     @abstractmethod
     def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
         """Produce one round of images (against ``student`` where the method is adversarial)."""

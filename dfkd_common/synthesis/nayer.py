@@ -10,8 +10,9 @@ What differs from the other generator methods:
 * **Schedule**: one round = one batch (the online feed runs ``g_loops`` rounds per epoch, more during warm-up).
   The persistent generator and the fresh noisy layers are optimised together for ``g_steps`` with a fresh Adam
   (lr ``lr_g``, betas 0.5/0.999, as the published code), and the *lowest-loss iterate* of the round goes to the
-  bank. The whole generator is rebuilt every ``g_life`` rounds (NAYER counts epochs; with ``g_loops`` rounds
-  per epoch, set ``g_life = epochs x g_loops``), so it does not collapse onto the few modes it found first.
+  bank. The whole generator is rebuilt every ``g_life`` epochs of the student (:meth:`begin_epoch`; offline,
+  where there are no epochs, every round counts as one), so it does not collapse onto the few modes it found
+  first.
 * **Loss**: bn*L_bn (momentum 0.9 EMA of batch statistics) + oh*CE + adv*L_adv, published weights 10 / 0.5 /
   1.33. L_adv is only active when a student is passed (after the online feed's warm-up; never offline).
 
@@ -72,7 +73,7 @@ class NAYER(Synthesizer):
         self.table = result.vectors
         self.cfg["embedding"]["used"] = result.source
         self.generator = self.build_generator()
-        self.built_at = 0
+        self.built_at = 0  # the epoch the current generator was built in
 
     # -- generator ---------------------------------------------------------------------------------
     def make_body(self, nz: int) -> nn.Module:
@@ -101,10 +102,13 @@ class NAYER(Synthesizer):
         return self.context(x, y, student)
 
     # -- one round -----------------------------------------------------------------------------------
-    def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
-        if round_index - self.built_at >= int(self.cfg["g_life"]) or round_index < self.built_at:
+    def begin_epoch(self, epoch: int) -> None:
+        """Rebuild the whole generator once it has lived ``g_life`` epochs (NAYER's ``g_life``)."""
+        if epoch - self.built_at >= int(self.cfg["g_life"]) or epoch < self.built_at:
             self.generator = self.build_generator()
-            self.built_at = round_index
+            self.built_at = epoch
+
+    def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
         y = self.labels(int(self.cfg["batch_size"]), round_index)
         self.generator.train()
         self.generator.reinit_noise()

@@ -1,0 +1,139 @@
+"""Online synthesis overhead: one synthesis step of DFAD / Fast / NAYER / CPNet vs the raw generator+teacher step.
+
+For each method this builds the feed exactly as ``dfkd distill --online M`` does (params.yaml's
+``distill.<M>.online`` section, the default pipeline's teacher, a fresh LeNet-5-half student) and times:
+
+* **dfkd**: optimised images per second of the method's own generator step against the student
+  (DFAD: :meth:`DFADFeed.generator_step`; the others: a whole :meth:`Synthesizer.synthesize` round after the
+  warm-up, i.e. with the adversarial term, ``batch_size x g_steps`` optimised images);
+* **raw**: the same generator and batch, ``G(input) -> teacher -> cross-entropy -> backward -> Adam step`` and
+  nothing else, in the same engine and precision.
+
+``overhead = raw / dfkd`` (issue 3's goal: <= 1.2 for DFAD and CPNet). The gap is the method itself: the student
+forward/backward of the adversarial term, BN-statistics hooks, augmentation, and for CPNet the stage coupling.
+
+    python benchmarks/bench_online.py [--methods dfad cpnet] [--steps 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from dfkd_common.bank import BankWriter
+from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
+from dfkd_common.data import get_dataset
+from dfkd_common.engine import Engine
+from dfkd_common.models import build_model
+from dfkd_common.online import FeedContext, build_online_feed
+from dfkd_common.online.base import frozen
+from dfkd_common.online.dfad import DFADFeed
+from dfkd_common.synthesis.base import merge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def online_params(method: str) -> tuple[dict, int]:
+    """The method's ``online:`` params and the student batch size, as the default pipeline sets them."""
+    distill = yaml.safe_load((ROOT / "params.yaml").read_text())["distill"]
+    cfg = merge(distill.get("common", {}), distill.get(method, {}))
+    return dict(cfg.get("online", {})), int(cfg["batch_size"])
+
+
+def timed(step: Callable[[], object], steps: int) -> float:
+    """Seconds per call after two warm-up calls."""
+    for _ in range(2):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def raw_step(generator: torch.nn.Module, make_input: Callable[[], torch.Tensor], teacher: torch.nn.Module,
+             engine: Engine, n: int, k: int) -> Callable[[], None]:
+    """``G(input) -> teacher -> CE -> backward -> step``: the floor every generator method pays."""
+    opt = torch.optim.Adam(generator.parameters(), lr=1e-4)
+    y = torch.randint(0, k, (n,), device=engine.device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def step() -> None:
+        with engine.autocast():
+            x = generator(make_input())
+            loss = F.cross_entropy(teacher(engine.images(x.float())).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench(method: str, teacher_path: Path, tmp: Path, steps: int) -> None:
+    cfg, batch = online_params(method)
+    engine = Engine.create("cpu", amp=bool(cfg.pop("amp", True)), channels_last=bool(cfg.pop("channels_last", True)))
+    teacher, meta = load_model(teacher_path)
+    info = meta.dataset
+    writer = BankWriter(tmp / f"{method}.h5", channels=info.channels, image_size=info.image_size,
+                        kind="synthetic", method=method, dataset=info.to_dict(), optional=("teacher_logits",))
+    feed = build_online_feed(method, FeedContext(teacher, info, engine, writer, batch_size=batch, epochs=20), cfg)
+    student = engine.model(build_model("lenet5_half", info.num_classes, info.channels, info.mean, info.std))
+    t_teacher = engine.model(load_model(teacher_path)[0]).eval()
+    if isinstance(feed, DFADFeed):
+        feed.before_epoch(0, student)
+        n, per_call = batch, 1
+        sec = timed(lambda: feed.generator_step(n), steps)
+        gen = feed.generator
+        raw = raw_step(gen, lambda: feed.noise(n), t_teacher, engine, n, info.num_classes)
+    else:
+        synth = feed.synth  # type: ignore[attr-defined]
+        n, per_call = int(synth.cfg["batch_size"]), int(synth.cfg["g_steps"])
+        rounds = iter(range(10**6))
+
+        def one_round() -> None:
+            with frozen(student):
+                synth.synthesize(next(rounds), student)
+
+        sec = timed(one_round, max(1, steps // per_call)) / per_call
+        gen = synth.generator
+        y = synth.labels(n, 0) if hasattr(synth, "labels") else None
+        if y is not None:  # label-conditioned generators (NAYER, CPNet): the same input path
+            raw = raw_step(gen, lambda: y, t_teacher, engine, n, info.num_classes)
+        else:
+            nz = int(synth.cfg["nz"])
+            raw = raw_step(gen, lambda: synth.noise(n, nz), t_teacher, engine, n, info.num_classes)
+    raw_sec = timed(raw, steps)
+    writer.abort(keep_work=False)
+    print(f"{method:7s} batch {n:4d} x {per_call:3d} steps | dfkd {n / sec:8.1f} optimised img/s | "
+          f"raw G+T fwd/bwd {n / raw_sec:8.1f} img/s | overhead {sec / raw_sec:5.2f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--methods", nargs="+", default=["dfad", "fast", "nayer", "cpnet"])
+    ap.add_argument("--steps", type=int, default=20, help="timed generator steps per method")
+    ap.add_argument("--teacher", type=Path, default=ROOT / "artifacts/teachers/lenet5.safetensors")
+    args = ap.parse_args()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = Path(tmp_dir)
+        teacher_path = args.teacher
+        if not teacher_path.exists():  # an untrained LeNet-5 costs the same per step
+            info = get_dataset("mnist5k").info
+            teacher_path = tmp / "t.safetensors"
+            save_model(teacher_path, build_model("lenet5", 10, 1, info.mean, info.std),
+                       ModelMeta("lenet5", {}, info, None, {}, now(), "bench", "teacher"))
+        for method in args.methods:
+            bench(method, teacher_path, tmp, args.steps)
+
+
+if __name__ == "__main__":
+    main()
