@@ -31,7 +31,7 @@ import yaml
 from dfkd_common.bank import BankWriter
 from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
 from dfkd_common.data import get_dataset
-from dfkd_common.engine import Engine
+from dfkd_common.engine import Engine, fused_adam
 from dfkd_common.models import build_model
 from dfkd_common.online import FeedContext, build_online_feed
 from dfkd_common.online.base import frozen
@@ -61,7 +61,7 @@ def timed(step: Callable[[], object], steps: int) -> float:
 def raw_step(generator: torch.nn.Module, make_input: Callable[[], torch.Tensor], teacher: torch.nn.Module,
              engine: Engine, n: int, k: int) -> Callable[[], None]:
     """``G(input) -> teacher -> CE -> backward -> step``: the floor every generator method pays."""
-    opt = torch.optim.Adam(generator.parameters(), lr=1e-4)
+    opt = fused_adam(generator.parameters(), lr=1e-4)
     y = torch.randint(0, k, (n,), device=engine.device)
     for p in teacher.parameters():
         p.requires_grad_(False)

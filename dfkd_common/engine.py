@@ -106,6 +106,15 @@ class Engine:
         return x
 
 
+def fused_adam(params: Any, lr: float, **kwargs: Any) -> torch.optim.Adam:
+    """Adam with the fused kernel (CPU and CUDA): generator optimisers step every few milliseconds on small nets.
+
+    The default per-tensor loop cost 9 ms of CPNet's 134 ms step on the CPU (``benchmarks/bench_online.py``);
+    the fused kernel does the same update about 4x faster. Parameter groups and ``state_dict`` are unchanged.
+    """
+    return torch.optim.Adam(params, lr=lr, fused=True, **kwargs)
+
+
 def check_finite(loss: torch.Tensor, what: str) -> None:
     """Stop a run with a clear message instead of writing NaN weights or images."""
     value = float(loss.detach())

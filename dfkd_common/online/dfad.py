@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dfkd_common.distill import STUDENT_LOSSES, Batch, StudentLoss
-from dfkd_common.engine import check_finite
+from dfkd_common.engine import check_finite, fused_adam
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_generator
 from dfkd_common.online.base import ONLINE, FeedContext, RecordedFeed, frozen
@@ -94,7 +94,7 @@ class DFADFeed(RecordedFeed):
             "dcgan", nz=self.nz, ngf=int(cfg["ngf"]), image_size=info.image_size, channels=info.channels,
             head=str(cfg["head"]), mean=info.mean, std=info.std,
         )).train()
-        self.opt = torch.optim.Adam(self.generator.parameters(), lr=float(cfg["lr_g"]),
+        self.opt = fused_adam(self.generator.parameters(), lr=float(cfg["lr_g"]),
                                     betas=tuple(cfg["betas"]))
         self.gen = torch.Generator().manual_seed(ctx.seed + 1)
         self.step = 0  # student batches handed out so far (all epochs)
@@ -133,11 +133,11 @@ class DFADFeed(RecordedFeed):
         """One Adam step of G maximising the student-teacher L1 discrepancy; returns the discrepancy."""
         assert self.student is not None, "before_epoch() must run first"
         engine = self.ctx.engine
-        with frozen(self.student, eval_mode=False):
-            x = engine.images(self.generator(self.noise(n)))
-            with engine.autocast():
-                t_logits = self.teacher(x)
-                s_logits = self.student(x)
+        with frozen(self.student, eval_mode=False), engine.autocast():
+            # the generator inside autocast too: it is most of this step's cost (bench_online.py)
+            x = engine.images(self.generator(self.noise(n)).float())
+            t_logits = self.teacher(x)
+            s_logits = self.student(x)
             loss = -l1_discrepancy(s_logits, t_logits)
             check_finite(loss, "dfad generator loss")
             self.opt.zero_grad(set_to_none=True)

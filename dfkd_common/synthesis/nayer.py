@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dfkd_common.embeddings import DEFAULT_TEMPLATE, class_embeddings
+from dfkd_common.engine import fused_adam
 from dfkd_common.errors import DfkdError
 from dfkd_common.models.conditional import LabelGenerator, NoisyEmbeddingInput
 from dfkd_common.models.generators import DCGenerator
@@ -112,7 +113,7 @@ class NAYER(Synthesizer):
         y = self.labels(int(self.cfg["batch_size"]), round_index)
         self.generator.train()
         self.generator.reinit_noise()
-        opt = torch.optim.Adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]),
+        opt = fused_adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]),
                                betas=tuple(self.cfg["betas"]))
         best_loss, best_x, logs = float("inf"), None, {}
         with self.bn_active():
