@@ -39,9 +39,9 @@ SOURCE_NAMES = ["digits", "skimage", "sklearn", "noise"]
 DEFAULTS: dict[str, Any] = {
     "image_size": 32,
     "channels": 1,
-    "digits_variants": 10,  # jittered copies per sklearn digit, besides the original
-    "photo_crops": 20000,  # split between the skimage and sklearn photos in proportion to their counts
-    "noise": 5000,
+    "digits_variants": 3,  # jittered copies per sklearn digit, besides the original
+    "photo_crops": 40000,  # split between the skimage and sklearn photos in proportion to their counts
+    "noise": 1000,
     "elastic": 1.5,  # elastic distortion of the digit copies, in pixels (0: affine only)
     "min_crop": 12,  # smallest crop side in pixels; the largest is the photo's short side
     "seed": 0,
