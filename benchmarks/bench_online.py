@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from _common import teacher_or_untrained
 
 from dfkd_common.bank import BankWriter
-from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
-from dfkd_common.data import get_dataset
+from dfkd_common.checkpoint import load_model
 from dfkd_common.engine import Engine, fused_adam
 from dfkd_common.models import build_model
 from dfkd_common.online import FeedContext, build_online_feed
@@ -125,12 +125,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        teacher_path = args.teacher
-        if not teacher_path.exists():  # an untrained LeNet-5 costs the same per step
-            info = get_dataset("mnist5k").info
-            teacher_path = tmp / "t.safetensors"
-            save_model(teacher_path, build_model("lenet5", 10, 1, info.mean, info.std),
-                       ModelMeta("lenet5", {}, info, None, {}, now(), "bench", "teacher"))
+        teacher_path = teacher_or_untrained(args.teacher, tmp)
         for method in args.methods:
             bench(method, teacher_path, tmp, args.steps)
 

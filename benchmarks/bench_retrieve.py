@@ -29,15 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import teacher_or_untrained
 
-from dfkd_common import __version__
 from dfkd_common.augment_ops import to_float
 from dfkd_common.bank import BankWriter
-from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
-from dfkd_common.data import get_dataset
+from dfkd_common.checkpoint import load_model
 from dfkd_common.data.wild import WildPool
 from dfkd_common.engine import Engine
-from dfkd_common.models import build_model
 from dfkd_common.retrieval import RetrieveConfig, retrieve, score_pool, scores_path
 
 
@@ -83,12 +81,7 @@ def main() -> None:
     ap.add_argument("--child", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench_retrieve_"))
-    teacher = args.teacher
-    if teacher is None:
-        info = get_dataset("mnist5k").info
-        model = build_model("lenet5", 10, 1, info.mean, info.std)
-        teacher = tmp / "lenet5.safetensors"
-        save_model(teacher, model, ModelMeta("lenet5", {}, info, None, {}, now(), __version__, "teacher"))
+    teacher = args.teacher or teacher_or_untrained(None, tmp)  # an explicit --teacher must exist
     if args.child:
         child(teacher, args.child[0], args.child[1], args.batch_size)
         return

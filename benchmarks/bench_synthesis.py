@@ -20,11 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+from _common import teacher_or_untrained
 
-from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
+from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine
-from dfkd_common.models import build_generator, build_model
+from dfkd_common.models import build_generator
 from dfkd_common.synthesis.base import SYNTHESIZERS, merge
 from dfkd_common.synthesize import run_synthesis
 
@@ -78,13 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.teacher.exists():
-            teacher_path = args.teacher
-        else:  # an untrained LeNet-5 costs the same per step
-            info = get_dataset("mnist5k").info
-            teacher_path = Path(tmp) / "t.safetensors"
-            save_model(teacher_path, build_model("lenet5", 10, 1, info.mean, info.std),
-                       ModelMeta("lenet5", {}, info, None, {}, now(), "bench", "teacher"))
+        teacher_path = teacher_or_untrained(args.teacher, Path(tmp))
         for method in args.methods:
             SYNTHESIZERS.get(method)
             cfg = method_params(method)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -61,21 +61,28 @@ def load_params(path: Path, section: str, profile: str | None = None) -> dict[st
     return out
 
 
-def apply_overrides(params: dict[str, Any], sets: list[str] | None, **explicit: Any) -> dict[str, Any]:
-    """CLI wins: explicit options that were given, then ``--set a.b=v`` pairs."""
+def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Iterable[str] = (),
+                    **explicit: Any) -> dict[str, Any]:
+    """CLI wins: explicit options that were given, then ``--set a.b=v`` pairs.
+
+    A ``--set`` whose top-level key is neither in ``params`` nor in ``known`` (keys the stage accepts but the
+    params file need not list, e.g. a synthesizer's defaults) warns: it is most likely a typo or a path from
+    params.yaml's top, and would otherwise be silently ignored.
+    """
     out = merge(params, {k: v for k, v in explicit.items() if v is not None})
+    known = set(known)
     for item in sets or []:
         if "=" not in item:
             raise DfkdError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw)
-        if key.split(".")[0] not in out:  # a typo, or a path from params.yaml's top (distill.dfad.lr)
-            err_console.print(f"[yellow]warning:[/] --set {key}: this stage has no param {key.split('.')[0]!r}; "
-                              "it is added, but keys are relative to the stage's section (e.g. --set lr=0.1, "
-                              f"not distill.<name>.lr); known: {', '.join(sorted(out))}", highlight=False,
-                              soft_wrap=True)
-        node = out
         parts = key.split(".")
+        if parts[0] not in out and parts[0] not in known:
+            err_console.print(f"[yellow]warning:[/] --set {key}: this stage has no param {parts[0]!r}; "
+                              "it is added, but keys are relative to the stage's section (e.g. --set lr=0.1, "
+                              f"not distill.<name>.lr); known: {', '.join(sorted(set(out) | known))}",
+                              highlight=False, soft_wrap=True)
+        node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):

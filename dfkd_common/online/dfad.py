@@ -94,8 +94,7 @@ class DFADFeed(RecordedFeed):
             "dcgan", nz=self.nz, ngf=int(cfg["ngf"]), image_size=info.image_size, channels=info.channels,
             head=str(cfg["head"]), mean=info.mean, std=info.std,
         )).train()
-        self.opt = fused_adam(self.generator.parameters(), lr=float(cfg["lr_g"]),
-                                    betas=tuple(cfg["betas"]))
+        self.opt = fused_adam(self.generator.parameters(), lr=float(cfg["lr_g"]), betas=tuple(cfg["betas"]))
         self.gen = torch.Generator().manual_seed(ctx.seed + 1)
         self.step = 0  # student batches handed out so far (all epochs)
         self.student: nn.Module | None = None

@@ -113,8 +113,7 @@ class NAYER(Synthesizer):
         y = self.labels(int(self.cfg["batch_size"]), round_index)
         self.generator.train()
         self.generator.reinit_noise()
-        opt = fused_adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]),
-                               betas=tuple(self.cfg["betas"]))
+        opt = fused_adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]), betas=tuple(self.cfg["betas"]))
         best_loss, best_x, logs = float("inf"), None, {}
         with self.bn_active():
             for _ in range(int(self.cfg["g_steps"])):
