@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfkd_common.data import DATASETS
+from dfkd_common.data import DATASETS, DatasetInfo
 from dfkd_common.distill import STUDENT_LOSSES
+from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import GENERATORS, MODELS, build_generator, build_model
 from dfkd_common.models.hooks import BNStats, Penultimate
 from dfkd_common.registry import Registry
-from dfkd_common.synthesis import SYNTHESIZERS
+from dfkd_common.synthesis import SYNTHESIZERS, build_synthesizer
 from dfkd_common.synthesis.losses import TERMS
 
 ZOO = ["lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg11_bn"]
@@ -69,3 +70,12 @@ def test_dcgan_generator_shapes_and_range() -> None:
         x = g(torch.randn(4, 16))
     assert x.shape == (4, 3, 32, 32)
     assert float(x.min()) >= 0 and float(x.max()) <= 1
+
+
+@pytest.mark.parametrize("method", sorted(SYNTHESIZERS.names()))
+def test_every_synthesizer_rejects_a_misspelt_param(method: str) -> None:
+    """A typo in a params.yaml method section must stop the stage, not silently run the method's defaults."""
+    info = DatasetInfo("toy", 1, 32, 10, tuple(str(i) for i in range(10)), (0.5,), (0.25,))
+    teacher = build_model("lenet5", 10, 1, info.mean, info.std)
+    with pytest.raises(DfkdError, match=r"unknown param\(s\) gsteps"):
+        build_synthesizer(method, teacher, info, {"gsteps": 5}, Engine.create("cpu"))

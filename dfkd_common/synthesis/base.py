@@ -20,6 +20,7 @@ from torch import nn
 from dfkd_common.augment_ops import augment_config, build_augment
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import Engine, check_finite
+from dfkd_common.errors import DfkdError
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import BNStats, Penultimate
 from dfkd_common.registry import Registry
@@ -69,6 +70,10 @@ class Synthesizer(ABC):
         seed: int = 0,
     ) -> None:
         self.cfg = merge(merge(Synthesizer.defaults, type(self).defaults), cfg)
+        known = set(Synthesizer.defaults) | set(type(self).defaults)
+        unknown = sorted(set(self.cfg) - known)
+        if unknown:  # a typo in params.yaml must not silently run the defaults
+            raise DfkdError(f"{self.name}: unknown param(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         self.engine = engine or Engine.create()
         self.info = info
         self.teacher = self.engine.model(teacher).eval()

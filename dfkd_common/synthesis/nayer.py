@@ -32,7 +32,6 @@ from torch import nn
 
 from dfkd_common.embeddings import DEFAULT_TEMPLATE, class_embeddings
 from dfkd_common.engine import fused_adam
-from dfkd_common.errors import DfkdError
 from dfkd_common.models.conditional import LabelGenerator, NoisyEmbeddingInput
 from dfkd_common.models.generators import DCGenerator
 from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
@@ -57,10 +56,6 @@ class NAYER(Synthesizer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        known = set(Synthesizer.defaults) | set(type(self).defaults)
-        unknown = sorted(set(self.cfg) - known)
-        if unknown:  # a typo in params.yaml must not silently run the defaults
-            raise DfkdError(f"{self.name}: unknown param(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
         names = self.info.class_names
         if all(re.fullmatch(r"class_\d+", str(n)) for n in names):
             warnings.warn(f"{self.name}: the teacher's class names are placeholders ({names[0]}, ...); the text "
