@@ -17,6 +17,7 @@ from dfkd_common.distill import STUDENT_LOSSES, Batch
 from dfkd_common.engine import Engine
 from dfkd_common.models import build_generator, build_model
 from dfkd_common.online import FeedContext, build_online_feed
+from dfkd_common.online.base import RecordedFeed
 from dfkd_common.online.dfad import l1_discrepancy
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.fast import accumulate_grads
@@ -80,6 +81,39 @@ def test_dfad_batches_alternate_generator_and_student_steps(teacher_ckpt: Path, 
     feed.finish()
     bank = load_bank(tmp_path / "b.h5")
     assert len(bank) == 4 and bank.rounds.tolist() == [0] * 4
+
+
+def test_dfad_g_life_rebuilds_the_generator_and_resume_keeps_the_schedule(teacher_ckpt: Path, tmp_path: Path) -> None:
+    teacher, meta = load_model(teacher_ckpt)
+    info = meta.dataset
+    student = build_model("lenet5_half", 10, 1, info.mean, info.std)
+
+    def make(name: str, life: int) -> RecordedFeed:
+        writer = BankWriter(tmp_path / f"{name}.h5", channels=1, image_size=32, kind="synthetic", method="dfad",
+                            dataset=info.to_dict(), optional=("teacher_logits",))
+        return build_online_feed("dfad", FeedContext(teacher, info, _engine(), writer, batch_size=8),
+                                 {"nz": 8, "ngf": 4, "record": 0, "g_life": life})
+
+    feed = make("a", 2)
+    first = feed.generator  # type: ignore[attr-defined]
+    for epoch in range(4):
+        feed.before_epoch(epoch, student)
+        if epoch == 1:
+            assert feed.generator is first  # type: ignore[attr-defined]
+        if epoch == 2:
+            assert feed.generator is not first  # type: ignore[attr-defined]
+            second = feed.generator  # type: ignore[attr-defined]
+            state = feed.method_state()
+    assert feed.generator is second  # type: ignore[attr-defined]  # lives epochs 2 and 3
+    resumed = make("b", 2)
+    resumed.load_method_state(state)
+    resumed.before_epoch(3, student)  # built at 2: no rebuild at 3
+    assert torch.equal(next(resumed.generator.parameters()), next(second.parameters()))  # type: ignore[attr-defined]
+    never = make("c", 0)
+    gen0 = never.generator  # type: ignore[attr-defined]
+    for epoch in range(4):
+        never.before_epoch(epoch, student)
+    assert never.generator is gen0  # type: ignore[attr-defined]  # g_life 0: the published single generator
 
 
 def test_accumulate_grads_sums_clone_gradients() -> None:

@@ -70,6 +70,7 @@ class DFADFeed(RecordedFeed):
         "student_steps": 5,  # student steps per generator step
         "iterations": 50,  # generator steps per epoch
         "record": 100,  # images of each epoch kept in the output bank
+        "g_life": 0,  # rebuild the generator every g_life epochs (NAYER's restarts); 0: never, as published
     }
 
     def __init__(self, ctx: FeedContext, cfg: dict[str, Any]) -> None:
@@ -81,7 +82,6 @@ class DFADFeed(RecordedFeed):
             raise DfkdError("dfad trains on fresh generator samples only; run it without --bank")
         cfg = merge(self.feed_defaults, cfg)
         super().__init__(ctx, cfg)
-        info, engine = ctx.info, ctx.engine
         self.nz = int(cfg["nz"])
         self.student_steps = int(cfg["student_steps"])
         self.iterations = int(cfg["iterations"])
@@ -90,17 +90,24 @@ class DFADFeed(RecordedFeed):
             raise DfkdError(f"dfad: g_schedule must be cosine or constant, got {cfg['g_schedule']!r}")
         if self.student_steps < 1 or self.iterations < 1:
             raise DfkdError("dfad: student_steps and iterations must be >= 1")
-        self.generator = engine.model(build_generator(
-            "dcgan", nz=self.nz, ngf=int(cfg["ngf"]), image_size=info.image_size, channels=info.channels,
-            head=str(cfg["head"]), mean=info.mean, std=info.std,
-        )).train()
-        self.opt = fused_adam(self.generator.parameters(), lr=float(cfg["lr_g"]), betas=tuple(cfg["betas"]))
+        self.g_life = int(cfg["g_life"])
+        self.built_at = 0  # the epoch the current generator was built in
+        self.build_generator()
         self.gen = torch.Generator().manual_seed(ctx.seed + 1)
         self.step = 0  # student batches handed out so far (all epochs)
         self.student: nn.Module | None = None
         self.pending_record = False
         self.epoch_logs: dict[str, float] = {}
         self.g_sum, self.g_count = 0.0, 0
+
+    def build_generator(self) -> None:
+        """A fresh generator and Adam (from the global RNG, which resume restores)."""
+        info, cfg = self.ctx.info, self.cfg
+        self.generator = self.ctx.engine.model(build_generator(
+            "dcgan", nz=self.nz, ngf=int(cfg["ngf"]), image_size=info.image_size, channels=info.channels,
+            head=str(cfg["head"]), mean=info.mean, std=info.std,
+        )).train()
+        self.opt = fused_adam(self.generator.parameters(), lr=float(cfg["lr_g"]), betas=tuple(cfg["betas"]))
 
     @classmethod
     def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> DFADFeed:
@@ -115,6 +122,9 @@ class DFADFeed(RecordedFeed):
 
     def before_epoch(self, epoch: int, student: nn.Module) -> dict[str, float]:
         self.start()
+        if self.g_life > 0 and epoch - self.built_at >= self.g_life:
+            self.build_generator()
+            self.built_at = epoch
         scale = 1.0
         if self.cfg["g_schedule"] == "cosine":
             scale = 0.5 * (1 + math.cos(math.pi * epoch / max(1, self.ctx.epochs)))
@@ -173,10 +183,11 @@ class DFADFeed(RecordedFeed):
 
     def method_state(self) -> dict[str, Any]:
         return {"generator": self.generator.state_dict(), "opt": self.opt.state_dict(),
-                "gen": self.gen.get_state(), "step": self.step}
+                "gen": self.gen.get_state(), "step": self.step, "built_at": self.built_at}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
         self.step = int(state["step"])
+        self.built_at = int(state.get("built_at", 0))
