@@ -15,10 +15,8 @@ from dfkd_common.bank import BankWriter, load_bank
 from dfkd_common.checkpoint import load_model
 from dfkd_common.distill import STUDENT_LOSSES, Batch
 from dfkd_common.engine import Engine
-from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_generator, build_model
 from dfkd_common.online import FeedContext, build_online_feed
-from dfkd_common.online.base import RecordedFeed
 from dfkd_common.online.dfad import l1_discrepancy
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.fast import accumulate_grads
@@ -82,72 +80,6 @@ def test_dfad_batches_alternate_generator_and_student_steps(teacher_ckpt: Path, 
     feed.finish()
     bank = load_bank(tmp_path / "b.h5")
     assert len(bank) == 4 and bank.rounds.tolist() == [0] * 4
-
-
-def test_dfad_g_life_rebuilds_the_generator_and_resume_keeps_the_schedule(teacher_ckpt: Path, tmp_path: Path) -> None:
-    teacher, meta = load_model(teacher_ckpt)
-    info = meta.dataset
-    student = build_model("lenet5_half", 10, 1, info.mean, info.std)
-
-    def make(name: str, life: int) -> RecordedFeed:
-        writer = BankWriter(tmp_path / f"{name}.h5", channels=1, image_size=32, kind="synthetic", method="dfad",
-                            dataset=info.to_dict(), optional=("teacher_logits",))
-        return build_online_feed("dfad", FeedContext(teacher, info, _engine(), writer, batch_size=8),
-                                 {"nz": 8, "ngf": 4, "record": 0, "g_life": life})
-
-    feed = make("a", 2)
-    first = feed.generator  # type: ignore[attr-defined]
-    for epoch in range(4):
-        feed.before_epoch(epoch, student)
-        if epoch == 1:
-            assert feed.generator is first  # type: ignore[attr-defined]
-        if epoch == 2:
-            assert feed.generator is not first  # type: ignore[attr-defined]
-            second = feed.generator  # type: ignore[attr-defined]
-            state = feed.method_state()
-    assert feed.generator is second  # type: ignore[attr-defined]  # lives epochs 2 and 3
-    resumed = make("b", 2)
-    resumed.load_method_state(state)
-    resumed.before_epoch(3, student)  # built at 2: no rebuild at 3
-    assert torch.equal(next(resumed.generator.parameters()), next(second.parameters()))  # type: ignore[attr-defined]
-    never = make("c", 0)
-    gen0 = never.generator  # type: ignore[attr-defined]
-    for epoch in range(4):
-        never.before_epoch(epoch, student)
-    assert never.generator is gen0  # type: ignore[attr-defined]  # g_life 0: the published single generator
-
-
-def test_dfad_replay_mixes_retired_generators_into_student_batches(teacher_ckpt: Path, tmp_path: Path) -> None:
-    teacher, meta = load_model(teacher_ckpt)
-    info = meta.dataset
-    student = build_model("lenet5_half", 10, 1, info.mean, info.std)
-
-    def make(name: str, cfg: dict) -> RecordedFeed:
-        writer = BankWriter(tmp_path / f"{name}.h5", channels=1, image_size=32, kind="synthetic", method="dfad",
-                            dataset=info.to_dict(), optional=("teacher_logits",))
-        return build_online_feed("dfad", FeedContext(teacher, info, _engine(), writer, batch_size=8),
-                                 {"nz": 8, "ngf": 4, "record": 0, **cfg})
-
-    with pytest.raises(DfkdError, match="needs g_life"):
-        make("bad", {"replay": 0.5})
-    feed = make("a", {"g_life": 1, "replay": 0.25})
-    feed.before_epoch(0, student)
-    first = feed.generator  # type: ignore[attr-defined]
-    feed.before_epoch(1, student)
-    assert feed.retired == [first] and not first.training  # type: ignore[attr-defined]
-    assert all(not p.requires_grad for p in first.parameters())
-    feed.retired = [lambda z: torch.full((z.shape[0], 1, 32, 32), 7.0)]  # type: ignore[attr-defined]
-    x, _ = next(feed.batches(8, torch.Generator()))
-    assert x.shape == (8, 1, 32, 32)
-    assert bool((x[6:] == 7).all()) and not bool((x[:6] == 7).any())  # 0.25 x 8 from the retired generator
-    feed.retired = [first]  # type: ignore[attr-defined]
-    resumed = make("b", {"g_life": 1, "replay": 0.25})
-    resumed.load_method_state(feed.method_state())
-    assert len(resumed.retired) == 1  # type: ignore[attr-defined]
-    old, new = resumed.retired[0], first  # type: ignore[attr-defined]
-    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), new.state_dict().values(), strict=True))
-    z = torch.randn(4, 8)
-    assert torch.equal(old(z), new(z))
 
 
 def test_accumulate_grads_sums_clone_gradients() -> None:

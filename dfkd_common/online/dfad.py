@@ -16,14 +16,6 @@ The generator's learning rate decays with the student's (the published code step
 constant ``lr_g`` the generator keeps winning once the student's cosine LR nears zero, and the student
 collapses in the last epochs (measured on mnist5k: 0.93 -> 0.21 test accuracy in the final epoch).
 
-Two options that are not in the published method, both off by default (``g_life: 0``, ``replay: 0``):
-``g_life`` rebuilds the generator every ``g_life`` epochs (NAYER's restarts) and ``replay`` keeps the retired
-generators and draws that share of every student batch from one of them. Why: DFAD's student only ever sees
-what the current generator makes, and on mnist5k the generator settles on a few classes (0s and 1s are under
-1 % of its images; the student then confuses 1 with 7 and 0 with 8). A restarted generator finds other
-classes, but without replay the student forgets what the previous one taught it (measured: a restart gave
-0s/1s 100 %/98 % correct while 9s fell to 57 %). The generator step itself is unchanged.
-
 What the feed records: the first ``record`` images of every epoch (teacher labels and logits), round index =
 epoch, so ``dfkd bank info/grid`` shows how the generator evolved. Nothing is replayed from it.
 """
@@ -44,14 +36,6 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_generator
 from dfkd_common.online.base import ONLINE, FeedContext, RecordedFeed, frozen
 from dfkd_common.synthesis.base import merge
-
-
-def retire(generator: nn.Module) -> nn.Module:
-    """A retired generator: eval mode (BN running statistics), no gradients."""
-    generator.eval()
-    for p in generator.parameters():
-        p.requires_grad_(False)
-    return generator
 
 
 def l1_discrepancy(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
@@ -86,8 +70,6 @@ class DFADFeed(RecordedFeed):
         "student_steps": 5,  # student steps per generator step
         "iterations": 50,  # generator steps per epoch
         "record": 100,  # images of each epoch kept in the output bank
-        "g_life": 0,  # rebuild the generator every g_life epochs (NAYER's restarts); 0: never, as published
-        "replay": 0.0,  # share of each student batch drawn from retired generators (needs g_life); 0: published
     }
 
     def __init__(self, ctx: FeedContext, cfg: dict[str, Any]) -> None:
@@ -99,6 +81,7 @@ class DFADFeed(RecordedFeed):
             raise DfkdError("dfad trains on fresh generator samples only; run it without --bank")
         cfg = merge(self.feed_defaults, cfg)
         super().__init__(ctx, cfg)
+        info, engine = ctx.info, ctx.engine
         self.nz = int(cfg["nz"])
         self.student_steps = int(cfg["student_steps"])
         self.iterations = int(cfg["iterations"])
@@ -107,32 +90,17 @@ class DFADFeed(RecordedFeed):
             raise DfkdError(f"dfad: g_schedule must be cosine or constant, got {cfg['g_schedule']!r}")
         if self.student_steps < 1 or self.iterations < 1:
             raise DfkdError("dfad: student_steps and iterations must be >= 1")
-        self.g_life = int(cfg["g_life"])
-        self.replay = float(cfg["replay"])
-        if not 0.0 <= self.replay < 1.0:
-            raise DfkdError(f"dfad: replay must be in [0, 1), got {self.replay}")
-        if self.replay and self.g_life <= 0:
-            raise DfkdError("dfad: replay draws from retired generators, so it needs g_life > 0")
-        self.retired: list[nn.Module] = []  # earlier generators, frozen, eval mode (replay > 0 only)
-        self.built_at = 0  # the epoch the current generator was built in
-        self.build_generator()
+        self.generator = engine.model(build_generator(
+            "dcgan", nz=self.nz, ngf=int(cfg["ngf"]), image_size=info.image_size, channels=info.channels,
+            head=str(cfg["head"]), mean=info.mean, std=info.std,
+        )).train()
+        self.opt = fused_adam(self.generator.parameters(), lr=float(cfg["lr_g"]), betas=tuple(cfg["betas"]))
         self.gen = torch.Generator().manual_seed(ctx.seed + 1)
         self.step = 0  # student batches handed out so far (all epochs)
         self.student: nn.Module | None = None
         self.pending_record = False
         self.epoch_logs: dict[str, float] = {}
         self.g_sum, self.g_count = 0.0, 0
-
-    def new_generator(self) -> nn.Module:
-        info, cfg = self.ctx.info, self.cfg
-        return build_generator("dcgan", nz=self.nz, ngf=int(cfg["ngf"]), image_size=info.image_size,
-                               channels=info.channels, head=str(cfg["head"]), mean=info.mean, std=info.std)
-
-    def build_generator(self) -> None:
-        """A fresh generator and Adam (from the global RNG, which resume restores)."""
-        cfg = self.cfg
-        self.generator = self.ctx.engine.model(self.new_generator()).train()
-        self.opt = fused_adam(self.generator.parameters(), lr=float(cfg["lr_g"]), betas=tuple(cfg["betas"]))
 
     @classmethod
     def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> DFADFeed:
@@ -147,11 +115,6 @@ class DFADFeed(RecordedFeed):
 
     def before_epoch(self, epoch: int, student: nn.Module) -> dict[str, float]:
         self.start()
-        if self.g_life > 0 and epoch - self.built_at >= self.g_life:
-            if self.replay:
-                self.retired.append(retire(self.generator))
-            self.build_generator()
-            self.built_at = epoch
         scale = 1.0
         if self.cfg["g_schedule"] == "cosine":
             scale = 0.5 * (1 + math.cos(math.pi * epoch / max(1, self.ctx.epochs)))
@@ -190,12 +153,8 @@ class DFADFeed(RecordedFeed):
                 self.g_sum += self.generator_step(batch_size)
                 self.g_count += 1
                 self.epoch_logs["g_l1"] = self.g_sum / self.g_count
-            n_old = round(self.replay * batch_size) if self.retired else 0
             with torch.no_grad(), self.ctx.engine.autocast():
-                x = self.generator(self.noise(batch_size - n_old)).float()
-                if n_old:  # one retired generator per batch, uniformly: the student keeps seeing what they made
-                    old = self.retired[int(torch.randint(len(self.retired), (1,), generator=self.gen))]
-                    x = torch.cat([x, old(self.noise(n_old)).float()])
+                x = self.generator(self.noise(batch_size)).float()
             self.seconds += time.perf_counter() - t0
             self.made += batch_size
             if self.pending_record:
@@ -214,18 +173,10 @@ class DFADFeed(RecordedFeed):
 
     def method_state(self) -> dict[str, Any]:
         return {"generator": self.generator.state_dict(), "opt": self.opt.state_dict(),
-                "gen": self.gen.get_state(), "step": self.step, "built_at": self.built_at,
-                "retired": [g.state_dict() for g in self.retired]}
+                "gen": self.gen.get_state(), "step": self.step}
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.generator.load_state_dict(state["generator"])
         self.opt.load_state_dict(state["opt"])
         self.gen.set_state(state["gen"])
         self.step = int(state["step"])
-        self.built_at = int(state.get("built_at", 0))
-        self.retired = []
-        for sd in state.get("retired", []):
-            with torch.random.fork_rng(devices=[]):  # building consumes no RNG the resumed run depends on
-                old = self.ctx.engine.model(self.new_generator())
-            old.load_state_dict(sd)
-            self.retired.append(retire(old))
