@@ -4,9 +4,10 @@ Runs ``dfkd distill --name M --online M --seed S`` with the default pipeline's p
 each seed, plus any ``--set key=value`` overrides (relative to the method's ``distill`` section, as on the
 command line), and prints each seed's final test accuracy and the mean / sd.
 
-``--jobs 2`` runs two seeds at a time with one thread each (about 1.7x the throughput of one 2-thread run on
-this machine). CPU runs repeat exactly at the same thread count only, so a seed run with ``--jobs 2`` need not
-reproduce the 2-thread pipeline figure for that seed digit for digit; the script prints the thread count.
+``--jobs 2`` runs two seeds at a time with one thread each (DFAD: two runs in 310 s, against 2 x 231 s one after
+the other with two threads on this machine). CPU runs repeat exactly at the same thread count only, so a seed
+run with ``--jobs 2`` need not reproduce the 2-thread pipeline figure for that seed digit for digit; the script
+prints the thread count.
 
     python benchmarks/bench_online_seeds.py --method dfad [--seeds 0 1 2] [--jobs 2] [--set online.lr_g=0.003]
 """
