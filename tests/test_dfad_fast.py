@@ -60,6 +60,29 @@ def test_dfad_generator_step_increases_discrepancy(teacher_ckpt: Path, tmp_path:
     writer.abort(keep_work=False)
 
 
+def test_dfad_ie_option_balances_the_generators_classes(teacher_ckpt: Path, tmp_path: Path) -> None:
+    """``ie`` adds DAFL's balance term to the generator loss: the teacher's classes on G(z) become more even."""
+    teacher, meta = load_model(teacher_ckpt)
+    info = meta.dataset
+    z = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+
+    def class_entropy(ie: float) -> float:
+        torch.manual_seed(0)  # the same generator and student initialisation for both weights
+        writer = BankWriter(tmp_path / f"ie{ie}.h5", channels=1, image_size=32, kind="synthetic", method="dfad",
+                            dataset=info.to_dict(), optional=("teacher_logits",))
+        feed = build_online_feed("dfad", FeedContext(teacher, info, _engine(), writer, batch_size=64),
+                                 {"nz": 16, "ngf": 8, "lr_g": 0.01, "record": 0, "ie": ie})
+        feed.before_epoch(0, build_model("lenet5_half", 10, 1, info.mean, info.std))
+        for _ in range(15):
+            feed.generator_step(64)  # type: ignore[attr-defined]
+        with torch.no_grad():
+            pbar = torch.softmax(teacher(feed.generator(z)), 1).mean(0)  # type: ignore[attr-defined]
+        writer.abort(keep_work=False)
+        return float(-(pbar * pbar.clamp_min(1e-8).log()).sum())
+
+    assert class_entropy(10.0) > class_entropy(0.0) + 0.1
+
+
 def test_dfad_batches_alternate_generator_and_student_steps(teacher_ckpt: Path, tmp_path: Path) -> None:
     teacher, meta = load_model(teacher_ckpt)
     writer = BankWriter(tmp_path / "b.h5", channels=1, image_size=32, kind="synthetic", method="dfad",
