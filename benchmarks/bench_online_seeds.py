@@ -1,6 +1,7 @@
 """An online method's final student accuracy over several seeds (one seed says little for adversarial methods).
 
-Runs ``dfkd distill --name M --online M --seed S`` with the default pipeline's params.yaml and teacher for
+Runs ``dfkd distill --name M --online O --seed S`` (O defaults to M; ``--method dfad_ie --online dfad`` runs
+the params.yaml section ``dfad_ie`` with the DFAD feed) with the default pipeline's params.yaml and teacher for
 each seed, plus any ``--set key=value`` overrides (relative to the method's ``distill`` section, as on the
 command line), and prints each seed's final test accuracy and the mean / sd.
 
@@ -9,7 +10,8 @@ the other with two threads on this machine). CPU runs repeat exactly at the same
 run with ``--jobs 2`` need not reproduce the 2-thread pipeline figure for that seed digit for digit; the script
 prints the thread count.
 
-    python benchmarks/bench_online_seeds.py --method dfad [--seeds 0 1 2] [--jobs 2] [--set online.lr_g=0.003]
+    python benchmarks/bench_online_seeds.py --method dfad [--online dfad] [--seeds 0 1 2] [--jobs 2]
+        [--set online.lr_g=0.003]
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 DFKD = [sys.executable, "-m", "stages.cli"]
 
 
-def run_seed(method: str, seed: int, teacher: Path, work: Path, sets: list[str], threads: int | None) -> float:
+def run_seed(method: str, online: str, seed: int, teacher: Path, work: Path, sets: list[str],
+             threads: int | None) -> float:
     out = work / f"{method}.{seed}"
     env = dict(os.environ)
     if threads is not None:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    cmd = [*DFKD, "distill", "--name", method, "--online", method, "--teacher", str(teacher),
+    cmd = [*DFKD, "distill", "--name", method, "--online", online, "--teacher", str(teacher),
            "--out", f"{out}.safetensors", "--bank-out", f"{out}.h5", "--metrics", f"{out}.json",
            "--plots", f"{out}.plots.json", "--seed", str(seed), *[a for kv in sets for a in ("--set", kv)]]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, env=env)
@@ -43,6 +46,7 @@ def run_seed(method: str, seed: int, teacher: Path, work: Path, sets: list[str],
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", default="dfad")
+    ap.add_argument("--online", default=None, help="online method (default: --method)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--jobs", type=int, default=1, help="seeds run at once (threads split between them)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="distill param override, key=value")
@@ -57,8 +61,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_dir:
         work = args.work or Path(tmp_dir)
         work.mkdir(parents=True, exist_ok=True)
+        online = args.online or args.method
         with ThreadPoolExecutor(args.jobs) as pool:
-            accs = list(pool.map(lambda s: run_seed(args.method, s, args.teacher, work, args.sets, threads),
+            accs = list(pool.map(lambda s: run_seed(args.method, online, s, args.teacher, work, args.sets, threads),
                                  args.seeds))
     teacher_acc = 100 * float(json.loads(args.teacher.with_suffix(".metrics.json").read_text())["test_acc"]) \
         if args.teacher.with_suffix(".metrics.json").exists() else None
