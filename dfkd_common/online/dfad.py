@@ -20,8 +20,8 @@ One option is not in the published method and is off by default: ``ie`` adds DAF
 term (the registered ``ie`` loss term, sum_k pbar_k log pbar_k of the teacher's batch-mean prediction) to the
 generator's loss with that weight. Published DFAD has no diversity pressure, and on mnist5k its generator
 settles on a few classes (0s and 1s are about 1 % of its images, so the student reads real 1s as 7s and 0s as
-8s; final accuracy 79-94 % over four seeds). With ``ie: 2`` the generator keeps every class in play (the default
-pipeline's ``dfad_ie`` run); the student side is unchanged.
+8s; final accuracy 79-94 % over four seeds). With the term on (``ie: 5``, the default pipeline's ``dfad_ie``
+run) the generator keeps every class in play; the student side is unchanged.
 
 What the feed records: the first ``record`` images of every epoch (teacher labels and logits), round index =
 epoch, so ``dfkd bank info/grid`` shows how the generator evolved. Nothing is replayed from it.
