@@ -63,31 +63,17 @@ def timed(step: Callable[[], object], steps: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def raw_step(generator: torch.nn.Module, make_input: Callable[[], torch.Tensor], teacher: torch.nn.Module,
-             engine: Engine, n: int, k: int) -> Callable[[], None]:
-    """``G(input) -> teacher -> CE -> backward -> step``: the floor every generator method pays."""
+def generator_step(generator: torch.nn.Module, make_input: Callable[[], torch.Tensor], teacher: torch.nn.Module,
+                   engine: Engine, n: int, k: int, student: torch.nn.Module | None = None,
+                   clean_forward: bool = False) -> Callable[[], None]:
+    """``G(input) -> teacher -> CE -> backward -> step``: the raw step every generator method pays.
+
+    With ``student`` it is the *floor*: the student's adversarial KL joins the loss (its forward and the backward
+    through it), and ``clean_forward`` adds CPNet's extra no-grad teacher forward for L_xn's targets.
+    """
     opt = fused_adam(generator.parameters(), lr=1e-4)
     y = torch.randint(0, k, (n,), device=engine.device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-
-    def step() -> None:
-        with engine.autocast():
-            x = generator(make_input())
-            loss = F.cross_entropy(teacher(engine.images(x.float())).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def floor_step(generator: torch.nn.Module, make_input: Callable[[], torch.Tensor], teacher: torch.nn.Module,
-               student: torch.nn.Module, engine: Engine, n: int, k: int, clean_forward: bool) -> Callable[[], None]:
-    """Raw step + the student's adversarial forward/backward (+ CPNet's clean teacher forward)."""
-    opt = fused_adam(generator.parameters(), lr=1e-4)
-    y = torch.randint(0, k, (n,), device=engine.device)
-    for p in [*teacher.parameters(), *student.parameters()]:
+    for p in [*teacher.parameters(), *(student.parameters() if student is not None else [])]:
         p.requires_grad_(False)
 
     def step() -> None:
@@ -97,9 +83,11 @@ def floor_step(generator: torch.nn.Module, make_input: Callable[[], torch.Tensor
                 with torch.no_grad():
                     teacher(x)
             t = teacher(x).float()
-            s = student(x).float()
-            loss = F.cross_entropy(t, y) - F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,
-                                                    reduction="batchmean")
+            loss = F.cross_entropy(t, y)
+            if student is not None:
+                s = student(x).float()
+                loss = loss - F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,
+                                       reduction="batchmean")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -140,9 +128,9 @@ def bench(method: str, teacher_path: Path, tmp: Path, steps: int) -> None:
         else:
             nz = int(synth.cfg["nz"])
             make_input = lambda: synth.noise(n, nz)  # noqa: E731
-    raw_sec = timed(raw_step(gen, make_input, t_teacher, engine, n, info.num_classes), steps)
-    floor_sec = timed(floor_step(gen, make_input, t_teacher, student, engine, n, info.num_classes,
-                                 clean_forward=method == "cpnet"), steps)
+    raw_sec = timed(generator_step(gen, make_input, t_teacher, engine, n, info.num_classes), steps)
+    floor_sec = timed(generator_step(gen, make_input, t_teacher, engine, n, info.num_classes, student=student,
+                                     clean_forward=method == "cpnet"), steps)
     writer.abort(keep_work=False)
     print(f"{method:7s} batch {n:4d} x {per_call:3d} steps | dfkd {n / sec:8.1f} optimised img/s | "
           f"raw G+T fwd/bwd {n / raw_sec:8.1f} img/s | overhead {sec / raw_sec:5.2f} | "
