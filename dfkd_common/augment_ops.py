@@ -7,11 +7,13 @@ flip); students see the same family on bank images. Horizontal flips are off for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import kornia.augmentation as K
 import torch
 from torch import nn
+
+from dfkd_common.params import check_params
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,9 @@ def build_augment(image_size: int, cfg: AugmentConfig) -> nn.Module:
 
 
 def augment_config(d: dict[str, object] | None) -> AugmentConfig:
+    """An ``augment:`` params mapping -> :class:`AugmentConfig` (unknown keys and wrong types: one-line error)."""
     d = dict(d or {})
+    check_params(d, asdict(AugmentConfig()), "augment")
     return AugmentConfig(
         crop_pad=int(d.get("crop_pad", 4)),  # type: ignore[arg-type]
         flip=bool(d.get("flip", False)),

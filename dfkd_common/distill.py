@@ -23,6 +23,7 @@ from dfkd_common.augment_ops import AugmentConfig, build_augment, to_float
 from dfkd_common.data import ArraySplit
 from dfkd_common.engine import Engine, check_finite, progress
 from dfkd_common.models import Classifier
+from dfkd_common.params import check_params
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis.losses import kd_loss
 from dfkd_common.training import Resume, accuracy, epoch_batches, make_optimizer
@@ -43,9 +44,15 @@ class StudentLoss(nn.Module):
     """Base: ``forward(batch) -> (loss, logs)``. Parameters it owns are trained with the student."""
 
     defaults: ClassVar[dict[str, Any]] = {}
+    #: keys the stage adds to every loss's cfg (not user params): the teacher checkpoint's measured accuracy
+    param_types: ClassVar[dict[str, type]] = {}  # expected types of params whose default is None
+    context_keys: ClassVar[frozenset[str]] = frozenset({"teacher_meta_accuracy"})
 
     def __init__(self, cfg: dict[str, Any], teacher: Classifier, student: Classifier) -> None:
         super().__init__()
+        # types only: params.yaml's distill.common.loss_cfg applies to every run, also to ones whose loss (DFAD's
+        # l1) has no use for its keys
+        check_params(cfg, self.defaults, f"loss_cfg ({type(self).__name__})", types=self.param_types, unknown=False)
         self.cfg = {**self.defaults, **cfg}
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover - abstract

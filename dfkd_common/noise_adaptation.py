@@ -45,6 +45,7 @@ class NoiseAdaptationLoss(StudentLoss):
     """KD at ``tau`` + ``na_weight`` x NLL through the transition matrix (see the module docstring)."""
 
     defaults: ClassVar[dict[str, Any]] = {"tau": 4.0, "na_weight": 1.0, "theta_lr": 1e-3, "teacher_acc": None}
+    param_types: ClassVar[dict[str, type]] = {"teacher_acc": float}
 
     def __init__(self, cfg: dict[str, Any], teacher: Classifier, student: Classifier) -> None:
         super().__init__(cfg, teacher, student)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 
 from dfkd_common.errors import DfkdError
+from dfkd_common.params import check_params
 from dfkd_common.synthesis.base import merge
 
 console = Console()  # progress and results: stdout
@@ -61,16 +62,19 @@ def load_params(path: Path, section: str, profile: str | None = None) -> dict[st
     return out
 
 
-def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Iterable[str] = (),
-                    **explicit: Any) -> dict[str, Any]:
-    """CLI wins: explicit options that were given, then ``--set a.b=v`` pairs.
+def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Iterable[str] = (), *,
+                    defaults: Mapping[str, Any] | None = None, types: Mapping[str, type] | None = None,
+                    where: str = "params", **explicit: Any) -> dict[str, Any]:
+    """The stage's ``defaults``, then ``params`` (the file's section), then the CLI: explicit options that were
+    given, then ``--set a.b=v`` pairs. The result is type-checked against ``defaults`` (and ``types`` for keys
+    whose default is None), so ``--set lr=abc`` ends in one line naming the param, not a traceback.
 
     A ``--set`` whose top-level key is neither in ``params`` nor in ``known`` (keys the stage accepts but the
     params file need not list, e.g. a synthesizer's defaults) warns: it is most likely a typo or a path from
     params.yaml's top, and would otherwise be silently ignored.
     """
-    out = merge(params, {k: v for k, v in explicit.items() if v is not None})
-    known = set(known)
+    out = merge({**(defaults or {}), **params}, {k: v for k, v in explicit.items() if v is not None})
+    known = set(known) | set(defaults or {}) | set(types or {})
     for item in sets or []:
         if "=" not in item:
             raise DfkdError(f"--set expects key=value, got {item!r}")
@@ -88,6 +92,7 @@ def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Itera
             if not isinstance(node, dict):
                 raise DfkdError(f"--set {key}: {p} is not a mapping")
         node[parts[-1]] = value
+    check_params(out, defaults or {}, where, types=types, unknown=False)
     return out
 
 

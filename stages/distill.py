@@ -70,7 +70,8 @@ def main(
     Rerunning an interrupted command resumes it (student, optimiser, synthesizer and bank).
     """
     params = apply_overrides(
-        {**DEFAULTS, **load_params(params_file, "distill", name)}, sets,
+        load_params(params_file, "distill", name), sets, defaults=DEFAULTS, where="distill",
+        types={"kd_steps": int, "test_dataset": str, "data_root": str},
         student=student, loss=loss, epochs=epochs, seed=seed,
     )
     loss_cls = STUDENT_LOSSES.get(params["loss"])
@@ -160,7 +161,7 @@ def online_feed(
     try:
         return build_online_feed(method, ctx, cfg)
     except BaseException:
-        writer.abort(keep_work=True)
+        writer.abort(keep_work=resuming)  # bad params on a fresh run: leave no work file behind
         raise
 
 

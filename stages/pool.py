@@ -23,7 +23,7 @@ def build(
     sets: list[str] | None = SetOpt,
 ) -> None:
     """Mix scikit-learn digits, crops of the installed scikit-image/scikit-learn photos and noise into a pool."""
-    params = apply_overrides({**DEFAULTS, **load_params(params_file, "pool")}, sets, seed=seed)
+    params = apply_overrides(load_params(params_file, "pool"), sets, defaults=DEFAULTS, where="pool", seed=seed)
     result = build_offline_pool(out, params)
     if metrics:
         write_json(metrics, result)

@@ -52,7 +52,8 @@ def main(
     Rerunning an interrupted command resumes scoring where it stopped.
     """
     params = apply_overrides(
-        {**DEFAULTS, **load_params(params_file, "retrieve", name)}, sets,
+        load_params(params_file, "retrieve", name), sets, defaults=DEFAULTS, where="retrieve",
+        types={"data_root": str, "wild": object},  # wild: one spec or a list of them
         wild=list(wild) if wild else None, num_select=num_select, balance=balance, batch_size=batch_size,
         workers=workers, seed=seed, selection="random" if random else None,
     )

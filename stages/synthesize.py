@@ -8,7 +8,7 @@ import typer
 
 from dfkd_common.checkpoint import load_model
 from dfkd_common.engine import Engine, seed_everything, write_json
-from dfkd_common.synthesis import SYNTHESIZERS, Synthesizer
+from dfkd_common.synthesis import SYNTHESIZERS
 from dfkd_common.synthesize import run_synthesis
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
@@ -27,9 +27,9 @@ def main(
 ) -> None:
     """Synthesize a bank with METHOD; rerunning an interrupted command resumes it."""
     cls = SYNTHESIZERS.get(method)  # unknown names fail before any work
-    accepted = {*Synthesizer.defaults, *cls.defaults, "rounds", "seed", "amp", "channels_last"}
-    params = apply_overrides(load_params(params_file, "synthesize", method), sets, known=accepted, rounds=rounds,
-                             seed=seed)
+    params = apply_overrides(load_params(params_file, "synthesize", method), sets, known=cls.param_defaults(),
+                             where=method, types={"rounds": int, "seed": int, "amp": bool, "channels_last": bool},
+                             rounds=rounds, seed=seed)
     seed_everything(int(params.get("seed", 0)))
     engine = Engine.create(device, amp=bool(params.pop("amp", True)),
                            channels_last=bool(params.pop("channels_last", True)))

@@ -49,7 +49,7 @@ def train(
 ) -> None:
     """Train a teacher, evaluate it on the real test split, write checkpoint (+ metrics)."""
     params = apply_overrides(
-        {**DEFAULTS, **load_params(params_file, "teacher")}, sets,
+        load_params(params_file, "teacher"), sets, defaults=DEFAULTS, where="teacher", types={"data_root": str},
         dataset=dataset, arch=arch, epochs=epochs, seed=seed,
     )
     require(params, "dataset", "arch")

@@ -131,3 +131,25 @@ def test_set_of_an_unknown_key_warns_instead_of_passing_silently(capsys: pytest.
     apply_overrides({"lr": 0.05}, ["distill.dfad.lr=0.1"])
     err = capsys.readouterr().err
     assert "warning" in err and "'distill'" in err and "lr=0.1" in err
+
+
+@pytest.mark.parametrize(("stage", "override", "pattern"), [
+    ("distill", "lr=abc", "param lr must be a number"),
+    ("distill", "online.ie=abc", "param ie must be a number"),
+    ("cpnet", "online.g_steps=2.5", "param g_steps must be an integer"),
+    ("cpnet", "online.weights.bn=x", "param weights.bn must be a number"),
+    ("cpnet", "online.weights.bnn=1", "weights.bnn: no such loss term"),
+    ("cpnet", "online.augment.crop_padd=2", "unknown param(s) crop_padd"),
+    ("synthesize", "rounds=many", "param rounds must be an integer"),
+])
+def test_wrong_param_type_is_one_line(tmp_path: Path, repo: Path, teacher_ckpt: Path, stage: str, override: str,
+                                      pattern: str) -> None:
+    """A mistyped value from params.yaml or --set is named in one line before any file is written."""
+    if stage == "synthesize":
+        args = ["synthesize", "-m", "dafl", "--out", str(tmp_path / "b.h5")]
+    else:
+        method = "cpnet" if stage == "cpnet" else "dfad"
+        args = ["distill", "--name", method, "--online", method, "--out", str(tmp_path / "s.safetensors")]
+    proc = dfkd(*args, "--teacher", str(teacher_ckpt), "--set", override, cwd=repo)
+    assert_one_line_error(proc, pattern)
+    assert listing(tmp_path) == []

@@ -36,6 +36,7 @@ from dfkd_common.distill import BankFeed
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import Classifier
+from dfkd_common.params import check_params
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis import SYNTHESIZERS, Synthesizer, build_synthesizer
 from dfkd_common.synthesis.base import merge
@@ -201,6 +202,7 @@ class OnlineFeed(RecordedFeed):
     @classmethod
     def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> OnlineFeed:
         feed_cfg, synth_cfg = split_cfg(cls.feed_defaults, cfg)
+        check_params(feed_cfg, cls.feed_defaults, f"{method} online", types={"warmup_loops": int})
         synth = build_synthesizer(method, ctx.teacher, ctx.info, synth_cfg, ctx.engine, ctx.seed)
         return cls(ctx, feed_cfg, synth)
 

@@ -42,6 +42,7 @@ from dfkd_common.engine import check_finite, fused_adam
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_generator
 from dfkd_common.online.base import ONLINE, FeedContext, RecordedFeed, frozen
+from dfkd_common.params import check_params
 from dfkd_common.synthesis.base import merge
 from dfkd_common.synthesis.losses import TERMS, Context
 
@@ -82,10 +83,7 @@ class DFADFeed(RecordedFeed):
     }
 
     def __init__(self, ctx: FeedContext, cfg: dict[str, Any]) -> None:
-        unknown = set(cfg) - set(self.feed_defaults)
-        if unknown:
-            raise DfkdError(f"dfad: unknown online param(s) {', '.join(sorted(unknown))} "
-                            f"(known: {', '.join(sorted(self.feed_defaults))})")
+        check_params(cfg, self.feed_defaults, "dfad online")
         if ctx.initial is not None and len(ctx.initial):
             raise DfkdError("dfad trains on fresh generator samples only; run it without --bank")
         cfg = merge(self.feed_defaults, cfg)

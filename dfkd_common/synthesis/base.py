@@ -23,8 +23,9 @@ from dfkd_common.engine import Engine, check_finite
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import BNStats, Penultimate
+from dfkd_common.params import check_params
 from dfkd_common.registry import Registry
-from dfkd_common.synthesis.losses import Context, weighted_sum
+from dfkd_common.synthesis.losses import TERMS, Context, weighted_sum
 
 
 @dataclass
@@ -59,7 +60,14 @@ class Synthesizer(ABC):
         "augment": {"crop_pad": 4, "flip": False, "jitter": 0.0},
         "adv_kl_order": "teacher_student",
     }
+    #: expected types of params whose default is None (see :func:`dfkd_common.params.check_params`)
+    param_types: ClassVar[dict[str, type]] = {}
     needs_student: ClassVar[bool] = False
+
+    @classmethod
+    def param_defaults(cls) -> dict[str, Any]:
+        """Every param this method accepts, with its default (the base's, overridden by the method's)."""
+        return merge(Synthesizer.defaults, cls.defaults)
 
     def __init__(
         self,
@@ -69,11 +77,14 @@ class Synthesizer(ABC):
         engine: Engine | None = None,
         seed: int = 0,
     ) -> None:
-        self.cfg = merge(merge(Synthesizer.defaults, type(self).defaults), cfg)
-        known = set(Synthesizer.defaults) | set(type(self).defaults)
-        unknown = sorted(set(self.cfg) - known)
-        if unknown:  # a typo in params.yaml must not silently run the defaults
-            raise DfkdError(f"{self.name}: unknown param(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        defaults = self.param_defaults()
+        check_params(cfg or {}, defaults, self.name, types=self.param_types)
+        self.cfg = merge(defaults, cfg)
+        weights = self.cfg["weights"]  # open key set (any registered term), but every value is a number
+        check_params(weights, dict.fromkeys(weights, 0.0), self.name, prefix="weights.")
+        if set(weights) - set(TERMS.names()):
+            raise DfkdError(f"{self.name}: weights.{sorted(set(weights) - set(TERMS.names()))[0]}: no such loss term "
+                            f"(known: {', '.join(TERMS.names())})")
         self.engine = engine or Engine.create()
         self.info = info
         self.teacher = self.engine.model(teacher).eval()

@@ -54,6 +54,8 @@ class NAYER(Synthesizer):
         "embedding": {"source": "auto", "path": None, "template": DEFAULT_TEMPLATE, "dim": 256},
     }
 
+    param_types: ClassVar[dict[str, type]] = {"noisy_chunk": int}
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         names = self.info.class_names

@@ -1,0 +1,94 @@
+"""Parameter checking: every component's params are validated once, against its declared defaults.
+
+Stages, synthesizers, online feeds and student losses each declare a ``defaults`` dict. Params come from YAML
+and ``--set key=value`` (parsed as YAML), so a typo or a wrong value would otherwise surface deep inside a run
+as ``ValueError: could not convert string to float`` with a traceback, or, for an unknown key, not at all.
+:func:`check_params` turns both into one :class:`~dfkd_common.errors.DfkdError` line before any work starts.
+
+The type a value must have is the type of its default: a bool default takes only booleans, an int default
+integers, a float default any number, a str default strings, a list default lists, a dict default mappings
+(whose keys with defaults are checked in turn). A ``None`` default accepts anything unless ``types`` names the
+expected type for that key (``{"kd_steps": int}``; ``object``: anything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from dfkd_common.errors import DfkdError
+
+_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+          dict: "a mapping"}
+
+
+def _kind(default: Any) -> type | None:
+    for t in (bool, int, float, str):  # bool before int: bool is a subclass of int
+        if isinstance(default, t):
+            return t
+    if isinstance(default, list | tuple):
+        return list
+    if isinstance(default, Mapping):
+        return dict
+    return None
+
+
+def _number(value: Any, kind: type) -> bool:
+    """YAML 1.1 reads ``4e-3`` as a string; accept any string the consumer's int()/float() will parse."""
+    try:
+        kind(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if isinstance(value, str) and kind in (int, float):
+        return _number(value, kind)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    if kind is list:
+        return isinstance(value, list | tuple)
+    if kind is dict:
+        return isinstance(value, Mapping)
+    return True
+
+
+def check_params(
+    cfg: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    where: str,
+    *,
+    types: Mapping[str, type] | None = None,
+    unknown: bool = True,
+    prefix: str = "",
+) -> None:
+    """Raise :class:`DfkdError` (one line) for an unknown key (when ``unknown``) or a value of the wrong type.
+
+    ``where`` names the component in the message (``cpnet``, ``distill``); ``prefix`` is prepended to key names
+    in messages (``weights.``). Nested mappings are checked against the nested defaults for type only: their
+    key sets are open (a method may add a loss-term weight its parent lacks).
+    """
+    types = types or {}
+    if unknown:
+        known = set(defaults) | set(types)
+        bad = sorted(set(cfg) - known)
+        if bad:  # a typo in params.yaml must not silently run the defaults
+            raise DfkdError(f"{where}: unknown param(s) {', '.join(prefix + k for k in bad)} "
+                            f"(known: {', '.join(sorted(known))})")
+    for key, value in cfg.items():
+        if value is None:
+            continue  # None means "the default behaviour" everywhere params allow it
+        kind = types.get(key) or (_kind(defaults[key]) if key in defaults else None)
+        if kind is None:
+            continue
+        if not _fits(value, kind):
+            raise DfkdError(f"{where}: param {prefix}{key} must be {_NAMES[kind]}, got {value!r}")
+        if kind is dict and isinstance(defaults.get(key), Mapping):
+            check_params(value, defaults[key], where, unknown=False, prefix=f"{prefix}{key}.")
