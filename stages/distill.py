@@ -43,6 +43,13 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+def resolve_params(params_file: Path, name: str | None, sets: list[str] | None = None,
+                   **cli: Any) -> dict[str, Any]:
+    """The run's params: defaults, ``distill.common`` + ``distill.<name>`` of the file, then the CLI (checked)."""
+    return apply_overrides(load_params(params_file, "distill", name), sets, defaults=DEFAULTS, where="distill",
+                           types={"kd_steps": int, "test_dataset": str, "data_root": str}, **cli)
+
+
 @errors
 def main(
     teacher: Path = typer.Option(..., "--teacher", help="teacher checkpoint"),
@@ -69,11 +76,7 @@ def main(
     the bank between epochs, or fresh generator batches for DFAD); the grown bank is written to ``--bank-out``.
     Rerunning an interrupted command resumes it (student, optimiser, synthesizer and bank).
     """
-    params = apply_overrides(
-        load_params(params_file, "distill", name), sets, defaults=DEFAULTS, where="distill",
-        types={"kd_steps": int, "test_dataset": str, "data_root": str},
-        student=student, loss=loss, epochs=epochs, seed=seed,
-    )
+    params = resolve_params(params_file, name, sets, student=student, loss=loss, epochs=epochs, seed=seed)
     loss_cls = STUDENT_LOSSES.get(params["loss"])
     online_cfg = dict(params.get("online") or {})
     method = online or online_cfg.pop("method", None)

@@ -26,6 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "data_root": None,
     "seed": 0,
 }
+TYPES: dict[str, type] = {"data_root": str, "wild": object}  # wild: one spec or a list of them
 
 
 @errors
@@ -52,8 +53,7 @@ def main(
     Rerunning an interrupted command resumes scoring where it stopped.
     """
     params = apply_overrides(
-        load_params(params_file, "retrieve", name), sets, defaults=DEFAULTS, where="retrieve",
-        types={"data_root": str, "wild": object},  # wild: one spec or a list of them
+        load_params(params_file, "retrieve", name), sets, defaults=DEFAULTS, where="retrieve", types=TYPES,
         wild=list(wild) if wild else None, num_select=num_select, balance=balance, batch_size=batch_size,
         workers=workers, seed=seed, selection="random" if random else None,
     )

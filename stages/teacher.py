@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "amp": False,
 }
+TYPES: dict[str, type] = {"data_root": str}  # params whose default is None
 
 
 @app.command("train")
@@ -49,7 +50,7 @@ def train(
 ) -> None:
     """Train a teacher, evaluate it on the real test split, write checkpoint (+ metrics)."""
     params = apply_overrides(
-        load_params(params_file, "teacher"), sets, defaults=DEFAULTS, where="teacher", types={"data_root": str},
+        load_params(params_file, "teacher"), sets, defaults=DEFAULTS, where="teacher", types=TYPES,
         dataset=dataset, arch=arch, epochs=epochs, seed=seed,
     )
     require(params, "dataset", "arch")
