@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import statistics
+import sys
 from pathlib import Path
 
 from dfkd_common import __version__
 from dfkd_common.checkpoint import ModelMeta, now, save_model
 from dfkd_common.data import get_dataset
 from dfkd_common.models import build_model
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: params.yaml, artifacts/
+DFKD = [sys.executable, "-m", "stages.cli"]  # the CLI, run as the pipeline runs it
+
+
+def spread(values: list[float]) -> str:
+    """``mean M % sd S`` of per-seed accuracies (sd 0 for one seed)."""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"mean {statistics.mean(values):.2f} % sd {sd:.2f}"
 
 
 def teacher_or_untrained(path: Path | None, tmp: Path) -> Path:

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DFKD = [sys.executable, "-m", "stages.cli"]
+from _common import DFKD, ROOT, spread
 
 
 def run(*args: str | Path) -> None:
@@ -53,9 +51,8 @@ def main() -> None:
                 acc[name].append(100 * float(json.loads(metrics.read_text())["test_acc"]))
             print(f"seed {seed}: DFND {acc['dfnd'][-1]:.1f} %  random {acc['dfnd_random'][-1]:.1f} %", flush=True)
         for name, vals in acc.items():
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             each = ", ".join(f"{v:.1f}" for v in vals)
-            print(f"{name:12s} mean {statistics.mean(vals):.2f} %  sd {sd:.2f}  ({each})")
+            print(f"{name:12s} {spread(vals)}  ({each})")
         wins = sum(a > b for a, b in zip(acc["dfnd"], acc["dfnd_random"], strict=True))
         print(f"DFND beats random in {wins} of {len(args.seeds)} seeds")
 

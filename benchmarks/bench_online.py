@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from _common import teacher_or_untrained
+from _common import ROOT, teacher_or_untrained
 
 from dfkd_common.bank import BankWriter
 from dfkd_common.checkpoint import load_model
@@ -42,8 +42,6 @@ from dfkd_common.online import FeedContext, build_online_feed
 from dfkd_common.online.base import frozen
 from dfkd_common.online.dfad import DFADFeed
 from dfkd_common.synthesis.base import merge
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def online_params(method: str) -> tuple[dict, int]:

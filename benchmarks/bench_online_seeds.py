@@ -26,8 +26,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DFKD = [sys.executable, "-m", "stages.cli"]
+from _common import DFKD, ROOT, spread
 
 
 def run_seed(method: str, online: str, seed: int, teacher: Path, work: Path, sets: list[str],
@@ -69,10 +68,8 @@ def main() -> None:
         if args.teacher.with_suffix(".metrics.json").exists() else None
     for seed, acc in zip(args.seeds, accs, strict=True):
         print(f"seed {seed}: {acc:.1f} %")
-    mean = statistics.mean(accs)
-    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-    ratio = f" ({mean / teacher_acc:.3f} x teacher)" if teacher_acc else ""
-    print(f"{args.method} mean {mean:.2f} % sd {sd:.2f}{ratio}, min {min(accs):.1f}")
+    ratio = f" ({statistics.mean(accs) / teacher_acc:.3f} x teacher)" if teacher_acc else ""
+    print(f"{args.method} {spread(accs)}{ratio}, min {min(accs):.1f}")
 
 
 if __name__ == "__main__":

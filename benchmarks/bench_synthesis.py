@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from _common import teacher_or_untrained
+from _common import ROOT, teacher_or_untrained
 
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
@@ -28,8 +28,6 @@ from dfkd_common.engine import Engine
 from dfkd_common.models import build_generator
 from dfkd_common.synthesis.base import SYNTHESIZERS, merge
 from dfkd_common.synthesize import run_synthesis
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def method_params(method: str) -> dict:

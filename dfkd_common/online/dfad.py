@@ -145,14 +145,15 @@ class DFADFeed(RecordedFeed):
             x = engine.images(self.generator(self.noise(n)).float())
             t_logits = self.teacher(x)
             s_logits = self.student(x)
-            loss = -l1_discrepancy(s_logits, t_logits)
+            l1 = l1_discrepancy(s_logits, t_logits)
+            loss = -l1
             if self.ie:
                 loss = loss + self.ie * TERMS.get("ie")(Context(x=x, t_logits=t_logits.float()))
             check_finite(loss, "dfad generator loss")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-        return float(l1_discrepancy(s_logits.detach(), t_logits.detach()))
+        return float(l1.detach())
 
     def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless fresh batches; the loop stops after its step limit (one epoch)."""
