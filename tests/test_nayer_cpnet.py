@@ -69,6 +69,46 @@ def test_random_embeddings_are_seeded_and_fallbacks_are_explicit(tmp_path: Path)
         assert class_embeddings(DIGITS, source="auto", path=tmp_path / "missing").source == "minilm"
 
 
+def tiny_clip_text_model(path: Path) -> Path:
+    """A CLIP text model directory as a user's local copy looks (tokenizer + config + safetensors weights).
+
+    Random weights and a character-level BPE vocabulary built here, saved with ``save_pretrained``: the same
+    files and the same ``from_pretrained`` path as a downloaded openai/clip-vit-* text tower, without a hub.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = {tok: i for i, tok in enumerate([*chars, *(c + "</w>" for c in chars)])}
+    merges = [("a", "n</w>"), ("i", "m")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    CLIPTokenizer(vocab=vocab, merges=merges).save_pretrained(path)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, projection_dim=24, max_position_embeddings=77,
+                            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                            pad_token_id=vocab["<|endoftext|>"])
+    CLIPTextModelWithProjection(config).save_pretrained(path)
+    return path
+
+
+def test_clip_text_model_directory_is_loaded_and_preferred_by_auto(tmp_path: Path) -> None:
+    clip = tiny_clip_text_model(tmp_path / "clip")
+    emb = class_embeddings(DIGITS, source="clip", path=clip)
+    v = emb.vectors
+    assert emb.source == "clip" and v.shape == (10, 24)  # the model's projection_dim
+    assert torch.allclose(v.norm(dim=1), torch.ones(10), atol=1e-4)
+    assert (v @ v.t())[~torch.eye(10, dtype=torch.bool)].max() < 0.9999  # each prompt its own vector
+    assert class_embeddings(DIGITS, source="auto", path=clip).source == "clip"  # NAYER's choice when given
+    info = _info(1, 32)
+    teacher = build_model("lenet5", 10, 1, info.mean, info.std).eval()
+    cfg = {**TINY, "ngf": 8, "embedding": {"source": "auto", "path": str(clip)}}
+    synth = build_synthesizer("nayer", teacher, info, cfg, Engine.create("cpu", amp=False), 0)
+    assert synth.cfg["embedding"]["used"] == "clip" and synth.table.shape == (10, 24)
+    assert synth.synthesize(0).images.shape == (20, 1, 32, 32)
+
+
 # ------------------------------------------------------------------------------------- noisy layer
 def test_noisy_layer_is_reinitialised_every_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     info = _info(1, 32)
@@ -280,3 +320,28 @@ def test_synthesize_cli_bank_is_recognised_and_matches_bn_statistics(
     noise = torch.rand(int(late.sum()), 1, 32, 32, generator=torch.Generator().manual_seed(0))
     d_late, d_start = _bn_distance(teacher, images[late]), _bn_distance(teacher, start)
     assert d_late < 0.6 * d_start and d_late < 0.6 * _bn_distance(teacher, noise), (d_late, d_start)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["nayer", "cpnet"])
+def test_online_end_to_end_beats_chance(method: str, teacher_ckpt: Path, tmp_path: Path) -> None:
+    """``dfkd distill --online`` with NAYER / CPNet: warm-up rounds, then adversarial rounds, KD on the bank."""
+    online = {"g_loops": 1, "warmup": 2, "warmup_loops": 3, "batch_size": 40, "g_steps": 10,
+              "augment": {"crop_pad": 2, **({"jitter": 0.2} if method == "cpnet" else {})}}
+    if method == "nayer":
+        online["ngf"] = 16
+    params = {"seed": 0, "distill": {"common": {
+        "student": "lenet5_half", "loss": "kd", "loss_cfg": {"tau": 4.0}, "epochs": 6, "batch_size": 64,
+        "kd_steps": 20, "lr": 0.05, "optimizer": "sgd", "augment": {"crop_pad": 2}, "online": online}}}
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    res = CliRunner().invoke(app, [
+        "distill", "--online", method, "--teacher", str(teacher_ckpt), "--out", str(tmp_path / "s.safetensors"),
+        "--bank-out", str(tmp_path / "bank.h5"), "--params", str(pfile), "--metrics", str(tmp_path / "m.json"),
+        "--device", "cpu",
+    ])
+    assert res.exit_code == 0, res.output
+    metrics = yaml.safe_load((tmp_path / "m.json").read_text())
+    assert metrics["test_acc"] > 0.6, metrics  # chance is 0.1 on the 1,000 real held-out digits
+    rounds = np.asarray(load_bank(tmp_path / "bank.h5").rounds)
+    assert np.bincount(rounds).tolist() == [40] * (2 * 3 + 4 * 1)  # 3 rounds per warm-up epoch, then 1

@@ -150,4 +150,4 @@ def test_online_unknown_method_fails_cleanly(teacher_ckpt: Path, tmp_path: Path)
 def test_dfad_refuses_initial_bank_param_typos(teacher_ckpt: Path, tmp_path: Path) -> None:
     result = _run(teacher_ckpt, tmp_path, _params(tmp_path, {**DFAD_ONLINE, "g_step": 3}, "l1"))
     assert result.exit_code == 2
-    assert "unknown online param" in result.output
+    assert "dfad online: unknown param(s) g_step" in result.output
