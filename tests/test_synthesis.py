@@ -38,18 +38,28 @@ def test_deepinversion_moves_bn_statistics_toward_running_ones(teacher_ckpt: Pat
     assert torch.bincount(result.labels, minlength=10).min() >= 6  # balanced targets
 
 
-def test_dafl_generator_learns_confident_balanced_images(teacher_ckpt: Path) -> None:
+def test_dafl_generator_spreads_the_teachers_classes(teacher_ckpt: Path) -> None:
+    """DAFL's loss falls, and its entropy term turns a generator whose images the teacher files under a few
+    classes (batch-mean prediction entropy 1.3-2.0 at init, by teacher and seed) into one that covers all ten
+    evenly (> 2.2 of the maximum log 10 = 2.30) within 60 steps. Per-image confidence barely moves at this
+    scale (the entropy term dominates the loss), so it is not asserted: it made the test order-dependent."""
+    torch.manual_seed(0)  # the generator's initialisation; the test must not depend on the tests before it
     teacher, meta = load_model(teacher_ckpt)
     engine = Engine.create("cpu", amp=False, channels_last=False)
     synth = build_synthesizer("dafl", teacher, meta.dataset, {"batch_size": 64, "g_steps": 15, "ngf": 8}, engine, 0)
-    with torch.no_grad():
-        before = torch.softmax(teacher(synth.sample(256).clamp(0, 1)), 1).max(1).values.mean()
+
+    def class_entropy() -> tuple[float, int]:
+        with torch.no_grad():
+            probs = torch.softmax(teacher(synth.sample(256).clamp(0, 1)), 1)
+        pbar = probs.mean(0)
+        return float(-(pbar * torch.log(pbar + 1e-8)).sum()), int((torch.bincount(probs.argmax(1)) > 0).sum())
+
+    before, _ = class_entropy()
     losses = [synth.synthesize(r).logs["loss"] for r in range(4)]
-    with torch.no_grad():
-        probs = torch.softmax(teacher(synth.sample(256).clamp(0, 1)), 1)
+    after, classes = class_entropy()
     assert losses[-1] < losses[0]
-    assert float(probs.max(1).values.mean()) > float(before)
-    assert (torch.bincount(probs.argmax(1), minlength=10) > 0).sum() >= 7  # entropy term spreads classes
+    assert after > 2.2 and after - before > 0.15, (before, after)
+    assert classes == 10
 
 
 def test_synthesis_resumes_without_duplicate_rounds(tmp_path: Path, teacher_ckpt: Path,
