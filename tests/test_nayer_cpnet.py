@@ -190,6 +190,11 @@ def test_coupled_generator_mirrors_teacher_stages(arch: str, channels: int, size
     assert x.shape == (3, channels, size, size) and 0 <= float(x.detach().min()) and float(x.detach().max()) <= 1
     teacher_shapes = [tuple(phi[s.path].shape[1:]) for s in reversed(stages)]
     assert [tuple(o.shape[1:]) for o in outs] == teacher_shapes  # deepest first, channel and size matched
+    # a wider generator (g_width, not in the paper) still returns exactly the coupled channels of each stage
+    wide = CoupledGenerator(stages, 24, size, channels, width=2).eval()
+    _, wide_outs = wide(torch.randn(3, 24), return_stages=True)
+    assert [tuple(o.shape[1:]) for o in wide_outs] == teacher_shapes
+    assert wide.bn0.num_features == 2 * stages[-1].channels
 
 
 # ------------------------------------------------------------------------------------------ L_xn

@@ -84,7 +84,13 @@ def teacher_stages(model: nn.Module, channels: int, image_size: int, min_size: i
 
 class CoupledGenerator(nn.Module):
     """Vector -> image through the teacher's stages reversed; ``forward(z, return_stages=True)`` also returns
-    the stage tensors, deepest first, i.e. in the order of ``self.stages``."""
+    the stage tensors, deepest first, i.e. in the order of ``self.stages``.
+
+    ``width`` > 1 (not in the paper) gives every stage ``width`` times the teacher's channels; the first
+    ``channels`` of each stage are the coupled tensor g_i, the rest are free. The paper's mirror (width 1) is as
+    wide as the teacher, which for CIFAR ResNets is wider than the DCGAN generators of its baselines but for
+    LeNet-5 (16 and 6 channels) is far narrower.
+    """
 
     def __init__(
         self,
@@ -93,35 +99,46 @@ class CoupledGenerator(nn.Module):
         image_size: int,
         channels: int,
         slope: float = 0.2,
+        width: int = 1,
+        upsample: str = "nearest",
     ) -> None:
         super().__init__()
+        if width < 1:
+            raise ValueError("width must be >= 1")
         self.stages = list(reversed(stages))  # deepest (smallest) first
         first = self.stages[0]
         self.image_size = image_size
-        self.l1 = nn.Linear(nz, first.channels * first.height * first.width)
-        self.bn0 = nn.BatchNorm2d(first.channels)
+        self.width = int(width)
+        w = self.width
+        self.l1 = nn.Linear(nz, w * first.channels * first.height * first.width)
+        self.bn0 = nn.BatchNorm2d(w * first.channels)
         self.blocks = nn.ModuleList()
         for prev, cur in zip(self.stages[:-1], self.stages[1:], strict=False):
             self.blocks.append(nn.ModuleDict({
-                "conv": nn.Conv2d(prev.channels, cur.channels, 3, 1, 1, bias=False),
-                "bn": nn.BatchNorm2d(cur.channels),
+                "conv": nn.Conv2d(w * prev.channels, w * cur.channels, 3, 1, 1, bias=False),
+                "bn": nn.BatchNorm2d(w * cur.channels),
             }))
-        self.out = nn.Conv2d(self.stages[-1].channels, channels, 3, 1, 1)
+        self.out = nn.Conv2d(w * self.stages[-1].channels, channels, 3, 1, 1)
         self.slope = slope
+        if upsample not in ("nearest", "bilinear"):
+            raise ValueError(f"upsample must be nearest or bilinear, got {upsample!r}")
+        self.upsample = upsample
 
     def _resize(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         if x.shape[-2:] == (h, w):
             return x
+        if self.upsample == "bilinear":
+            return F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
         return F.interpolate(x, size=(h, w), mode="nearest")
 
     def forward(self, z: torch.Tensor, return_stages: bool = False) -> Any:
         first = self.stages[0]
-        g = self.bn0(self.l1(z).view(z.shape[0], first.channels, first.height, first.width))
-        outs = [g]
+        g = self.bn0(self.l1(z).view(z.shape[0], self.width * first.channels, first.height, first.width))
+        outs = [g[:, : first.channels]]
         for stage, block in zip(self.stages[1:], self.blocks, strict=True):
             h = self._resize(F.leaky_relu(g, self.slope), stage.height, stage.width)
             g = block["bn"](block["conv"](h))
-            outs.append(g)
+            outs.append(g[:, : stage.channels])
         h = self._resize(F.leaky_relu(g, self.slope), self.image_size, self.image_size)
         x = torch.sigmoid(self.out(h))
         return (x, outs) if return_stages else x

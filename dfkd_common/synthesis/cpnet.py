@@ -15,6 +15,13 @@ input, noisy layer, momentum L_bn, one-hot and adversarial terms are inherited):
    loss, and colour jitter in that augmentation. CutMix is applied to the one batch every term sees (one
    teacher forward rather than a second one just for the one-hot term).
 
+Two generator options are not in the paper and are off by default: ``g_width`` (every stage gets that many
+times the teacher's channels; the first ones are the coupled tensor) and ``g_upsample: bilinear`` (instead of
+nearest between stages). On CIFAR ResNets the exact mirror is already wider than the baselines' DCGAN
+generators; on LeNet-5 it has 16 and 6 channels and must resize 10 -> 28 -> 32, where nearest repeats rows
+unevenly. With both (width 4, bilinear) CPNet's mnist5k students went from 95.8 +- 0.8 % to 96.9 +- 0.6 % over
+four seeds (the default pipeline's ``cpnet_wide`` run).
+
 Adversarial KL order: the paper writes the adversarial term as NAYER's KL(p_T || p_S) ("teacher_student", the
 default here); the released code computes KL(p_S || p_T), available as ``adv_kl_order: student_teacher``.
 """
@@ -46,6 +53,8 @@ class CPNet(NAYER):
         "label_smoothing": 0.1,
         "min_singular": 0.1,
         "min_stage_size": 2,  # teacher stages smaller than this (LeNet-5's 1x1) are not mirrored
+        "g_width": 1,  # generator channels per stage = g_width x the teacher's (1: the paper's exact mirror)
+        "g_upsample": "nearest",  # between stages; bilinear avoids nearest's uneven rows at LeNet's 10->28->32
     })
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -65,7 +74,8 @@ class CPNet(NAYER):
                               int(self.cfg["min_stage_size"]))
 
     def make_body(self, nz: int) -> nn.Module:
-        return CoupledGenerator(self.stages, nz, self.info.image_size, self.info.channels)
+        return CoupledGenerator(self.stages, nz, self.info.image_size, self.info.channels,
+                                width=int(self.cfg["g_width"]), upsample=str(self.cfg["g_upsample"]))
 
     def generate(self, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         with self.engine.autocast():
