@@ -124,6 +124,10 @@ class CoupledGenerator(nn.Module):
             raise ValueError(f"upsample must be nearest or bilinear, got {upsample!r}")
         self.upsample = upsample
 
+    def _coupled(self, g: torch.Tensor, stage: Stage) -> torch.Tensor:
+        """The stage tensor's coupled channels (the whole tensor for the exact mirror: no strided view)."""
+        return g if self.width == 1 else g[:, : stage.channels]
+
     def _resize(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
         if x.shape[-2:] == (h, w):
             return x
@@ -134,11 +138,11 @@ class CoupledGenerator(nn.Module):
     def forward(self, z: torch.Tensor, return_stages: bool = False) -> Any:
         first = self.stages[0]
         g = self.bn0(self.l1(z).view(z.shape[0], self.width * first.channels, first.height, first.width))
-        outs = [g[:, : first.channels]]
+        outs = [self._coupled(g, first)]
         for stage, block in zip(self.stages[1:], self.blocks, strict=True):
             h = self._resize(F.leaky_relu(g, self.slope), stage.height, stage.width)
             g = block["bn"](block["conv"](h))
-            outs.append(g[:, : stage.channels])
+            outs.append(self._coupled(g, stage))
         h = self._resize(F.leaky_relu(g, self.slope), self.image_size, self.image_size)
         x = torch.sigmoid(self.out(h))
         return (x, outs) if return_stages else x
