@@ -15,15 +15,17 @@ For each method this builds the feed exactly as ``dfkd distill --online M`` does
 
 ``overhead = dfkd time / raw time`` (issue 3's goal: <= 1.2 for DFAD and CPNet); ``floor`` is the floor step's
 time over raw, i.e. the best ratio any implementation of the method could reach with this generator,
-teacher and student, and ``vs floor`` is what this implementation adds on top of it.
+teacher and student, and ``vs floor`` is what this implementation adds on top of it. Times are medians of
+the three contenders called in turn (:func:`interleaved`), so the VM's drifting speed cancels out.
 
-    python benchmarks/bench_online.py [--methods dfad cpnet] [--steps 20]
+    python benchmarks/bench_online.py [--methods dfad cpnet] [--steps 48]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -51,14 +53,28 @@ def online_params(method: str) -> tuple[dict, int]:
     return dict(cfg.get("online", {})), int(cfg["batch_size"])
 
 
-def timed(step: Callable[[], object], steps: int) -> float:
-    """Seconds per call after two warm-up calls."""
-    for _ in range(2):
+def interleaved(steps: dict[str, tuple[Callable[[], object], int]], reps: int) -> dict[str, float]:
+    """Median seconds per generator step of each ``(callable, steps per call)``, timed in turn each repetition.
+
+    This VM's speed drifts by tens of percent within seconds. Timed one after another in blocks, the same code's
+    DFAD overhead read anywhere from 1.22 to 1.44; alternating the contenders call by call and taking medians
+    compares them under the same conditions.
+    """
+    for fn, _ in steps.values():  # warm-up
+        fn()
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(reps):
+        for name, (fn, per_call) in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) / per_call)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def repeat(step: Callable[[], object], times: int) -> None:
+    for _ in range(times):
         step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - t0) / steps
 
 
 def generator_step(generator: torch.nn.Module, make_input: Callable[[], torch.Tensor], teacher: torch.nn.Module,
@@ -106,7 +122,7 @@ def bench(method: str, teacher_path: Path, tmp: Path, steps: int) -> None:
     if isinstance(feed, DFADFeed):
         feed.before_epoch(0, student)
         n, per_call = batch, 1
-        sec = timed(lambda: feed.generator_step(n), steps)
+        method_step: Callable[[], object] = lambda: feed.generator_step(n)  # noqa: E731
         gen = feed.generator
         make_input: Callable[[], torch.Tensor] = lambda: feed.noise(n)  # noqa: E731
     else:
@@ -118,7 +134,7 @@ def bench(method: str, teacher_path: Path, tmp: Path, steps: int) -> None:
             with frozen(student):
                 synth.synthesize(next(rounds), student)
 
-        sec = timed(one_round, max(1, steps // per_call)) / per_call
+        method_step = one_round
         gen = synth.generator
         y = synth.labels(n, 0) if hasattr(synth, "labels") else None
         if y is not None:  # label-conditioned generators (NAYER, CPNet): the same input path
@@ -126,9 +142,12 @@ def bench(method: str, teacher_path: Path, tmp: Path, steps: int) -> None:
         else:
             nz = int(synth.cfg["nz"])
             make_input = lambda: synth.noise(n, nz)  # noqa: E731
-    raw_sec = timed(generator_step(gen, make_input, t_teacher, engine, n, info.num_classes), steps)
-    floor_sec = timed(generator_step(gen, make_input, t_teacher, engine, n, info.num_classes, student=student,
-                                     clean_forward=method == "cpnet"), steps)
+    raw = generator_step(gen, make_input, t_teacher, engine, n, info.num_classes)
+    floor = generator_step(gen, make_input, t_teacher, engine, n, info.num_classes, student=student,
+                           clean_forward=method.startswith("cpnet"))
+    times = interleaved({"dfkd": (method_step, per_call), "raw": (lambda: repeat(raw, per_call), per_call),
+                         "floor": (lambda: repeat(floor, per_call), per_call)}, max(3, steps // per_call))
+    sec, raw_sec, floor_sec = times["dfkd"], times["raw"], times["floor"]
     writer.abort(keep_work=False)
     print(f"{method:7s} batch {n:4d} x {per_call:3d} steps | dfkd {n / sec:8.1f} optimised img/s | "
           f"raw G+T fwd/bwd {n / raw_sec:8.1f} img/s | overhead {sec / raw_sec:5.2f} | "
@@ -138,7 +157,7 @@ def bench(method: str, teacher_path: Path, tmp: Path, steps: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--methods", nargs="+", default=["dfad", "fast", "nayer", "cpnet"])
-    ap.add_argument("--steps", type=int, default=20, help="timed generator steps per method")
+    ap.add_argument("--steps", type=int, default=48, help="timed generator steps per method and contender")
     ap.add_argument("--teacher", type=Path, default=ROOT / "artifacts/teachers/lenet5.safetensors")
     args = ap.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu count {os.cpu_count()}")
