@@ -37,7 +37,7 @@ def test_bn_term_is_zero_at_running_stats_and_descends_toward_them() -> None:
     assert float(before.detach()) > 1.0
     (g,) = torch.autograd.grad(before, x)
     bn(x.detach() - 0.5 * g / g.norm())
-    assert float(stats.loss()) < float(before)
+    assert float(stats.loss()) < float(before.detach())
 
 
 def test_bn_term_sums_l2_norms_over_layers() -> None:
