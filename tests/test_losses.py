@@ -51,9 +51,9 @@ def test_bn_term_sums_l2_norms_over_layers() -> None:
         if isinstance(m, nn.BatchNorm2d):
             mean = h.mean((0, 2, 3))
             var = h.var((0, 2, 3), unbiased=False)
-            manual += float((mean - m.running_mean).norm() + (var - m.running_var).norm())
+            manual += float(((mean - m.running_mean).norm() + (var - m.running_var).norm()).detach())
         h = m(h)
-    assert math.isclose(float(stats.loss()), manual, rel_tol=1e-4)
+    assert math.isclose(float(stats.loss().detach()), manual, rel_tol=1e-4)
 
 
 def test_bn_momentum_blends_batch_with_ema() -> None:
