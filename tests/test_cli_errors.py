@@ -140,6 +140,8 @@ def test_set_of_an_unknown_key_warns_instead_of_passing_silently(capsys: pytest.
     ("cpnet", "online.weights.bn=x", "param weights.bn must be a number"),
     ("cpnet", "online.weights.bnn=1", "weights.bnn: no such loss term"),
     ("cpnet", "online.augment.crop_padd=2", "unknown param(s) crop_padd"),
+    ("cpnet", "online.g_upsample=cubic", "g_upsample nearest or bilinear"),
+    ("cpnet", "online.g_width=0", "g_width must be >= 1"),
     ("synthesize", "rounds=many", "param rounds must be an integer"),
 ])
 def test_wrong_param_type_is_one_line(tmp_path: Path, repo: Path, teacher_ckpt: Path, stage: str, override: str,

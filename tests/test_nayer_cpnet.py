@@ -195,6 +195,11 @@ def test_coupled_generator_mirrors_teacher_stages(arch: str, channels: int, size
     _, wide_outs = wide(torch.randn(3, 24), return_stages=True)
     assert [tuple(o.shape[1:]) for o in wide_outs] == teacher_shapes
     assert wide.bn0.num_features == 2 * stages[-1].channels
+    smooth = CoupledGenerator(stages, 24, size, channels, upsample="bilinear").eval()
+    smooth.load_state_dict(gen.state_dict())  # same weights: only the resizing between stages differs
+    z = torch.randn(3, 24)
+    with torch.no_grad():
+        assert smooth(z).shape == gen(z).shape and not torch.allclose(smooth(z), gen(z))
 
 
 # ------------------------------------------------------------------------------------------ L_xn

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dfkd_common.errors import DfkdError
 from dfkd_common.models.coupled import CoupledGenerator, Stage, teacher_stages
 from dfkd_common.models.hooks import FeatureHooks
 from dfkd_common.synthesis.base import SYNTHESIZERS, merge
@@ -74,6 +75,9 @@ class CPNet(NAYER):
                               int(self.cfg["min_stage_size"]))
 
     def make_body(self, nz: int) -> nn.Module:
+        if int(self.cfg["g_width"]) < 1 or self.cfg["g_upsample"] not in ("nearest", "bilinear"):
+            raise DfkdError(f"cpnet: g_width must be >= 1 and g_upsample nearest or bilinear, got "
+                            f"{self.cfg['g_width']!r} and {self.cfg['g_upsample']!r}")
         return CoupledGenerator(self.stages, nz, self.info.image_size, self.info.channels,
                                 width=int(self.cfg["g_width"]), upsample=str(self.cfg["g_upsample"]))
 
