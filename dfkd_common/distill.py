@@ -44,9 +44,7 @@ class StudentLoss(nn.Module):
     """Base: ``forward(batch) -> (loss, logs)``. Parameters it owns are trained with the student."""
 
     defaults: ClassVar[dict[str, Any]] = {}
-    #: keys the stage adds to every loss's cfg (not user params): the teacher checkpoint's measured accuracy
     param_types: ClassVar[dict[str, type]] = {}  # expected types of params whose default is None
-    context_keys: ClassVar[frozenset[str]] = frozenset({"teacher_meta_accuracy"})
 
     def __init__(self, cfg: dict[str, Any], teacher: Classifier, student: Classifier) -> None:
         super().__init__()

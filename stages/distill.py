@@ -41,13 +41,14 @@ DEFAULTS: dict[str, Any] = {
     # `amp` for the synthesis passes, `method` (the CLI's --online wins), and the method's own params
     "online": {},
 }
+TYPES: dict[str, type] = {"kd_steps": int, "test_dataset": str, "data_root": str}  # params whose default is None
 
 
 def resolve_params(params_file: Path, name: str | None, sets: list[str] | None = None,
                    **cli: Any) -> dict[str, Any]:
     """The run's params: defaults, ``distill.common`` + ``distill.<name>`` of the file, then the CLI (checked)."""
     return apply_overrides(load_params(params_file, "distill", name), sets, defaults=DEFAULTS, where="distill",
-                           types={"kd_steps": int, "test_dataset": str, "data_root": str}, **cli)
+                           types=TYPES, **cli)
 
 
 @errors

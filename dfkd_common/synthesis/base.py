@@ -82,8 +82,9 @@ class Synthesizer(ABC):
         self.cfg = merge(defaults, cfg)
         weights = self.cfg["weights"]  # open key set (any registered term), but every value is a number
         check_params(weights, dict.fromkeys(weights, 0.0), self.name, prefix="weights.")
-        if set(weights) - set(TERMS.names()):
-            raise DfkdError(f"{self.name}: weights.{sorted(set(weights) - set(TERMS.names()))[0]}: no such loss term "
+        unknown_terms = sorted(set(weights) - set(TERMS.names()))
+        if unknown_terms:
+            raise DfkdError(f"{self.name}: weights.{unknown_terms[0]}: no such loss term "
                             f"(known: {', '.join(TERMS.names())})")
         self.engine = engine or Engine.create()
         self.info = info
