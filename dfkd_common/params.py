@@ -8,7 +8,8 @@ as ``ValueError: could not convert string to float`` with a traceback, or, for a
 The type a value must have is the type of its default: a bool default takes only booleans, an int default
 integers, a float default any number, a str default strings, a list default lists, a dict default mappings
 (whose keys with defaults are checked in turn). A ``None`` default accepts anything unless ``types`` names the
-expected type for that key (``{"kd_steps": int}``; ``object``: anything).
+expected type for that key (``{"kd_steps": int}``; ``object``: anything). ``types`` may also give a tuple of the
+allowed values (``{"amp": ("auto", True, False)}``): a closed choice, checked whatever the default is.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def check_params(
     defaults: Mapping[str, Any],
     where: str,
     *,
-    types: Mapping[str, type] | None = None,
+    types: Mapping[str, type | tuple[Any, ...]] | None = None,
     unknown: bool = True,
     prefix: str = "",
 ) -> None:
@@ -85,7 +86,13 @@ def check_params(
     for key, value in cfg.items():
         if value is None:
             continue  # None means "the default behaviour" everywhere params allow it
-        kind = types.get(key) or (_kind(defaults[key]) if key in defaults else None)
+        choice = types.get(key)
+        if isinstance(choice, tuple):
+            if not any(value == c and type(value) is type(c) for c in choice):
+                shown = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in choice)
+                raise DfkdError(f"{where}: param {prefix}{key} must be one of {shown}, got {value!r}")
+            continue
+        kind = choice or (_kind(defaults[key]) if key in defaults else None)
         if kind is None:
             continue
         if not _fits(value, kind):

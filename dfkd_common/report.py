@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dfkd_common.engine import atomic_path, write_json
+from dfkd_common.extras import need
 
 
 def markdown_table(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str:
@@ -25,8 +26,7 @@ def markdown_table(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -
 
 
 def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, Any] | None = None) -> str:
-    import matplotlib
-
+    matplotlib = need("matplotlib", "dfkd report's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

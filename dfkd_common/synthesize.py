@@ -82,10 +82,11 @@ def run_synthesis(
                 bar.update(task, advance=1, info=f"loss {logs.get('loss', float('nan')):.3f} n {len(writer)}")
         n = len(writer)
         writer.set_attr("synthesis_seconds", elapsed)
+        writer.set_attr("precision", engine.precision)
         writer.close()
     except BaseException:
         writer.abort(keep_work=True)
         raise
     resume.clear()
-    return {"method": method, "images": n, "rounds": rounds, "seconds": elapsed,
+    return {"method": method, "images": n, "rounds": rounds, "seconds": elapsed, "precision": engine.precision,
             "images_per_s": n / max(elapsed, 1e-9), "final_losses": logs}

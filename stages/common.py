@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 
 from dfkd_common.errors import DfkdError
 from dfkd_common.params import check_params
@@ -32,7 +33,8 @@ def errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except DfkdError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            # escaped: messages hold user text and brackets (pip install 'dfkd[offline]') that are not markup
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: rerun the same command to resume")

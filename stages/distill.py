@@ -14,7 +14,7 @@ from dfkd_common.bank import Bank, BankWriter, load_bank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
 from dfkd_common.data import get_dataset
 from dfkd_common.distill import STUDENT_LOSSES, BankFeed, DistillConfig, distill
-from dfkd_common.engine import Engine, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, seed_everything, write_json
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_model
 from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
@@ -41,7 +41,8 @@ DEFAULTS: dict[str, Any] = {
     # `amp` for the synthesis passes, `method` (the CLI's --online wins), and the method's own params
     "online": {},
 }
-TYPES: dict[str, type] = {"kd_steps": int, "test_dataset": str, "data_root": str}  # params whose default is None
+# params whose default is None, and closed choices
+TYPES: dict[str, Any] = {"kd_steps": int, "test_dataset": str, "data_root": str, "amp": AMP_VALUES}
 
 
 def resolve_params(params_file: Path, name: str | None, sets: list[str] | None = None,
@@ -85,7 +86,7 @@ def main(
     if bank is None and method is None:
         raise DfkdError("--bank is required (or --online METHOD to synthesise during training)")
     seed_everything(int(params["seed"]))
-    engine = Engine.create(device, amp=bool(params["amp"]))
+    engine = Engine.create(device, amp=params["amp"])
     t_model, t_meta = load_model(teacher, engine.device)
     info = t_meta.dataset
     data = load_bank(bank) if bank is not None else None
@@ -102,7 +103,7 @@ def main(
         epochs=int(params["epochs"]), batch_size=int(params["batch_size"]),
         kd_steps=params["kd_steps"], lr=float(params["lr"]), optimizer=params["optimizer"],
         weight_decay=float(params["weight_decay"]), augment=augment_config(params["augment"]),
-        amp=bool(params["amp"]), seed=int(params["seed"]),
+        amp=engine.amp, seed=int(params["seed"]),
     )
     if method is not None:
         bank_out = bank_out or out.with_name(f"{out.stem}.bank.h5")
@@ -119,6 +120,9 @@ def main(
         feed = BankFeed(data.images, data.labels, engine.device)
         source = f"{bank.name} ({len(data)} images)"
     console.print(f"distill {params['student']} from {source}, teacher acc {t_meta.accuracy}")
+    console.print(f"student: {engine.describe()}")
+    if isinstance(feed, RecordedFeed):
+        console.print(f"{method} synthesis: {feed.ctx.engine.describe()}")
     t0 = time.perf_counter()
     try:
         acc, history = distill(t_model, s_model, feed, test, loss_fn, cfg, engine, resume)
@@ -133,6 +137,7 @@ def main(
     summary = {"name": name or params["student"], "test_acc": acc, "teacher_acc": t_acc,
                "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": str(bank),
                "bank_size": len(data) if data is not None else 0, "epochs": cfg.epochs, "seconds": seconds,
+               "precision": engine.precision,
                "best_epoch_test_acc (selected on test, for reference only)":
                    max((h["test_acc"] for h in history), default=acc)}
     if isinstance(feed, RecordedFeed):
@@ -152,7 +157,8 @@ def online_feed(
     bank_out: Path, params: dict[str, Any], engine: Engine, resuming: bool,
 ) -> RecordedFeed:
     """The online feed plus its bank writer (reopened when a previous run left a work file)."""
-    syn_engine = Engine(engine.device, amp=bool(cfg.pop("amp", True)), channels_last=engine.channels_last)
+    syn_engine = Engine.create(engine.device, amp=cfg.pop("amp", "auto"), channels_last=engine.channels_last,
+                               where="distill: param online.amp")
     writer = BankWriter(
         bank_out, channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
         dataset=info.to_dict(), params={"online": cfg, "distill": params}, seed=int(params["seed"]),

@@ -9,7 +9,7 @@ import typer
 
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data.wild import WildPool
-from dfkd_common.engine import Engine, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, resolve_amp, resolve_device, seed_everything, write_json
 from dfkd_common.errors import DfkdError
 from dfkd_common.retrieval import RetrieveConfig, retrieve
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
@@ -26,7 +26,7 @@ DEFAULTS: dict[str, Any] = {
     "data_root": None,
     "seed": 0,
 }
-TYPES: dict[str, type] = {"data_root": str, "wild": object}  # wild: one spec or a list of them
+TYPES: dict[str, Any] = {"data_root": str, "wild": object, "amp": AMP_VALUES}  # wild: one spec or a list of them
 
 
 @errors
@@ -64,11 +64,13 @@ def main(
         raise DfkdError("no wild pool: give --wild SOURCE (repeatable) or retrieve.wild in the params file")
     cfg = RetrieveConfig(
         num_select=int(params["num_select"]), balance=bool(params["balance"]), selection=str(params["selection"]),
-        batch_size=int(params["batch_size"]), workers=int(params["workers"]), amp=bool(params["amp"]),
+        batch_size=int(params["batch_size"]), workers=int(params["workers"]),
+        amp=resolve_amp(params["amp"], resolve_device(device)),
         flush_every=int(params["flush_every"]), seed=int(params["seed"]),
     )
     seed_everything(cfg.seed)
     engine = Engine.create(device, amp=cfg.amp)
+    console.print(f"retrieve: {engine.describe()}")
     model, meta = load_model(teacher, engine.device)
     info = meta.dataset
     pool = WildPool.open([str(s) for s in specs], info.channels, info.image_size, params["data_root"])

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dfkd_common.checkpoint import load_model
-from dfkd_common.engine import Engine, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, seed_everything, write_json
 from dfkd_common.synthesis import SYNTHESIZERS
 from dfkd_common.synthesize import run_synthesis
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
@@ -28,11 +28,13 @@ def main(
     """Synthesize a bank with METHOD; rerunning an interrupted command resumes it."""
     cls = SYNTHESIZERS.get(method)  # unknown names fail before any work
     params = apply_overrides(load_params(params_file, "synthesize", method), sets, known=cls.param_defaults(),
-                             where=method, types={"rounds": int, "seed": int, "amp": bool, "channels_last": bool},
+                             where=method, types={"rounds": int, "seed": int, "amp": AMP_VALUES,
+                                                  "channels_last": bool},
                              rounds=rounds, seed=seed)
     seed_everything(int(params.get("seed", 0)))
-    engine = Engine.create(device, amp=bool(params.pop("amp", True)),
+    engine = Engine.create(device, amp=params.pop("amp", "auto"),
                            channels_last=bool(params.pop("channels_last", True)))
+    console.print(f"synthesize {method}: {engine.describe()}")
     model, meta = load_model(teacher, engine.device)
     result = run_synthesis(method, model, meta, teacher, out, params, engine)
     if metrics:

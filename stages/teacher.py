@@ -11,7 +11,7 @@ from dfkd_common import __version__
 from dfkd_common.augment_ops import augment_config
 from dfkd_common.checkpoint import ModelMeta, now, save_model
 from dfkd_common.data import get_dataset
-from dfkd_common.engine import Engine, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, seed_everything, write_json
 from dfkd_common.models import build_model
 from dfkd_common.training import Resume, train_supervised
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params, require
@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "amp": False,
 }
-TYPES: dict[str, type] = {"data_root": str}  # params whose default is None
+TYPES: dict[str, Any] = {"data_root": str, "amp": AMP_VALUES}  # params whose default is None, closed choices
 
 
 @app.command("train")
@@ -61,8 +61,9 @@ def train(
                         **params["arch_kwargs"])
     train_split = spec.load("train", params["data_root"])
     test_split = spec.load("test", params["data_root"])
-    engine = Engine.create(device, amp=bool(params["amp"]))
-    console.print(f"teacher {params['arch']} on {info.name}: {len(train_split)} train / {len(test_split)} test")
+    engine = Engine.create(device, amp=params["amp"])
+    console.print(f"teacher {params['arch']} on {info.name}: {len(train_split)} train / {len(test_split)} test; "
+                  f"{engine.describe()}")
     resume = Resume.for_output(out, params)
     acc, history = train_supervised(
         model, train_split, test_split,
@@ -73,7 +74,7 @@ def train(
     meta = ModelMeta(params["arch"], params["arch_kwargs"], info, acc, params, now(), __version__, "teacher")
     save_model(out, model, meta)
     if metrics:
-        write_json(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name,
+        write_json(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name, "precision": engine.precision,
                              "epochs": len(history), "history": history})
     resume.clear()
     console.print(f"teacher test accuracy {acc:.4f} -> {out}")

@@ -22,7 +22,8 @@ from dfkd_common.engine import Engine, seed_everything
 from dfkd_common.models import build_model
 from dfkd_common.training import train_supervised
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# OMP_NUM_THREADS (inherited by the CLI subprocesses too) picks another float path: the suite must hold at 1 and 2
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")

@@ -143,6 +143,9 @@ def test_set_of_an_unknown_key_warns_instead_of_passing_silently(capsys: pytest.
     ("cpnet", "online.g_upsample=cubic", "g_upsample nearest or bilinear"),
     ("cpnet", "online.g_width=0", "g_width must be >= 1"),
     ("synthesize", "rounds=many", "param rounds must be an integer"),
+    ("synthesize", "amp=maybe", "param amp must be one of auto, true, false"),
+    ("distill", "amp=1", "param amp must be one of auto, true, false"),
+    ("distill", "online.amp=fast", "online.amp must be auto, true or false"),
 ])
 def test_wrong_param_type_is_one_line(tmp_path: Path, repo: Path, teacher_ckpt: Path, stage: str, override: str,
                                       pattern: str) -> None:

