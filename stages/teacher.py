@@ -74,8 +74,8 @@ def train(
     meta = ModelMeta(params["arch"], params["arch_kwargs"], info, acc, params, now(), __version__, "teacher")
     save_model(out, model, meta)
     if metrics:
-        write_json(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name, "precision": engine.precision,
-                             "epochs": len(history), "history": history})
+        write_json(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name,
+                             "precision": engine.precision, "epochs": len(history), "history": history})
     resume.clear()
     console.print(f"teacher test accuracy {acc:.4f} -> {out}")
 
