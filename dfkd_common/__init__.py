@@ -2,4 +2,4 @@
 
 from dfkd_common import tvguard as _tvguard  # noqa: F401  (must run before anything imports torchvision)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

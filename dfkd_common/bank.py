@@ -18,6 +18,12 @@ Images are stored unnormalised so any HDF5 viewer shows them; models normalise t
 uncompressed because random reads from gzip chunks are slow, and training reads the whole bank into memory
 anyway (50k RGB 32x32 = 147 MiB).
 
+Integrity: every dataset carries HDF5's own Fletcher-32 checksum filter, one checksum per chunk, which the HDF5
+library verifies on every read. A flipped byte therefore fails the read of its chunk, and :func:`load_bank` turns
+that into one error line naming the file and the dataset, instead of training on corrupted pixels.
+:func:`verify_bank` (``dfkd bank verify``) reads every chunk on demand. Banks written before dfkd 0.2 have no
+checksums: they still open, with a note that they cannot be verified.
+
 Writing is atomic and resumable: :class:`BankWriter` writes to a hidden work file beside the target
 (``.<name>.work``), :meth:`BankWriter.commit` marks how many rows are complete, and :meth:`BankWriter.close`
 renames the work file into place. An interrupted stage leaves the target untouched (an old good bank
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +55,20 @@ OPTIONAL = {
     "score": np.float32,
     "source": np.int16,
 }
+
+
+class UnverifiedWarning(UserWarning):
+    """An artifact written before dfkd 0.2 carries no checksums: it opens, but corruption would go unnoticed."""
+
+
+def _create(h5: h5py.File, name: str, shape: tuple[int, ...], dtype: Any, chunks: tuple[int, ...]) -> None:
+    """A resizable dataset with a Fletcher-32 checksum per chunk (verified by HDF5 on every read)."""
+    h5.create_dataset(name, shape, dtype, maxshape=(None, *shape[1:]), chunks=chunks, fletcher32=True)
+
+
+def checksummed(h5: h5py.File) -> bool:
+    """Whether every dataset of the bank carries per-chunk checksums."""
+    return all(getattr(h5[name], "fletcher32", False) for name in h5)
 
 
 def work_path(path: str | os.PathLike[str]) -> Path:
@@ -88,29 +109,19 @@ class BankWriter:
         self.optional = optional
         k = num_classes if num_classes is not None else int(dataset["num_classes"])
         if resume and self.work.exists():
-            try:
-                self.h5 = h5py.File(self.work, "a")
-                n = int(self.h5.attrs["committed"])
-                if tuple(self.h5["images"].shape[1:]) != self.shape:
-                    raise DfkdError("work file has another image shape")
-                for name in self.h5:
-                    self.h5[name].resize(n, axis=0)
+            if self._reopen():
                 return
-            except (OSError, KeyError, DfkdError):
-                if hasattr(self, "h5"):
-                    self.h5.close()
-                self.work.unlink()
+            # it opened, but was made for another image shape (another teacher): a stale leftover, not a live run
         self.work.unlink(missing_ok=True)
         self.h5 = h5py.File(self.work, "w")
         rows = max(1, (1 << 20) // int(np.prod(self.shape)))
-        self.h5.create_dataset("images", (0, *self.shape), np.uint8, maxshape=(None, *self.shape),
-                               chunks=(rows, *self.shape))
-        self.h5.create_dataset("labels", (0,), np.int64, maxshape=(None,), chunks=(4096,))
-        self.h5.create_dataset("round", (0,), np.int32, maxshape=(None,), chunks=(4096,))
+        _create(self.h5, "images", (0, *self.shape), np.uint8, (rows, *self.shape))
+        _create(self.h5, "labels", (0,), np.int64, (4096,))
+        _create(self.h5, "round", (0,), np.int32, (4096,))
         for name in optional:
             shape = (0, k) if name == "teacher_logits" else (0,)
             chunks = (max(1, 4096 // k), k) if name == "teacher_logits" else (4096,)
-            self.h5.create_dataset(name, shape, OPTIONAL[name], maxshape=(None, *shape[1:]), chunks=chunks)
+            _create(self.h5, name, shape, OPTIONAL[name], chunks)
         attrs = self.h5.attrs
         attrs["schema_version"] = SCHEMA_VERSION
         attrs["kind"] = kind
@@ -124,6 +135,34 @@ class BankWriter:
         attrs["version"] = __version__
         attrs["source_names"] = json.dumps(source_names or [])
         attrs["committed"] = 0
+
+    def _reopen(self) -> bool:
+        """Reopen the work file for a resume; False when it holds another image shape (then it is replaced).
+
+        A work file that cannot be opened is never deleted: another live run may hold it (HDF5 locks files it has
+        open for writing), or it holds a crashed run's work that a rerun may still be able to use. The error says
+        why in one line and leaves the file alone.
+        """
+        try:
+            self.h5 = h5py.File(self.work, "a")
+        except OSError as exc:
+            reason = _first_line(exc)
+            busy = "lock" in reason.lower()
+            raise DfkdError(f"cannot reopen the work file {self.work}: "
+                            + ("another run is writing it (wait for it, or stop it)" if busy else
+                               f"{reason}; delete it to start over")) from None
+        try:
+            n = int(self.h5.attrs["committed"])
+            shape = tuple(self.h5["images"].shape[1:])
+        except KeyError as exc:
+            self.h5.close()
+            raise DfkdError(f"the work file {self.work} is incomplete ({exc}); delete it to start over") from None
+        if shape != self.shape:
+            self.h5.close()
+            return False
+        for name in self.h5:
+            self.h5[name].resize(n, axis=0)
+        return True
 
     def __len__(self) -> int:
         return int(self.h5["images"].shape[0])
@@ -225,6 +264,7 @@ class Bank:
     rounds: torch.Tensor  # int32 (N,)
     extra: dict[str, torch.Tensor]
     attrs: dict[str, Any]
+    checksummed: bool = True  # False: written before dfkd 0.2, content not verifiable
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -301,21 +341,64 @@ def bank_info(path: str | os.PathLike[str]) -> dict[str, Any]:
         attrs = read_attrs(h5, path)
         n = validate(h5, path)
         return {"attrs": attrs, "n": n, "image_shape": tuple(h5["images"].shape[1:]),
-                "fields": sorted(h5.keys())}
+                "fields": sorted(h5.keys()), "checksummed": checksummed(h5)}
+
+
+def _read(h5: h5py.File, name: str, sel: Any, path: Path) -> np.ndarray:
+    """One dataset (or a slice); a failed read is one line naming the file and the dataset."""
+    try:
+        return h5[name][sel]
+    except OSError as exc:
+        if getattr(h5[name], "fletcher32", False):
+            raise DfkdError(f"{path}: dataset '{name}' fails its checksum: the file is corrupted "
+                            f"(HDF5: {_first_line(exc)})") from None
+        raise DfkdError(f"{path}: dataset '{name}' is unreadable (truncated file? {_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def note_unverified(path: Path) -> None:
+    warnings.warn(f"{path} was written before dfkd 0.2, without checksums: its content cannot be verified",
+                  UnverifiedWarning, stacklevel=3)
 
 
 def load_bank(path: str | os.PathLike[str], rows: slice | None = None) -> Bank:
-    """Read a whole bank (or a slice of it) into memory after validating it."""
+    """Read a whole bank (or a slice of it) into memory after validating it; checksums are verified on read."""
     path = Path(path)
     sel = rows if rows is not None else slice(None)
     with _open(path) as h5:
         attrs = read_attrs(h5, path)
         validate(h5, path)
-        try:
-            images = torch.from_numpy(h5["images"][sel])
-            labels = torch.from_numpy(h5["labels"][sel].astype(np.int64))
-            rounds = torch.from_numpy(h5["round"][sel].astype(np.int32))
-            extra = {k: torch.from_numpy(h5[k][sel]) for k in OPTIONAL if k in h5}
-        except OSError as exc:
-            raise DfkdError(f"{path}: bank data is unreadable (truncated file? {exc})") from None
-    return Bank(path, images, labels, rounds, extra, attrs)
+        verified = checksummed(h5)
+        if not verified:
+            note_unverified(path)
+        images = torch.from_numpy(_read(h5, "images", sel, path))
+        labels = torch.from_numpy(_read(h5, "labels", sel, path).astype(np.int64))
+        rounds = torch.from_numpy(_read(h5, "round", sel, path).astype(np.int32))
+        extra = {k: torch.from_numpy(_read(h5, k, sel, path)) for k in OPTIONAL if k in h5}
+    return Bank(path, images, labels, rounds, extra, attrs, verified)
+
+
+def verify_bank(path: str | os.PathLike[str], block: int = 8192) -> dict[str, Any]:
+    """Read every chunk of every dataset (HDF5 checks each chunk's checksum) in bounded memory.
+
+    Returns ``{"rows", "datasets", "checksummed"}``; raises :class:`DfkdError` naming the first dataset that fails.
+    Also checks the schema and that labels fit the bank's class count.
+    """
+    path = Path(path)
+    with _open(path) as h5:
+        attrs = read_attrs(h5, path)
+        n = validate(h5, path)
+        names = sorted(h5.keys())
+        for name in names:
+            for i in range(0, max(n, 1), block):
+                _read(h5, name, slice(i, i + block), path)
+        k = (attrs.get("dataset") or {}).get("num_classes")
+        if k and n:
+            top = max(int(_read(h5, "labels", slice(i, i + block), path).max(initial=-1))
+                      for i in range(0, n, block))
+            if top >= int(k):
+                raise DfkdError(f"{path}: label {top} is outside the bank's {k} classes")
+        return {"rows": n, "datasets": names, "checksummed": checksummed(h5)}

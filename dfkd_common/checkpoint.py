@@ -8,14 +8,21 @@ model from the file alone. Loading runs no pickled code, so a checkpoint someone
 Resumable state (optimizers, schedulers, generator, RNG states, counters) uses the same container through
 :func:`save_tree`/:func:`load_tree`: tensors go into safetensors, everything else into JSON metadata. Both are
 written atomically (temp name + rename).
+
+Integrity: safetensors checks its header, not the tensor bytes, so both containers also record a SHA-256 of every
+tensor (name, dtype, shape and bytes) in their metadata, checked on every load: a flipped byte in the weights is
+one error line naming the file and the tensor, instead of a silently different model. Checkpoints written before
+dfkd 0.2 have no digests: they load, with a note that they cannot be verified.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +38,38 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.models import Classifier, build_model
 
 SCHEMA_VERSION = 1
+DIGESTS = "tensors_sha256"  # metadata key: {tensor name: sha256 hex}
+
+
+class UnverifiedWarning(UserWarning):
+    """A checkpoint written before dfkd 0.2 carries no digests: it loads, but corruption would go unnoticed."""
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes (CPU, contiguous)."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    if flat.numel():
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def digests(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    return {k: tensor_digest(v) for k, v in sorted(tensors.items())}
+
+
+def check_digests(path: Path, tensors: dict[str, torch.Tensor], expected: dict[str, str] | None) -> None:
+    """Raise :class:`DfkdError` naming the first tensor whose bytes differ from the recorded digest."""
+    if expected is None:
+        warnings.warn(f"{path} was written before dfkd 0.2, without tensor digests: its content cannot be verified",
+                      UnverifiedWarning, stacklevel=3)
+        return
+    if set(expected) != set(tensors):
+        missing = sorted(set(expected) ^ set(tensors))[0]
+        raise DfkdError(f"{path}: tensor {missing} is missing or unexpected: the file is damaged")
+    for name in sorted(tensors):
+        if tensor_digest(tensors[name]) != expected[name]:
+            raise DfkdError(f"{path}: tensor {name} does not match its recorded checksum: the file is corrupted")
 
 
 @dataclass
@@ -43,6 +82,7 @@ class ModelMeta:
     created_at: str
     version: str
     role: str  # teacher | student
+    digests: dict[str, str] | None = None  # tensor name -> sha256, filled by save_model; None: written before 0.2
 
     def to_json(self) -> str:
         return json.dumps(
@@ -58,6 +98,7 @@ class ModelMeta:
                 "created_at": self.created_at,
                 "version": self.version,
                 "role": self.role,
+                DIGESTS: self.digests,
             }
         )
 
@@ -75,6 +116,7 @@ class ModelMeta:
             created_at=d.get("created_at", ""),
             version=d.get("version", ""),
             role=d.get("role", ""),
+            digests=d.get(DIGESTS),
         )
 
 
@@ -93,6 +135,7 @@ def file_checksum(path: str | os.PathLike[str]) -> str:
 
 def save_model(path: str | os.PathLike[str], model: Classifier, meta: ModelMeta) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    meta = dataclasses.replace(meta, digests=digests(state))
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"dfkd": meta.to_json()})
 
@@ -115,11 +158,16 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     """Rebuild a model from its checkpoint alone; eval mode."""
     meta = read_meta(path)
     ds = meta.dataset
-    model = build_model(meta.arch, ds.num_classes, ds.channels, ds.mean, ds.std, **meta.arch_kwargs)
-    try:
-        from safetensors.torch import load_file
+    model = build_model(meta.arch, ds.num_classes, ds.channels, ds.mean, ds.std, image_size=ds.image_size,
+                        **meta.arch_kwargs)
+    from safetensors.torch import load_file
 
+    try:
         state = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise DfkdError(f"{path}: weights are unreadable ({exc})") from None
+    check_digests(Path(path), state, meta.digests)
+    try:
         model.load_state_dict(state)
     except Exception as exc:
         raise DfkdError(f"{path}: weights do not load into {meta.arch} ({exc})") from None
@@ -168,7 +216,8 @@ def save_tree(path: str | os.PathLike[str], tree: dict[str, Any]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(tree, tensors, "t")
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"dfkd_tree": json.dumps(skeleton)})
+        save_file(tensors, str(tmp), metadata={"dfkd_tree": json.dumps(skeleton),
+                                               DIGESTS: json.dumps(digests(tensors))})
 
 
 def load_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -182,4 +231,5 @@ def load_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise DfkdError(f"{path}: unreadable state file ({exc})") from None
     if "dfkd_tree" not in md:
         raise DfkdError(f"{path}: not a dfkd state file")
+    check_digests(Path(path), tensors, json.loads(md[DIGESTS]) if DIGESTS in md else None)
     return _unflatten(json.loads(md["dfkd_tree"]), tensors)

@@ -196,6 +196,38 @@ def progress(transient: bool = False) -> Progress:
     )
 
 
+def make_parent(path: str | os.PathLike[str]) -> Path:
+    """Create ``path``'s directory (and its parents); a refusal is one :class:`DfkdError` naming ``path``."""
+    path = Path(path)
+    for above in (path.parent, *path.parent.parents):
+        if above.exists():
+            if not above.is_dir():
+                raise DfkdError(f"cannot write {path}: {above} is not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DfkdError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def ensure_writable(*paths: str | os.PathLike[str] | None) -> None:
+    """Check, before any work, that each output can be created: its directory exists or can be made and takes a
+    new file. Stages call this first, so a typo in ``--out`` fails in one line, not after an hour of training."""
+    for p in paths:
+        if p is None:
+            continue
+        path = make_parent(p)
+        if path.is_dir():
+            raise DfkdError(f"cannot write {path}: it is a directory")
+        try:
+            fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise DfkdError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it into place only if the block succeeds.
@@ -204,16 +236,21 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
     replaces an existing good artifact.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".partial", dir=final.parent)
-    os.close(fd)
+    make_parent(final)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".partial", dir=final.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise DfkdError(f"cannot write {final}: {exc.strerror or exc}") from None
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, final)
+    except OSError as exc:  # a full disk or a vanished directory while writing: name the artifact, not the temp
+        raise DfkdError(f"cannot write {final}: {exc.strerror or exc}") from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        with contextlib.suppress(OSError):
+            tmp_path.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

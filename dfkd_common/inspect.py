@@ -64,6 +64,8 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
         for s in torch.unique(src).tolist():
             per_source.append({"source": src_names[s] if s < len(src_names) else str(s),
                                "count": int((src == s).sum())})
+    integrity = ("Fletcher-32 checksum per chunk, verified on every read" if bank.checksummed else
+                 "no checksums (written before dfkd 0.2): cannot be verified")
     lineage_ok = None
     if teacher is not None and attrs.get("teacher_checksum"):
         lineage_ok = file_checksum(teacher) == attrs["teacher_checksum"]
@@ -76,6 +78,7 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
         "seed": attrs.get("seed"),
         "created_at": attrs.get("created_at"),
         "version": attrs.get("version"),
+        "integrity": integrity,
         "params": attrs.get("params"),
         "teacher_checksum": attrs.get("teacher_checksum"),
         "parent_checksum": attrs.get("parent_checksum"),

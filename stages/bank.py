@@ -8,6 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dfkd_common.bank import verify_bank
+from dfkd_common.engine import ensure_writable, write_json
 from dfkd_common.inspect import bank_summary, save_grid
 from stages.common import errors
 
@@ -23,9 +25,10 @@ def info(
     json_out: Path | None = typer.Option(None, "--json", help="also write the summary as JSON"),
 ) -> None:
     """Size, shape, provenance, per-class and per-round counts, teacher agreement, lineage."""
+    ensure_writable(json_out)
     s = bank_summary(bank, teacher)
     head = Table(title=f"bank {bank}", show_header=False)
-    for key in ("kind", "method", "size", "image_shape", "seed", "created_at", "version",
+    for key in ("kind", "method", "size", "image_shape", "seed", "created_at", "version", "integrity",
                 "teacher_checksum", "parent_checksum", "agreement", "mean_confidence", "agreement_source"):
         if s.get(key) not in (None, ""):
             head.add_row(key, str(s[key]))
@@ -51,13 +54,33 @@ def info(
             src.add_row(row["source"], str(row["count"]))
         out_console.print(src)
     if json_out:
-        from dfkd_common.engine import write_json
-
         write_json(json_out, s)
 
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
+
+
+@app.command("verify")
+@errors
+def verify(banks: list[Path] = typer.Argument(..., help="bank(s) (.h5) to check")) -> None:
+    """Read every chunk of every dataset and check it against its checksum (and the schema).
+
+    Exit 0: every bank verified; 2: a bank is damaged (one line naming the file and dataset); 3: a bank is
+    readable but was written without checksums (before dfkd 0.2), so it cannot be verified.
+    """
+    unverifiable = 0
+    for path in banks:
+        result = verify_bank(path)
+        if result["checksummed"]:
+            out_console.print(f"{path}: OK, {result['rows']} rows, every chunk of "
+                              f"{', '.join(result['datasets'])} matches its checksum")
+        else:
+            unverifiable += 1
+            out_console.print(f"{path}: readable, {result['rows']} rows, but written without checksums "
+                              "(before dfkd 0.2): its content cannot be verified")
+    if unverifiable:
+        raise typer.Exit(3)
 
 
 @app.command("grid")
@@ -70,6 +93,7 @@ def grid(
     seed: int = typer.Option(0),
 ) -> None:
     """A PNG grid: one row per class, ``per_class`` samples each."""
+    ensure_writable(out)
     n = save_grid(bank, out, per_class, round_index, seed)
     out_console.print(f"{n} images -> {out}")
 

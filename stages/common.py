@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -25,16 +26,37 @@ SetOpt = typer.Option(None, "--set", help="override a param: dotted.key=value (Y
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                      file: Any = None, line: str | None = None) -> None:
+    """Warnings as one line each (``note:`` for artifacts that cannot be verified), not file:line noise."""
+    kind = "note" if category.__name__ == "UnverifiedWarning" else "warning"
+    err_console.print(f"[yellow]{kind}:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+def _error(text: str) -> None:
+    # escaped: messages hold user text and brackets (pip install 'dfkd[offline]') that are not markup
+    err_console.print(f"[bold red]error:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def errors(fn: F) -> F:
-    """Turn user-facing errors into one line on stderr and exit code 2 (no traceback wall)."""
+    """Turn user-facing errors into one line on stderr and exit code 2 (no traceback wall).
+
+    :class:`DfkdError` is the library's own; an ``OSError`` that escapes it (a path the OS refuses: missing
+    directory, permission, read-only or full file system) is the environment's, printed as its path and cause.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return fn(*args, **kwargs)
         except DfkdError as exc:
-            # escaped: messages hold user text and brackets (pip install 'dfkd[offline]') that are not markup
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            _error(str(exc))
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            _error(f"{where}{exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]}")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: rerun the same command to resume")

@@ -14,7 +14,7 @@ from dfkd_common.bank import Bank, BankWriter, load_bank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
 from dfkd_common.data import get_dataset
 from dfkd_common.distill import STUDENT_LOSSES, BankFeed, DistillConfig, distill
-from dfkd_common.engine import AMP_VALUES, Engine, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_model
 from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
@@ -79,6 +79,7 @@ def main(
     Rerunning an interrupted command resumes it (student, optimiser, synthesizer and bank).
     """
     params = resolve_params(params_file, name, sets, student=student, loss=loss, epochs=epochs, seed=seed)
+    ensure_writable(out, metrics, plots, bank_out)
     loss_cls = STUDENT_LOSSES.get(params["loss"])
     online_cfg = dict(params.get("online") or {})
     method = online or online_cfg.pop("method", None)
@@ -94,9 +95,12 @@ def main(
         data.check_compatible(info.channels, info.image_size, info.num_classes)
         if len(data) == 0 and method is None:
             raise DfkdError(f"bank {bank} is empty")
-    test = get_dataset(params["test_dataset"] or info.name).load("test", params["data_root"])
+    test_name = params["test_dataset"] or info.name
+    # an image-folder teacher's test split is read at the teacher's input size
+    same = {"image_size": info.image_size, "channels": info.channels} if test_name.startswith("imagefolder:") else {}
+    test = get_dataset(test_name, **same).load("test", params["data_root"])
     s_model = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
-                          **params["student_kwargs"])
+                          image_size=info.image_size, **params["student_kwargs"])
     # teacher_meta_accuracy: the checkpoint's measured accuracy, for losses that need it (dfnd's Q diagonal)
     loss_fn = loss_cls({"teacher_meta_accuracy": t_meta.accuracy, **params["loss_cfg"]}, t_model, s_model)
     cfg = DistillConfig(

@@ -8,7 +8,7 @@ import typer
 
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
-from dfkd_common.engine import Engine, write_json
+from dfkd_common.engine import Engine, ensure_writable, write_json
 from dfkd_common.training import accuracy
 from stages.common import DeviceOpt, console, errors
 
@@ -23,6 +23,7 @@ def main(
     device: str = DeviceOpt,
 ) -> None:
     """Print (and optionally write) top-1 accuracy."""
+    ensure_writable(metrics)
     engine = Engine.create(device, amp=False)
     model, meta = load_model(checkpoint, engine.device)
     data = get_dataset(dataset or meta.dataset.name).load(split, data_root)

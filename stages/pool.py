@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dfkd_common.data.offline_pool import DEFAULTS, build_offline_pool
-from dfkd_common.engine import write_json
+from dfkd_common.engine import ensure_writable, write_json
 from stages.common import ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
 app = typer.Typer(help="Wild image pools for retrieval (DFND).", no_args_is_help=True)
@@ -24,6 +24,7 @@ def build(
 ) -> None:
     """Mix scikit-learn digits, crops of the installed scikit-image/scikit-learn photos and noise into a pool."""
     params = apply_overrides(load_params(params_file, "pool"), sets, defaults=DEFAULTS, where="pool", seed=seed)
+    ensure_writable(out, metrics)
     result = build_offline_pool(out, params)
     if metrics:
         write_json(metrics, result)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from dfkd_common.engine import ensure_writable
 from dfkd_common.errors import DfkdError
 from dfkd_common.report import write_report
 from stages.common import console, errors
@@ -19,6 +20,7 @@ def main(
     teacher_metrics: Path | None = typer.Option(None, "--teacher-metrics"),
 ) -> None:
     """Write report.md, report.json and report.png under OUT_DIR."""
+    ensure_writable(out_dir / "report.md")
     rows = []
     for path in metrics:
         if not path.is_file():

@@ -9,7 +9,15 @@ import typer
 
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data.wild import WildPool
-from dfkd_common.engine import AMP_VALUES, Engine, resolve_amp, resolve_device, seed_everything, write_json
+from dfkd_common.engine import (
+    AMP_VALUES,
+    Engine,
+    ensure_writable,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+    write_json,
+)
 from dfkd_common.errors import DfkdError
 from dfkd_common.retrieval import RetrieveConfig, retrieve
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
@@ -57,6 +65,7 @@ def main(
         wild=list(wild) if wild else None, num_select=num_select, balance=balance, batch_size=batch_size,
         workers=workers, seed=seed, selection="random" if random else None,
     )
+    ensure_writable(out, metrics)
     specs = params["wild"]
     if isinstance(specs, str):
         specs = [specs]

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dfkd_common.checkpoint import load_model
-from dfkd_common.engine import AMP_VALUES, Engine, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
 from dfkd_common.synthesis import SYNTHESIZERS
 from dfkd_common.synthesize import run_synthesis
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
@@ -31,6 +31,7 @@ def main(
                              where=method, types={"rounds": int, "seed": int, "amp": AMP_VALUES,
                                                   "channels_last": bool},
                              rounds=rounds, seed=seed)
+    ensure_writable(out, metrics)
     seed_everything(int(params.get("seed", 0)))
     engine = Engine.create(device, amp=params.pop("amp", "auto"),
                            channels_last=bool(params.pop("channels_last", True)))

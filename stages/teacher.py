@@ -11,7 +11,7 @@ from dfkd_common import __version__
 from dfkd_common.augment_ops import augment_config
 from dfkd_common.checkpoint import ModelMeta, now, save_model
 from dfkd_common.data import get_dataset
-from dfkd_common.engine import AMP_VALUES, Engine, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
 from dfkd_common.models import build_model
 from dfkd_common.training import Resume, train_supervised
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params, require
@@ -20,6 +20,7 @@ app = typer.Typer(help="Teacher models.", no_args_is_help=True)
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "mnist5k",
+    "dataset_kwargs": {},  # options of the dataset's factory, e.g. imagefolder's root, image_size, channels
     "arch": "lenet5",
     "arch_kwargs": {},
     "epochs": 20,
@@ -54,11 +55,12 @@ def train(
         dataset=dataset, arch=arch, epochs=epochs, seed=seed,
     )
     require(params, "dataset", "arch")
+    ensure_writable(out, metrics)
     seed_everything(int(params["seed"]))
-    spec = get_dataset(params["dataset"])
+    spec = get_dataset(params["dataset"], **params["dataset_kwargs"])
     info = spec.info
     model = build_model(params["arch"], info.num_classes, info.channels, info.mean, info.std,
-                        **params["arch_kwargs"])
+                        image_size=info.image_size, **params["arch_kwargs"])
     train_split = spec.load("train", params["data_root"])
     test_split = spec.load("test", params["data_root"])
     engine = Engine.create(device, amp=params["amp"])

@@ -108,7 +108,19 @@ DATASETS: Registry[Callable[..., DatasetSpec]] = Registry("dataset")
 
 
 def get_dataset(name: str, **kwargs: Any) -> DatasetSpec:
-    return DATASETS.get(name)(**kwargs)
+    """The registered dataset ``name`` built with ``kwargs``.
+
+    ``imagefolder:ROOT`` (the name an image-folder teacher records in its checkpoint) means ``imagefolder`` with
+    ``root=ROOT``. A dataset whose factory needs an argument that was not given is one error line.
+    """
+    if name.startswith("imagefolder:") and "root" not in kwargs:
+        name, kwargs = "imagefolder", {"root": name.split(":", 1)[1], **kwargs}
+    factory = DATASETS.get(name)
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        raise DfkdError(f"dataset {name}: {exc} (dataset options go in dataset_kwargs, e.g. "
+                        f"--set dataset_kwargs.root=PATH)") from None
 
 
 def load_split(name: str, split: str, root: str | Path | None = None, **kwargs: Any) -> ArraySplit:

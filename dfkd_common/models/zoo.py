@@ -11,7 +11,12 @@ the classifier, and its input is the penultimate feature.
 ``lenet5`` follows DAFL/DFAD's LeNet-5 (conv 1->6->16->120, 5x5 kernels, 32x32 input, fc 120->84->C) with one
 deliberate addition, on by default: a BatchNorm2d after each convolution. BN running statistics are the
 main prior of DeepInversion, Fast, NAYER and CPNet (L_bn); a BN-free teacher would leave them nothing to
-match. ``batchnorm=False`` gives the exact published network (DAFL and DFAD do not need BN).
+match. ``batchnorm=False`` gives the exact published network (DAFL and DFAD do not need BN). Smaller inputs are
+padded to 32x32 the way LeCun fed it 28x28 MNIST (replicating the border, which is background on digits).
+
+:func:`build_model` with ``image_size`` checks the architecture against the input shape with one forward pass of
+zeros (no random draw: it must not move any seeded stream), so a model that cannot take a dataset's images is one
+error line naming both before any work starts, not a conv2d traceback mid-run.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd_common.errors import DfkdError
 from dfkd_common.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -62,11 +68,35 @@ def build_model(
     in_channels: int,
     mean: Sequence[float],
     std: Sequence[float],
+    image_size: int | None = None,
     **kwargs: Any,
 ) -> Classifier:
-    """Build a registered architecture wrapped with its normalisation."""
-    net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, **kwargs)
-    return Classifier(net, mean, std)
+    """Build a registered architecture wrapped with its normalisation (checked against ``image_size`` if given)."""
+    try:
+        net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    except TypeError as exc:  # an arch_kwargs key the architecture does not take
+        raise DfkdError(f"model {arch}: {exc}") from None
+    model = Classifier(net, mean, std)
+    if image_size is not None:
+        check_input(model, arch, in_channels, image_size)
+    return model
+
+
+@torch.no_grad()
+def check_input(model: Classifier, arch: str, channels: int, image_size: int) -> None:
+    """One eval-mode forward of zeros: raise :class:`DfkdError` when ``model`` cannot take this input shape."""
+    was_training = model.training
+    model.eval()
+    shape = f"{channels}x{image_size}x{image_size}"
+    try:
+        out = model(torch.zeros(2, channels, image_size, image_size))
+    except RuntimeError as exc:
+        reason = (str(exc).strip().splitlines() or ["shape mismatch"])[0]
+        raise DfkdError(f"model {arch} cannot take {shape} inputs ({reason})") from None
+    finally:
+        model.train(was_training)
+    if tuple(out.shape) != (2, model.num_classes):
+        raise DfkdError(f"model {arch} maps {shape} inputs to {tuple(out.shape[1:])}, not {model.num_classes} logits")
 
 
 # ----------------------------------------------------------------------------------------------- LeNet-5
@@ -89,6 +119,10 @@ class LeNet5(nn.Module):
         self.fc = nn.Linear(f1, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h < 32 or w < 32:  # LeCun's framing: 28x28 digits centred in a 32x32 field
+            top, left = max(0, 32 - h) // 2, max(0, 32 - w) // 2
+            x = F.pad(x, (left, max(0, 32 - w) - left, top, max(0, 32 - h) - top), mode="replicate")
         return self.fc(self.fc1(torch.flatten(self.features(x), 1)))
 
 
