@@ -15,6 +15,27 @@ ROOT = Path(__file__).resolve().parents[1]  # the repository: params.yaml, artif
 DFKD = [sys.executable, "-m", "stages.cli"]  # the CLI, run as the pipeline runs it
 
 
+def machine() -> str:
+    """The machine class every figure depends on: CPU model, cores, native bf16, torch and its threads."""
+    import os
+    import platform
+
+    import torch
+
+    from dfkd_common.engine import native_bf16
+
+    name = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    bf16 = "native bf16" if native_bf16(torch.device("cpu")) else "no native bf16"
+    return f"{name}, {os.cpu_count()} cores, {bf16}, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
 def spread(values: list[float]) -> str:
     """``mean M % sd S`` of per-seed accuracies (sd 0 for one seed)."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0

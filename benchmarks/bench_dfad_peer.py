@@ -28,7 +28,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,17 +36,7 @@ import time
 import types
 from pathlib import Path
 
-from _common import DFKD, ROOT
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _common import DFKD, ROOT, machine
 
 
 def peer_worker(peer: Path, iterations: int) -> None:
@@ -144,14 +133,8 @@ def main() -> None:
         return
     if not (peer / "DFAD_mnist.py").is_file():
         sys.exit(f"{peer} has no DFAD_mnist.py: point --peer at a checkout of the authors' repository")
-    import torch
-
-    from dfkd_common.engine import native_bf16
-
     env = {**os.environ, "DFKD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1"}
-    native = native_bf16(torch.device("cpu"))
-    print(f"{cpu_name()}, {os.cpu_count()} cores, native bf16: {'yes' if native else 'no'}, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(machine())
     print(f"published MNIST settings (batch 512, nz 100, ngf 64), {args.iterations} iterations per run, "
           f"{args.reps} interleaved runs each")
     times: dict[str, list[float]] = {f"ours amp={a}": [] for a in args.amp} | {"peer": []}

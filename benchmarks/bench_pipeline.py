@@ -5,7 +5,9 @@
 
 Accuracies are the *final* students' on the real mnist5k test split (1,000 held-out digits), never a
 best epoch chosen on the test set. Times come from each stage's metrics JSON (seconds of synthesis,
-retrieval or distillation, excluding process start-up); the total is the wall time of `dvc repro`.
+retrieval or distillation, excluding process start-up); the total is the wall time of `dvc repro`. The first line
+names the machine class (CPU model, whether it has native bf16) and each row the precision its stage chose: float
+results and times differ between CPU models, so figures are comparable only within one such run.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import ROOT
+from _common import ROOT, machine
 
 ART = ROOT / "artifacts"
 
@@ -37,19 +39,27 @@ def main() -> None:
         t0 = time.perf_counter()
         subprocess.run(["dvc", "repro", "--force"], cwd=ROOT, env=env, check=True)
         wall = time.perf_counter() - t0
+    print(machine())
     teacher = load(ART / "teachers" / "lenet5.metrics.json")
     print(f"teacher lenet5 on mnist5k: final test accuracy {100 * teacher.get('test_acc', float('nan')):.2f} %")
     print()
-    print("| student (lenet5_half) | bank | bank time (s) | distill time (s) | final test acc (%) | x teacher |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| student (lenet5_half) | bank | bank time (s) | distill time (s) | precision (synthesis) | "
+          "final test acc (%) | x teacher |")
+    print("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
     for m in sorted((ART / "students").glob("*.metrics.json")):
         name = m.name.removesuffix(".metrics.json")
         s = load(m)
         bank = load(ART / "banks" / f"{name}.metrics.json")
         bank_s = bank.get("seconds")
         ratio = s.get("ratio_to_teacher")
+        precision = bank.get("precision") or s.get("online_precision") or ""
         print(f"| {name} | {s.get('bank_size', '')} | {'' if bank_s is None else f'{bank_s:.0f}'} | "
-              f"{s.get('seconds', 0):.0f} | {100 * s['test_acc']:.2f} | {'' if ratio is None else f'{ratio:.3f}'} |")
+              f"{s.get('seconds', 0):.0f} | {precision} | {100 * s['test_acc']:.2f} | "
+              f"{'' if ratio is None else f'{ratio:.3f}'} |")
+    pool = load(ART / "pools" / "offline.metrics.json")
+    retrieve = {n: load(ART / "banks" / f"{n}.metrics.json").get("total_seconds") for n in ("dfnd", "dfnd_random")}
+    print(f"\nother stages: pool {pool.get('images', '?')} images; retrieval "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in retrieve.items() if v is not None))
     if wall is not None:
         print(f"\nwhole `dvc repro --force`: {wall / 60:.1f} min wall on {os.cpu_count()} CPU cores")
 
