@@ -36,14 +36,14 @@ import torch.nn.functional as F
 import yaml
 from _common import ROOT, teacher_or_untrained
 
-from dfkd_common.bank import BankWriter
 from dfkd_common.checkpoint import load_model
+from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import Engine, fused_adam
 from dfkd_common.models import build_model
-from dfkd_common.online import FeedContext, build_online_feed
+from dfkd_common.online import RecordedFeed, build_online_feed, recording
 from dfkd_common.online.base import frozen
 from dfkd_common.online.dfad import DFADFeed
-from dfkd_common.synthesis.base import merge
+from dfkd_common.params import merge
 
 
 def online_params(method: str) -> tuple[dict, int]:
@@ -111,12 +111,16 @@ def generator_step(generator: torch.nn.Module, make_input: Callable[[], torch.Te
 
 def bench(method: str, teacher_path: Path, tmp: Path, steps: int) -> None:
     cfg, batch = online_params(method)
-    engine = Engine.create("cpu", amp=bool(cfg.pop("amp", True)), channels_last=bool(cfg.pop("channels_last", True)))
+    engine = Engine.create("cpu", amp=cfg.pop("amp", "auto"), channels_last=bool(cfg.pop("channels_last", True)))
     teacher, meta = load_model(teacher_path)
     info = meta.dataset
-    writer = BankWriter(tmp / f"{method}.h5", channels=info.channels, image_size=info.image_size,
-                        kind="synthetic", method=method, dataset=info.to_dict(), optional=("teacher_logits",))
-    feed = build_online_feed(method, FeedContext(teacher, info, engine, writer, batch_size=batch, epochs=20), cfg)
+    with recording(tmp / f"{method}.h5", teacher, info, engine, method, batch_size=batch, epochs=20) as ctx:
+        feed = build_online_feed(method, ctx, cfg)
+        bench_feed(method, feed, teacher_path, engine, info, batch, steps)
+
+
+def bench_feed(method: str, feed: RecordedFeed, teacher_path: Path, engine: Engine, info: DatasetInfo,
+               batch: int, steps: int) -> None:
     student = engine.model(build_model("lenet5_half", info.num_classes, info.channels, info.mean, info.std))
     t_teacher = engine.model(load_model(teacher_path)[0]).eval()
     if isinstance(feed, DFADFeed):
@@ -148,7 +152,6 @@ def bench(method: str, teacher_path: Path, tmp: Path, steps: int) -> None:
     times = interleaved({"dfkd": (method_step, per_call), "raw": (lambda: repeat(raw, per_call), per_call),
                          "floor": (lambda: repeat(floor, per_call), per_call)}, max(3, steps // per_call))
     sec, raw_sec, floor_sec = times["dfkd"], times["raw"], times["floor"]
-    writer.abort(keep_work=False)
     print(f"{method:7s} batch {n:4d} x {per_call:3d} steps | dfkd {n / sec:8.1f} optimised img/s | "
           f"raw G+T fwd/bwd {n / raw_sec:8.1f} img/s | overhead {sec / raw_sec:5.2f} | "
           f"floor {floor_sec / raw_sec:5.2f} | vs floor {sec / floor_sec:5.2f}")

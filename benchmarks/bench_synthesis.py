@@ -26,7 +26,8 @@ from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine
 from dfkd_common.models import build_generator
-from dfkd_common.synthesis.base import SYNTHESIZERS, merge
+from dfkd_common.params import merge
+from dfkd_common.synthesis.base import SYNTHESIZERS
 from dfkd_common.synthesize import run_synthesis
 
 

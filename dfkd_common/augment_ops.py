@@ -8,6 +8,7 @@ flip); students see the same family on bank images. Horizontal flips are off for
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import kornia.augmentation as K
 import torch
@@ -45,13 +46,10 @@ def build_augment(image_size: int, cfg: AugmentConfig) -> nn.Module:
 
 def augment_config(d: dict[str, object] | None) -> AugmentConfig:
     """An ``augment:`` params mapping -> :class:`AugmentConfig` (unknown keys and wrong types: one-line error)."""
-    d = dict(d or {})
-    check_params(d, asdict(AugmentConfig()), "augment")
-    return AugmentConfig(
-        crop_pad=int(d.get("crop_pad", 4)),  # type: ignore[arg-type]
-        flip=bool(d.get("flip", False)),
-        jitter=float(d.get("jitter", 0.0)),  # type: ignore[arg-type]
-    )
+    defaults = asdict(AugmentConfig())
+    check_params(dict(d or {}), defaults, "augment")
+    merged: dict[str, Any] = {**defaults, **(d or {})}
+    return AugmentConfig(crop_pad=int(merged["crop_pad"]), flip=bool(merged["flip"]), jitter=float(merged["jitter"]))
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -24,10 +24,9 @@ that into one error line naming the file and the dataset, instead of training on
 :func:`verify_bank` (``dfkd bank verify``) reads every chunk on demand. Banks written before dfkd 0.2 have no
 checksums: they still open, with a note that they cannot be verified.
 
-Writing is atomic and resumable: :class:`BankWriter` writes to a hidden work file beside the target
-(``.<name>.work``), :meth:`BankWriter.commit` marks how many rows are complete, and :meth:`BankWriter.close`
-renames the work file into place. An interrupted stage leaves the target untouched (an old good bank
-survives a failed re-run) and can reopen the work file, truncated to the last commit, to resume.
+Writing is atomic: :meth:`BankHeader.write` assembles the whole file and renames it into place, so an
+interrupted stage leaves the target untouched (an old good bank survives a failed re-run). Resumable, long runs
+keep their rows in a job's work directory until then (:mod:`dfkd_common.jobs`).
 """
 
 from __future__ import annotations
@@ -35,7 +34,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ import torch
 
 from dfkd_common import __version__
 from dfkd_common.checkpoint import now
+from dfkd_common.engine import atomic_path
 from dfkd_common.errors import DfkdError
 
 SCHEMA_VERSION = 1
@@ -71,157 +72,127 @@ def checksummed(h5: h5py.File) -> bool:
     return all(getattr(h5[name], "fletcher32", False) for name in h5)
 
 
-def work_path(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    return p.parent / f".{p.name}.work"
+@dataclass
+class BankHeader:
+    """What a bank is (shape, kind, provenance) and how its rows are written: the schema above, in one place.
 
+    :meth:`columns` turns a batch into validated schema columns (a shard); :meth:`write` assembles shards into a
+    bank file atomically. The HDF5 image is built in memory (HDF5's core driver) and written with plain file I/O,
+    so a full disk is an ``OSError`` naming the path, never a failed HDF5 write (after which h5py crashes the
+    interpreter); see :mod:`dfkd_common.jobs`, which streams shards from disk into it.
+    """
 
-class BankWriter:
-    """Append rows to a bank; see the module docstring for the atomic/resumable protocol."""
+    channels: int
+    image_size: int
+    kind: str
+    method: str
+    dataset: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    teacher_checksum: str = ""
+    parent_checksum: str = ""
+    optional: tuple[str, ...] = ()
+    num_classes: int | None = None
+    source_names: list[str] | None = None
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        channels: int,
-        image_size: int,
-        kind: str,
-        method: str,
-        dataset: dict[str, Any],
-        params: dict[str, Any] | None = None,
-        seed: int = 0,
-        teacher_checksum: str = "",
-        parent_checksum: str = "",
-        optional: tuple[str, ...] = (),
-        num_classes: int | None = None,
-        source_names: list[str] | None = None,
-        resume: bool = False,
-    ) -> None:
-        if kind not in KINDS:
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
             raise ValueError(f"bank kind must be one of {KINDS}")
-        for name in optional:
+        for name in self.optional:
             if name not in OPTIONAL:
                 raise ValueError(f"unknown optional bank field {name!r}")
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.work = work_path(self.path)
-        self.shape = (channels, image_size, image_size)
-        self.optional = optional
-        k = num_classes if num_classes is not None else int(dataset["num_classes"])
-        if resume and self.work.exists():
-            if self._reopen():
-                return
-            # it opened, but was made for another image shape (another teacher): a stale leftover, not a live run
-        self.work.unlink(missing_ok=True)
-        self.h5 = h5py.File(self.work, "w")
-        rows = max(1, (1 << 20) // int(np.prod(self.shape)))
-        _create(self.h5, "images", (0, *self.shape), np.uint8, (rows, *self.shape))
-        _create(self.h5, "labels", (0,), np.int64, (4096,))
-        _create(self.h5, "round", (0,), np.int32, (4096,))
-        for name in optional:
-            shape = (0, k) if name == "teacher_logits" else (0,)
-            chunks = (max(1, 4096 // k), k) if name == "teacher_logits" else (4096,)
-            _create(self.h5, name, shape, OPTIONAL[name], chunks)
-        attrs = self.h5.attrs
-        attrs["schema_version"] = SCHEMA_VERSION
-        attrs["kind"] = kind
-        attrs["method"] = method
-        attrs["params"] = json.dumps(params or {}, sort_keys=True, default=str)
-        attrs["dataset"] = json.dumps(dataset)
-        attrs["seed"] = seed
-        attrs["teacher_checksum"] = teacher_checksum
-        attrs["parent_checksum"] = parent_checksum
-        attrs["created_at"] = now()
-        attrs["version"] = __version__
-        attrs["source_names"] = json.dumps(source_names or [])
-        attrs["committed"] = 0
-
-    def _reopen(self) -> bool:
-        """Reopen the work file for a resume; False when it holds another image shape (then it is replaced).
-
-        A work file that cannot be opened is never deleted: another live run may hold it (HDF5 locks files it has
-        open for writing), or it holds a crashed run's work that a rerun may still be able to use. The error says
-        why in one line and leaves the file alone.
-        """
-        try:
-            self.h5 = h5py.File(self.work, "a")
-        except OSError as exc:
-            reason = _first_line(exc)
-            busy = "lock" in reason.lower()
-            raise DfkdError(f"cannot reopen the work file {self.work}: "
-                            + ("another run is writing it (wait for it, or stop it)" if busy else
-                               f"{reason}; delete it to start over")) from None
-        try:
-            n = int(self.h5.attrs["committed"])
-            shape = tuple(self.h5["images"].shape[1:])
-        except KeyError as exc:
-            self.h5.close()
-            raise DfkdError(f"the work file {self.work} is incomplete ({exc}); delete it to start over") from None
-        if shape != self.shape:
-            self.h5.close()
-            return False
-        for name in self.h5:
-            self.h5[name].resize(n, axis=0)
-        return True
-
-    def __len__(self) -> int:
-        return int(self.h5["images"].shape[0])
 
     @property
-    def committed(self) -> int:
-        return int(self.h5.attrs["committed"])
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
 
-    def max_round(self) -> int:
-        n = len(self)
-        return int(self.h5["round"][:n].max()) if n else -1
+    @property
+    def classes(self) -> int:
+        return self.num_classes if self.num_classes is not None else int(self.dataset["num_classes"])
 
-    def append(self, images: torch.Tensor | np.ndarray, labels: Any, round_index: int | Any, **optional: Any) -> None:
-        """Append a batch. ``images`` uint8 (B,C,H,W) or float in [0, 1] (quantised here)."""
+    def columns(self, images: torch.Tensor | np.ndarray, labels: Any, round_index: int | Any,
+                **optional: Any) -> dict[str, np.ndarray]:
+        """A batch as schema columns. ``images`` uint8 (B,C,H,W) or float in [0, 1] (quantised here)."""
         imgs = to_uint8(images)
         b = imgs.shape[0]
         if tuple(imgs.shape[1:]) != self.shape:
             raise DfkdError(f"bank image shape is {self.shape}, got {tuple(imgs.shape[1:])}")
         missing = set(self.optional) - set(optional)
         if missing:
-            raise ValueError(f"append() needs {sorted(missing)} for this bank")
-        n = len(self)
+            raise ValueError(f"rows need {sorted(missing)} for this bank")
         cols = {"images": imgs, "labels": _np(labels, np.int64, b), "round": _np(round_index, np.int32, b)}
         for name in self.optional:
             cols[name] = _np(optional[name], OPTIONAL[name], b)
-        for name, arr in cols.items():
-            ds = self.h5[name]
-            ds.resize(n + b, axis=0)
-            ds[n : n + b] = arr
+        return cols
 
-    def truncate(self, n: int) -> None:
-        """Drop rows past ``n`` (a resume rolls back to the last round its state file knows about)."""
-        for name in self.h5:
-            if self.h5[name].shape[0] > n:
-                self.h5[name].resize(n, axis=0)
-        self.commit()
+    def attrs(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "method": self.method,
+                "params": json.dumps(self.params or {}, sort_keys=True, default=str),
+                "dataset": json.dumps(self.dataset), "seed": self.seed, "teacher_checksum": self.teacher_checksum,
+                "parent_checksum": self.parent_checksum, "created_at": now(), "version": __version__,
+                "source_names": json.dumps(self.source_names or [])}
 
-    def commit(self) -> None:
-        """Mark all rows so far complete and flush (a resume restarts from here)."""
-        self.h5.attrs["committed"] = len(self)
-        self.h5.flush()
+    def write(self, path: str | os.PathLike[str], shards: Iterable[dict[str, np.ndarray]],
+              attrs: dict[str, Any] | None = None) -> int:
+        """Assemble ``shards`` (from :meth:`columns`) into the bank ``path``, atomically; returns its rows."""
+        rows = max(1, (1 << 20) // int(np.prod(self.shape)))
+        k = self.classes
+        h5 = h5py.File(f"{Path(path).name}.image", "w", driver="core", backing_store=False)
+        try:
+            _create(h5, "images", (0, *self.shape), np.uint8, (rows, *self.shape))
+            _create(h5, "labels", (0,), np.int64, (4096,))
+            _create(h5, "round", (0,), np.int32, (4096,))
+            for name in self.optional:
+                shape = (0, k) if name == "teacher_logits" else (0,)
+                chunks = (max(1, 4096 // k), k) if name == "teacher_logits" else (4096,)
+                _create(h5, name, shape, OPTIONAL[name], chunks)
+            n = 0
+            for shard in shards:
+                b = int(shard["images"].shape[0])
+                for name in ("images", "labels", "round", *self.optional):
+                    ds = h5[name]
+                    ds.resize(n + b, axis=0)
+                    ds[n : n + b] = shard[name]
+                n += b
+            for key, value in {**self.attrs(), **(attrs or {})}.items():
+                h5.attrs[key] = value if isinstance(value, (int, float, str, np.integer, np.floating)) else \
+                    json.dumps(value, default=str)
+            h5.flush()
+            image = h5.id.get_file_image()
+        finally:
+            h5.close()
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(image)
+        return n
+
+
+class BankWriter:
+    """Collect rows in memory, then write the bank atomically on :meth:`close` (small banks, tests, tools).
+
+    Stages that make rows over a long run use :class:`dfkd_common.jobs.Job`, which keeps them on disk between
+    checkpoints and resumes; this is the same header and file format without the job.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], **header: Any) -> None:
+        self.path = Path(path)
+        self.header = BankHeader(**header)
+        self.parts: list[dict[str, np.ndarray]] = []
+        self.extra_attrs: dict[str, Any] = {}
+
+    def __len__(self) -> int:
+        return sum(int(p["images"].shape[0]) for p in self.parts)
+
+    def append(self, images: torch.Tensor | np.ndarray, labels: Any, round_index: int | Any, **optional: Any) -> None:
+        self.parts.append(self.header.columns(images, labels, round_index, **optional))
 
     def set_attr(self, key: str, value: Any) -> None:
-        self.h5.attrs[key] = value if isinstance(value, (int, float, str)) else json.dumps(value)
+        self.extra_attrs[key] = value
 
     def close(self) -> None:
-        """Commit, close and atomically move the finished bank into place."""
-        self.commit()
-        del self.h5.attrs["committed"]
-        self.h5.close()
-        os.replace(self.work, self.path)
+        self.header.write(self.path, self.parts, self.extra_attrs)
 
-    def abort(self, keep_work: bool = True) -> None:
-        """Close without publishing; the work file stays for a resume unless ``keep_work`` is False."""
-        try:
-            self.h5.close()
-        finally:
-            if not keep_work:
-                self.work.unlink(missing_ok=True)
+    def abort(self) -> None:
+        self.parts.clear()
 
     def __enter__(self) -> BankWriter:
         return self
@@ -230,7 +201,7 @@ class BankWriter:
         if exc_type is None:
             self.close()
         else:
-            self.abort(keep_work=True)
+            self.abort()
 
 
 def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:

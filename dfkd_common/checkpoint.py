@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import atomic_path
@@ -133,11 +133,18 @@ def file_checksum(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
+def _write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Serialise in memory, then write with plain file I/O through :func:`atomic_path`: a full disk is then an
+    ``OSError`` (one line naming the path) rather than a safetensors-internal error, and never a partial file."""
+    data = save(tensors, metadata=metadata)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def save_model(path: str | os.PathLike[str], model: Classifier, meta: ModelMeta) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = dataclasses.replace(meta, digests=digests(state))
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"dfkd": meta.to_json()})
+    _write(path, state, {"dfkd": meta.to_json()})
 
 
 def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
@@ -215,9 +222,7 @@ def save_tree(path: str | os.PathLike[str], tree: dict[str, Any]) -> None:
     """Atomically store a nested dict of tensors/arrays/python scalars (e.g. resumable training state)."""
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(tree, tensors, "t")
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"dfkd_tree": json.dumps(skeleton),
-                                               DIGESTS: json.dumps(digests(tensors))})
+    _write(path, tensors, {"dfkd_tree": json.dumps(skeleton), DIGESTS: json.dumps(digests(tensors))})
 
 
 def load_tree(path: str | os.PathLike[str]) -> dict[str, Any]:

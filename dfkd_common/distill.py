@@ -2,9 +2,10 @@
 
 The loop is method-agnostic. What varies lives behind two small interfaces:
 
-* :class:`StudentLoss` (registered in :data:`STUDENT_LOSSES`): the student's objective given the student and
-  teacher logits on the same augmented batch; it may own trainable parameters (DFND's transition matrix,
-  RGAL's adapters), which join the student's optimiser.
+* :class:`~dfkd_common.student.StudentLoss` (registered in :data:`~dfkd_common.student.STUDENT_LOSSES`, one
+  module each in :mod:`dfkd_common.student`): the student's objective given the student and teacher logits on the
+  same augmented batch; it may own trainable parameters (DFND's transition matrix), which join the student's
+  optimiser or get their own.
 * :class:`BankFeed`: where training images come from. :class:`BankFeed` itself is a bank read whole into memory;
   online methods (``dfkd distill --online M``) subclass it and grow the bank in :meth:`BankFeed.before_epoch`
   against the current student, so the loop itself never changes.
@@ -14,77 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from dfkd_common.augment_ops import AugmentConfig, build_augment, to_float
+from dfkd_common.augment_ops import AugmentConfig, augment_config, build_augment, to_float
 from dfkd_common.data import ArraySplit
 from dfkd_common.engine import Engine, check_finite, progress
 from dfkd_common.models import Classifier
-from dfkd_common.params import check_params
-from dfkd_common.registry import Registry
-from dfkd_common.synthesis.losses import kd_loss
-from dfkd_common.training import Resume, accuracy, epoch_batches, make_optimizer
-
-
-# ------------------------------------------------------------------------------------------- losses
-@dataclass
-class Batch:
-    """One student step's tensors: augmented images, logits, and the bank labels of the rows."""
-
-    x: torch.Tensor
-    s_logits: torch.Tensor
-    t_logits: torch.Tensor
-    labels: torch.Tensor
-
-
-class StudentLoss(nn.Module):
-    """Base: ``forward(batch) -> (loss, logs)``. Parameters it owns are trained with the student."""
-
-    defaults: ClassVar[dict[str, Any]] = {}
-    param_types: ClassVar[dict[str, type]] = {}  # expected types of params whose default is None
-
-    def __init__(self, cfg: dict[str, Any], teacher: Classifier, student: Classifier) -> None:
-        super().__init__()
-        # types only: params.yaml's distill.common.loss_cfg applies to every run, also to ones whose loss (DFAD's
-        # l1) has no use for its keys
-        check_params(cfg, self.defaults, f"loss_cfg ({type(self).__name__})", types=self.param_types, unknown=False)
-        self.cfg = {**self.defaults, **cfg}
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def extra_optimizer(self) -> torch.optim.Optimizer | None:
-        """An optimiser of the loss's own for (some of) its parameters, or None (the default).
-
-        Called by the loop after the loss moved to the device. Parameters it owns are left out of the student
-        optimiser and stepped by it instead, every student step and without the student's LR schedule: DFND
-        trains its transition matrix with Adam at 1e-3 while the student uses SGD with a cosine schedule.
-        """
-        return None
-
-
-STUDENT_LOSSES: Registry[type[StudentLoss]] = Registry("student loss")
-
-
-@STUDENT_LOSSES.register("kd")
-class KDLoss(StudentLoss):
-    """KL(p_T^tau || p_S^tau) * tau^2 (+ optional ce * CE(S, bank label) where labels exist)."""
-
-    defaults: ClassVar[dict[str, Any]] = {"tau": 4.0, "ce": 0.0}
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = kd_loss(batch.s_logits, batch.t_logits, float(self.cfg["tau"]))
-        logs = {"kd": float(loss.detach())}
-        if self.cfg["ce"]:
-            mask = batch.labels >= 0
-            if mask.any():
-                ce = nn.functional.cross_entropy(batch.s_logits[mask].float(), batch.labels[mask])
-                logs["ce"] = float(ce.detach())
-                loss = loss + float(self.cfg["ce"]) * ce
-        return loss, logs
+from dfkd_common.student import Batch, StudentLoss
+from dfkd_common.training import Checkpoints, accuracy, epoch_batches, make_optimizer
 
 
 # --------------------------------------------------------------------------------------------- feeds
@@ -115,9 +56,6 @@ class BankFeed:
     def finish(self) -> None:
         """Called once after the last epoch (online feeds publish their bank here)."""
 
-    def abort(self) -> None:
-        """Called by the stage when training fails; online feeds keep their work file for a resume."""
-
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -129,15 +67,26 @@ class BankFeed:
 # ---------------------------------------------------------------------------------------------- loop
 @dataclass
 class DistillConfig:
+    """The student loop's settings; their defaults are ``dfkd distill``'s (the stage derives its own from here)."""
+
     epochs: int = 20
     batch_size: int = 256
     kd_steps: int | None = None  # batches per epoch; None = one pass over the current bank
     lr: float = 0.05
     optimizer: str = "sgd"
     weight_decay: float = 5e-4
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    amp: bool = False  # bf16 autocast for student/teacher passes (fp32 default: small students suffer)
+    # crop padding 2 (not kornia's CIFAR-style 4): the defaults are those of the default pipeline's 32x32 digits
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_pad=2))
+    amp: Any = False  # bf16 autocast for student/teacher passes (fp32 default: small students suffer); "auto" ok
     seed: int = 0
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any], amp: bool) -> DistillConfig:
+        """The loop's settings out of checked stage params (``amp`` resolved by the engine)."""
+        return cls(epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), kd_steps=params["kd_steps"],
+                   lr=float(params["lr"]), optimizer=str(params["optimizer"]),
+                   weight_decay=float(params["weight_decay"]), augment=augment_config(params["augment"]), amp=amp,
+                   seed=int(params["seed"]))
 
 
 def distill(
@@ -148,7 +97,7 @@ def distill(
     loss_fn: StudentLoss,
     cfg: DistillConfig,
     engine: Engine,
-    resume: Resume | None = None,
+    resume: Checkpoints | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[float, list[dict[str, float]]]:
     """Train ``student`` to imitate ``teacher`` on ``feed``; returns final test accuracy and history.
@@ -227,6 +176,3 @@ def distill(
     feed.finish()
     return accuracy(student, test, engine), history
 
-
-# Student losses that live in their own modules register themselves on import (kept last: they import this one).
-from dfkd_common import noise_adaptation as _noise_adaptation  # noqa: E402, F401

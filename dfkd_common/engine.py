@@ -143,7 +143,7 @@ class Engine:
         """One line for the console: the precision chosen and why (``amp: auto`` explains its decision)."""
         line = f"precision {self.precision} on {self.device}"
         if isinstance(self.amp_setting, str):
-            native = "native bf16" if self.amp else "no native bf16 (bf16 would be emulated, slower than fp32)"
+            native = "native bf16" if self.amp else "no native bf16 here, where emulated bf16 is slower than fp32"
             return f"{line} (amp auto: {native})"
         return f"{line} (amp {'on' if self.amp else 'off'}, as set)"
 

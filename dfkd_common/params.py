@@ -14,6 +14,9 @@ allowed values (``{"amp": ("auto", True, False)}``): a closed choice, checked wh
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -99,3 +102,19 @@ def check_params(
             raise DfkdError(f"{where}: param {prefix}{key} must be {_NAMES[kind]}, got {value!r}")
         if kind is dict and isinstance(defaults.get(key), Mapping):
             check_params(value, defaults[key], where, unknown=False, prefix=f"{prefix}{key}.")
+
+
+def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Recursive dict merge (params override defaults; nested dicts such as ``weights`` merge key by key)."""
+    out = copy.deepcopy(dict(defaults))
+    for k, v in (overrides or {}).items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def params_hash(params: Mapping[str, Any]) -> str:
+    """A short, stable digest of a run's params: the key that tells a resume whether saved work is this run's."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]

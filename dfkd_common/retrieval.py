@@ -5,30 +5,28 @@
 classes. The ``num_select`` lowest become a ``retrieved`` bank, labelled with the teacher's argmax and carrying
 the score, the source it came from and the teacher's logits.
 
-Three phases, each bounded in memory whatever the pool size:
+Three phases of one resumable job (:mod:`dfkd_common.jobs`), each bounded in memory whatever the pool size:
 
 1. **Score** (:func:`score_pool`): stream the pool in batches (DataLoader, optional reader workers) and write
-   score / predicted class / readable flag per row to a work file beside the output
-   (``.<bank>.scores.h5``). The file records how many rows are done and a key (pool fingerprint, teacher
-   checksum, input format); a rerun with the same key resumes after the last flushed batch, so a crash on a
-   pool of millions loses minutes, not hours. Images are never kept.
-2. **Select** (:func:`select_rows`): read the scores back in chunks and keep a running top-k: O(num_select)
-   memory. ``balance`` takes the top-k *per predicted class* with equal quotas (water-filled: a class with
+   score / predicted class / readable flag per row as the job's ``scores`` table, one shard and checkpoint
+   every ``flush_every`` batches; a rerun with the same params, pool and teacher resumes after the last
+   checkpoint, so a crash on a pool of millions loses minutes, not hours. Images are never kept.
+2. **Select** (:func:`select_rows`): read the scores back shard by shard and keep a running top-k:
+   O(num_select) memory. ``balance`` takes the top-k *per predicted class* with equal quotas (water-filled: a class with
    too few candidates gives its unused quota to the others, so counts are within one of each other whenever
    the pool allows). Why: on wild data the teacher's confidence is very uneven across classes (natural
    images look far more like some classes than others, e.g. "1" or "8" for a digit teacher), so a global
    top-k can fill most of the bank with a few classes and starve the rest; the student then never sees those
    classes' decision boundaries. ``selection="random"`` is the paper's "random unlabeled" baseline: the same
    number of readable rows, uniformly at random (seeded), labelled by the teacher in the same way.
-3. **Gather** (:func:`write_bank`): read only the selected rows again, recompute the teacher logits and write
-   the bank atomically (:class:`BankWriter`), in pool order.
+3. **Gather** (:func:`gather_rows`): read only the selected rows again, recompute the teacher logits and write
+   them, in pool order, as the job's ``bank`` table (resumable too), which the job publishes atomically.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,11 +36,12 @@ import numpy as np
 import torch
 
 from dfkd_common.augment_ops import to_float
-from dfkd_common.bank import BankWriter
+from dfkd_common.bank import BankHeader
 from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.data.wild import BankSource, WildPool
 from dfkd_common.engine import Engine, progress
 from dfkd_common.errors import DfkdError
+from dfkd_common.jobs import Job
 from dfkd_common.models import Classifier
 
 SELECTIONS = ("confidence", "random")
@@ -61,16 +60,15 @@ class RetrieveConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # from params: YAML may give 4e3-style numbers as strings (checked to parse by check_params)
+        self.num_select, self.batch_size, self.workers = int(self.num_select), int(self.batch_size), int(self.workers)
+        self.flush_every, self.seed = int(self.flush_every), int(self.seed)
         if self.selection not in SELECTIONS:
             raise DfkdError(f"retrieve: selection must be one of {SELECTIONS}, not {self.selection!r}")
         if self.num_select < 1:
             raise DfkdError(f"retrieve: num_select must be positive, not {self.num_select}")
         if self.batch_size < 1:
             raise DfkdError("retrieve: batch_size must be positive")
-
-
-def scores_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.scores.h5"
 
 
 @torch.no_grad()
@@ -87,70 +85,50 @@ def neg_log_pmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 def score_pool(
-    teacher: Classifier, pool: WildPool, engine: Engine, cfg: RetrieveConfig, work: Path, key: str,
+    teacher: Classifier, pool: WildPool, engine: Engine, cfg: RetrieveConfig, job: Job,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Score every row into the work file ``work`` (resumable); returns counts and timing."""
+    """Score every row into the job's ``scores`` table, resuming after its last checkpoint."""
     n = len(pool)
-    h5 = _open_scores(work, key, n)
-    try:
-        start = int(h5.attrs["done"])
-        t0 = time.perf_counter()
-        teacher.eval()
-        with progress() as bar:
-            task = bar.add_task("score pool", total=n, completed=start, info=f"resumed at {start}" if start else "")
-            for k, batch in enumerate(pool.loader(range(start, n), cfg.batch_size, cfg.workers)):
-                logits = teacher_scores(teacher, batch["images"], engine, cfg.amp)
-                lo, hi = int(batch["index"][0]), int(batch["index"][-1]) + 1
-                ok = batch["ok"].numpy()
-                h5["score"][lo:hi] = np.where(ok, neg_log_pmax(logits).cpu().numpy(), np.inf).astype(np.float32)
-                h5["pred"][lo:hi] = logits.argmax(1).cpu().numpy().astype(np.int32)
-                h5["valid"][lo:hi] = ok
-                if (k + 1) % cfg.flush_every == 0 or hi == n:
-                    h5.attrs["done"] = hi
-                    h5.flush()
-                bar.update(task, completed=hi, info=f"{int((~ok).sum())} unreadable" if not ok.all() else "")
-                if on_batch:
-                    on_batch(hi)
-        seconds = time.perf_counter() - t0
-        h5.attrs["done"] = n
-        unreadable = int(n - _count_valid(h5, n))
-    finally:
-        h5.close()
+    state = job.state if job.state is not None and job.state.get("phase") == "score" else {"done": 0,
+                                                                                          "seconds": 0.0}
+    start, before = int(state["done"]), float(state["seconds"])
+    job.truncate("scores", start)
+    t0 = time.perf_counter()
+    teacher.eval()
+    buf: list[dict[str, np.ndarray]] = []
+
+    def flush(hi: int) -> None:
+        if buf:
+            job.write("scores", **{k: np.concatenate([b[k] for b in buf]) for k in buf[0]})
+            buf.clear()
+        job.checkpoint({"phase": "score", "done": hi, "seconds": before + time.perf_counter() - t0})
+
+    with progress() as bar:
+        task = bar.add_task("score pool", total=n, completed=start, info=f"resumed at {start}" if start else "")
+        for k, batch in enumerate(pool.loader(range(start, n), cfg.batch_size, cfg.workers)):
+            logits = teacher_scores(teacher, batch["images"], engine, cfg.amp)
+            hi = int(batch["index"][-1]) + 1
+            ok = batch["ok"].numpy()
+            buf.append({"score": np.where(ok, neg_log_pmax(logits).cpu().numpy(), np.inf).astype(np.float32),
+                        "pred": logits.argmax(1).cpu().numpy().astype(np.int32), "valid": ok})
+            if (k + 1) % cfg.flush_every == 0 or hi == n:
+                flush(hi)
+            bar.update(task, completed=hi, info=f"{int((~ok).sum())} unreadable" if not ok.all() else "")
+            if on_batch:
+                on_batch(hi)
+    seconds = time.perf_counter() - t0
+    unreadable = n - sum(int(s["valid"].sum()) for s in job.shards("scores"))
     return {"scored": n - start, "resumed_at": start, "seconds": seconds,
             "images_per_s": (n - start) / max(seconds, 1e-9), "unreadable": unreadable}
 
 
-def _open_scores(work: Path, key: str, n: int) -> h5py.File:
-    if work.exists():
-        try:
-            h5 = h5py.File(work, "a")
-            if h5.attrs.get("key") == key and h5["score"].shape[0] == n:
-                return h5
-            h5.close()
-        except (OSError, KeyError):
-            pass
-        work.unlink()
-    work.parent.mkdir(parents=True, exist_ok=True)
-    h5 = h5py.File(work, "w")
-    chunk = (min(max(n, 1), 1 << 16),)
-    h5.create_dataset("score", (n,), np.float32, chunks=chunk, fillvalue=np.inf)
-    h5.create_dataset("pred", (n,), np.int32, chunks=chunk, fillvalue=-1)
-    h5.create_dataset("valid", (n,), bool, chunks=chunk, fillvalue=False)
-    h5.attrs["key"] = key
-    h5.attrs["done"] = 0
-    return h5
-
-
-def _count_valid(h5: h5py.File, n: int) -> int:
-    return sum(int(h5["valid"][i : i + CHUNK].sum()) for i in range(0, n, CHUNK))
-
-
-def _chunks(work: Path) -> Any:
-    with h5py.File(work, "r") as h5:
-        n = h5["score"].shape[0]
-        for i in range(0, n, CHUNK):
-            yield i, h5["score"][i : i + CHUNK], h5["pred"][i : i + CHUNK].astype(np.int64), h5["valid"][i : i + CHUNK]
+def _chunks(job: Job) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(first row, score, pred, valid) per shard of the ``scores`` table."""
+    i = 0
+    for shard in job.shards("scores"):
+        yield i, shard["score"], shard["pred"].astype(np.int64), shard["valid"].astype(bool)
+        i += len(shard["score"])
 
 
 def _keep_lowest(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,20 +160,20 @@ def balanced_quotas(available: np.ndarray, total: int) -> np.ndarray:
     return quota
 
 
-def select_rows(work: Path, num_classes: int, cfg: RetrieveConfig) -> np.ndarray:
-    """Sorted pool rows to keep (see the module docstring); reads the score file in chunks."""
+def select_rows(job: Job, num_classes: int, cfg: RetrieveConfig) -> np.ndarray:
+    """Sorted pool rows to keep (see the module docstring); reads the scores shard by shard."""
     if cfg.selection == "random":
-        valid = np.concatenate([v for _, _, _, v in _chunks(work)])  # 1 byte per row
+        valid = np.concatenate([v for _, _, _, v in _chunks(job)])  # 1 byte per row
         rows = np.flatnonzero(valid)
         rng = np.random.default_rng(cfg.seed)
         return np.sort(rng.choice(rows, size=min(cfg.num_select, len(rows)), replace=False))
     if cfg.balance:
         available = np.zeros(num_classes, dtype=np.int64)
-        for _, _, pred, valid in _chunks(work):
+        for _, _, pred, valid in _chunks(job):
             available += np.bincount(pred[valid], minlength=num_classes)[:num_classes]
         quota = balanced_quotas(available, cfg.num_select)
         best = [(np.zeros(0, np.float32), np.zeros(0, np.int64)) for _ in range(num_classes)]
-        for i, score, pred, valid in _chunks(work):
+        for i, score, pred, valid in _chunks(job):
             for c in np.flatnonzero(quota):
                 m = valid & (pred == c)
                 s, r = best[c]
@@ -203,58 +181,55 @@ def select_rows(work: Path, num_classes: int, cfg: RetrieveConfig) -> np.ndarray
                                        int(quota[c]))
         return np.sort(np.concatenate([r for _, r in best]))
     s, r = np.zeros(0, np.float32), np.zeros(0, np.int64)
-    for i, score, _, valid in _chunks(work):
+    for i, score, _, valid in _chunks(job):
         s, r = _keep_lowest(np.concatenate([s, score[valid]]), np.concatenate([r, i + np.flatnonzero(valid)]),
                             cfg.num_select)
     return np.sort(r)
 
 
-def write_bank(
-    teacher: Classifier, meta: ModelMeta, pool: WildPool, rows: np.ndarray, out: Path, engine: Engine,
-    cfg: RetrieveConfig, attrs: dict[str, Any],
-) -> dict[str, Any]:
-    """Gather the selected rows, label them with the teacher and write the ``retrieved`` bank atomically."""
-    info = meta.dataset
+def gather_rows(
+    teacher: Classifier, header: BankHeader, pool: WildPool, rows: np.ndarray, job: Job, engine: Engine,
+    cfg: RetrieveConfig, state: dict[str, Any],
+) -> None:
+    """Read the selected rows again, label them with the teacher and write them as the job's ``bank`` table.
+
+    Resumable: a shard and checkpoint every ``flush_every`` batches; ``state["cursor"]`` is how many of ``rows``
+    are done (a resume restarts at the last checkpoint's cursor).
+    """
+    cursor = int(state["cursor"])
+    job.truncate("bank", int(state["bank_rows"]))
+    with progress() as bar:
+        task = bar.add_task("write bank", total=len(rows), completed=cursor, info="")
+        for k, batch in enumerate(pool.loader(rows[cursor:], cfg.batch_size, cfg.workers)):
+            ok = batch["ok"]
+            state["skipped"] = int(state["skipped"]) + int((~ok).sum())
+            if ok.any():
+                logits = teacher_scores(teacher, batch["images"][ok], engine, cfg.amp).cpu()
+                job.write("bank", **header.columns(batch["images"][ok], logits.argmax(1), 0,
+                                                    teacher_logits=logits.half(), score=neg_log_pmax(logits),
+                                                    source=batch["source"][ok]))
+            cursor += len(ok)
+            if (k + 1) % cfg.flush_every == 0 or cursor == len(rows):
+                job.checkpoint({**state, "cursor": cursor, "bank_rows": job.rows("bank")})
+            bar.update(task, completed=cursor)
+
+
+def bank_summary(job: Job, info: Any, names: list[str]) -> dict[str, Any]:
+    """Per-class / per-source counts and score figures of the gathered rows (shard by shard)."""
     k = info.num_classes
-    method = "dfnd" if cfg.selection == "confidence" else "dfnd-random"
-    writer = BankWriter(out, channels=info.channels, image_size=info.image_size, kind="retrieved", method=method,
-                        dataset=info.to_dict(), params=attrs.pop("params"), seed=cfg.seed,
-                        teacher_checksum=attrs.pop("teacher_checksum"), parent_checksum=attrs.pop("parent_checksum"),
-                        optional=("teacher_logits", "score", "source"), source_names=pool.names)
     per_class = np.zeros(k, dtype=np.int64)
-    per_source = np.zeros(len(pool.names), dtype=np.int64)
+    per_source = np.zeros(len(names), dtype=np.int64)
     scores: list[np.ndarray] = []
-    skipped = 0
-    try:
-        with progress() as bar:
-            task = bar.add_task("write bank", total=len(rows), info="")
-            for batch in pool.loader(rows, cfg.batch_size, cfg.workers):
-                ok = batch["ok"]
-                skipped += int((~ok).sum())
-                if ok.any():
-                    logits = teacher_scores(teacher, batch["images"][ok], engine, cfg.amp).cpu()
-                    labels = logits.argmax(1)
-                    score = neg_log_pmax(logits)
-                    src = batch["source"][ok]
-                    writer.append(batch["images"][ok], labels, 0, teacher_logits=logits.half(), score=score,
-                                  source=src)
-                    per_class += np.bincount(labels.numpy(), minlength=k)
-                    per_source += np.bincount(src.numpy(), minlength=len(pool.names))
-                    scores.append(score.numpy())
-                bar.update(task, advance=len(ok))
-        for name, value in attrs.items():
-            writer.set_attr(name, value)
-        writer.close()
-    except BaseException:
-        writer.abort(keep_work=False)
-        raise
+    for shard in job.shards("bank"):
+        per_class += np.bincount(shard["labels"], minlength=k)[:k]
+        per_source += np.bincount(shard["source"].astype(np.int64), minlength=len(names))[: len(names)]
+        scores.append(shard["score"])
     all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
     return {
         "selected": int(per_class.sum()),
-        "skipped_unreadable": skipped,
         "per_class": {info.class_names[c] if c < len(info.class_names) else str(c): int(per_class[c])
                       for c in range(k)},
-        "per_source": {pool.names[i]: int(per_source[i]) for i in range(len(pool.names))},
+        "per_source": {names[i]: int(per_source[i]) for i in range(len(names))},
         "score_mean": float(all_scores.mean()) if len(all_scores) else None,
         "score_max": float(all_scores.max()) if len(all_scores) else None,
         "mean_confidence": float(np.exp(-all_scores).mean()) if len(all_scores) else None,
@@ -263,29 +238,44 @@ def write_bank(
 
 def retrieve(
     teacher: Classifier, meta: ModelMeta, teacher_path: Path, pool: WildPool, out: Path, engine: Engine,
-    cfg: RetrieveConfig,
+    cfg: RetrieveConfig, on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Score (resumably), select and write the bank; returns the metrics the stage writes to JSON."""
+    """Score (resumably), select and write the bank; returns the metrics the stage writes to JSON.
+
+    ``on_batch(rows scored so far)`` is called after every scoring batch (tests interrupt a run with it).
+    """
     info = meta.dataset
     teacher_sum = file_checksum(teacher_path)
-    key = json.dumps({"pool": pool.fingerprint(), "teacher": teacher_sum, "amp": cfg.amp}, sort_keys=True)
-    work = scores_path(out)
+    key = {"pool": pool.fingerprint(), "teacher": teacher_sum,
+           **{k: v for k, v in asdict(cfg).items() if k != "workers"}}
     t0 = time.perf_counter()
-    scoring = score_pool(teacher, pool, engine, cfg, work, key)
-    rows = select_rows(work, info.num_classes, cfg)
-    if len(rows) == 0:
-        raise DfkdError(f"no readable images in the wild pool ({len(pool)} rows, all unreadable)")
     bank_sources = [s for s in pool.sources if s.spec.startswith("bank:")]
     parent = file_checksum(bank_sources[0].spec[5:]) if len(pool.sources) == 1 and bank_sources else ""
-    attrs = {"params": asdict(cfg), "teacher_checksum": teacher_sum, "parent_checksum": parent,
-             "wild_sources": [{"spec": s.spec, "rows": len(s)} for s in pool.sources],
-             "pool_size": len(pool), "unreadable": scoring["unreadable"]}
-    written = write_bank(teacher, meta, pool, rows, out, engine, cfg, attrs)
-    work.unlink(missing_ok=True)
-    pool_sources = _pool_source_counts(pool)
+    method = "dfnd" if cfg.selection == "confidence" else "dfnd-random"
+    header = BankHeader(channels=info.channels, image_size=info.image_size, kind="retrieved", method=method,
+                        dataset=info.to_dict(), params=asdict(cfg), seed=cfg.seed, teacher_checksum=teacher_sum,
+                        parent_checksum=parent, optional=("teacher_logits", "score", "source"),
+                        source_names=pool.names)
+    with Job(out, key) as job:
+        if job.state is None or job.state["phase"] == "score":
+            scoring = score_pool(teacher, pool, engine, cfg, job, on_batch)
+            rows = select_rows(job, info.num_classes, cfg)
+            if len(rows) == 0:
+                raise DfkdError(f"no readable images in the wild pool ({len(pool)} rows, all unreadable)")
+            state: dict[str, Any] = {"phase": "gather", "scoring": scoring, "rows": rows, "cursor": 0,
+                                     "bank_rows": 0, "skipped": 0}
+            job.checkpoint(state)
+        else:
+            job.restore_rng()
+            state = dict(job.state)
+        gather_rows(teacher, header, pool, np.asarray(state["rows"]), job, engine, cfg, state)
+        written = bank_summary(job, info, pool.names)
+        scoring = state["scoring"]
+        job.publish_bank(header, {"wild_sources": [{"spec": s.spec, "rows": len(s)} for s in pool.sources],
+                                  "pool_size": len(pool), "unreadable": scoring["unreadable"]})
     return {"method": "dfnd", "selection": cfg.selection, "balance": cfg.balance, "num_select": cfg.num_select,
-            "pool_size": len(pool), "pool_per_source": pool_sources, **scoring, **written,
-            "total_seconds": time.perf_counter() - t0}
+            "pool_size": len(pool), "pool_per_source": _pool_source_counts(pool), **scoring, **written,
+            "skipped_unreadable": int(state["skipped"]), "total_seconds": time.perf_counter() - t0}
 
 
 def _pool_source_counts(pool: WildPool) -> dict[str, int] | None:

@@ -1,8 +1,8 @@
-"""Run a synthesizer for a number of rounds into a bank: resumable, atomic, with teacher logits stored.
+"""Run a synthesizer for a number of rounds into a bank through the job driver (:mod:`dfkd_common.jobs`).
 
-Protocol per round: synthesize -> append to the bank's work file -> commit -> save the synthesizer state
-(which records how many bank rows it has accounted for). A resume truncates the work file to that row count,
-so a crash anywhere in a round redoes exactly that round and never duplicates one.
+Per round: synthesize -> score the quantised images with the teacher -> write them as a shard -> checkpoint the
+synthesizer state. A crash anywhere in a round redoes exactly that round on the rerun (its shard was not
+committed), so no round is lost or duplicated and the bank equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -11,31 +11,38 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from dfkd_common.bank import BankWriter, to_uint8
+from dfkd_common.bank import BankHeader, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.engine import Engine, progress
+from dfkd_common.jobs import Job
 from dfkd_common.models import Classifier
 from dfkd_common.synthesis import build_synthesizer
-from dfkd_common.training import Resume
+
+#: params of ``dfkd synthesize`` that are the run's, not the synthesizer's, with their defaults
+RUN_DEFAULTS: dict[str, Any] = {"rounds": 10, "seed": 0, "amp": "auto", "channels_last": True}
 
 
 @torch.no_grad()
-def append_scored(
-    writer: BankWriter, teacher: Classifier, engine: Engine, images: torch.Tensor, labels: Any, rounds: Any
-) -> torch.Tensor:
-    """Quantise ``images``, append them with the teacher's logits on exactly those stored pixels, commit.
+def scored_rows(header: BankHeader, teacher: Classifier, engine: Engine, images: torch.Tensor, labels: Any,
+                rounds: Any) -> dict[str, np.ndarray]:
+    """Quantise ``images`` and return bank columns with the teacher's logits on exactly those stored pixels.
 
     Shared by offline synthesis and online feeds, so ``teacher_logits`` (what ``dfkd bank info`` reports as
-    agreement and confidence) always describes the bank's uint8 images. Returns the uint8 batch.
+    agreement and confidence) always describes the bank's uint8 images.
     """
     u8 = torch.from_numpy(to_uint8(images))
     x = engine.images(u8.to(engine.device).float().div_(255.0))
     t_logits = teacher(x).float().cpu()
-    writer.append(u8, labels, rounds, teacher_logits=t_logits.half())
-    writer.commit()
-    return u8
+    return header.columns(u8, labels, rounds, teacher_logits=t_logits.half())
+
+
+def split_synthesis_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``dfkd synthesize`` params -> (the run's: rounds, seed, amp, channels_last; the synthesizer's)."""
+    run = {k: params.get(k, v) for k, v in RUN_DEFAULTS.items()}
+    return run, {k: v for k, v in params.items() if k not in RUN_DEFAULTS}
 
 
 def run_synthesis(
@@ -48,27 +55,20 @@ def run_synthesis(
     engine: Engine,
 ) -> dict[str, Any]:
     info = meta.dataset
-    seed = int(params.get("seed", 0))
-    rounds = int(params.get("rounds", 10))
-    cfg = {k: v for k, v in params.items() if k not in ("rounds", "seed")}
+    run, cfg = split_synthesis_params(params)
+    seed, rounds = int(run["seed"]), int(run["rounds"])
     synth = build_synthesizer(method, teacher, info, cfg, engine, seed)
-    resume = Resume.for_output(out, {"method": method, **params, "teacher": file_checksum(teacher_path)})
-    writer = BankWriter(
-        out, channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
-        dataset=info.to_dict(), params=synth.cfg | {"rounds": rounds}, seed=seed,
-        teacher_checksum=file_checksum(teacher_path), optional=("teacher_logits",), resume=True,
-    )
-    state = resume.load()
-    start, elapsed = 0, 0.0
-    if state is not None:
-        synth.load_state_dict(state["synth"])
-        resume.restore_rng(state)
-        writer.truncate(int(state["rows"]))
-        start, elapsed = int(state["round"]), float(state["elapsed"])
-    else:
-        writer.truncate(0)
+    teacher_sum = file_checksum(teacher_path)
+    header = BankHeader(channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
+                        dataset=info.to_dict(), params=synth.cfg | {"rounds": rounds}, seed=seed,
+                        teacher_checksum=teacher_sum, optional=("teacher_logits",))
     logs: dict[str, float] = {}
-    try:
+    with Job(out, {"method": method, **params, "teacher": teacher_sum}) as job:
+        start, elapsed = 0, 0.0
+        if job.state is not None:
+            synth.load_state_dict(job.state["synth"])
+            job.restore_rng()
+            start, elapsed = int(job.state["round"]), float(job.state["elapsed"])
         with progress() as bar:
             task = bar.add_task(f"synthesize {method}", total=rounds, completed=start, info="")
             for r in range(start, rounds):
@@ -76,17 +76,11 @@ def run_synthesis(
                 synth.begin_epoch(r)  # offline there are no student epochs: a round stands for one
                 result = synth.synthesize(r)
                 elapsed += time.perf_counter() - t0
-                append_scored(writer, teacher, engine, result.images, result.labels, r)
-                resume.save({"synth": synth.state_dict(), "rows": len(writer), "round": r + 1, "elapsed": elapsed})
+                job.write("bank", **scored_rows(header, teacher, engine, result.images, result.labels, r))
+                job.checkpoint({"synth": synth.state_dict(), "round": r + 1, "elapsed": elapsed})
                 logs = result.logs
-                bar.update(task, advance=1, info=f"loss {logs.get('loss', float('nan')):.3f} n {len(writer)}")
-        n = len(writer)
-        writer.set_attr("synthesis_seconds", elapsed)
-        writer.set_attr("precision", engine.precision)
-        writer.close()
-    except BaseException:
-        writer.abort(keep_work=True)
-        raise
-    resume.clear()
+                bar.update(task, advance=1, info=f"loss {logs.get('loss', float('nan')):.3f} "
+                           f"n {job.rows('bank')}")
+        n = job.publish_bank(header, {"synthesis_seconds": elapsed, "precision": engine.precision})
     return {"method": method, "images": n, "rounds": rounds, "seconds": elapsed, "precision": engine.precision,
             "images_per_s": n / max(elapsed, 1e-9), "final_losses": logs}

@@ -7,13 +7,11 @@ DataLoader over PIL images several times and makes runs repeatable from the seed
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +22,7 @@ from dfkd_common.checkpoint import load_tree, save_tree
 from dfkd_common.data import ArraySplit
 from dfkd_common.engine import Engine, check_finite, progress, rng_state, set_rng_state
 from dfkd_common.errors import DfkdError
+from dfkd_common.params import params_hash
 
 
 def epoch_batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = True) -> Iterator[torch.Tensor]:
@@ -56,8 +55,15 @@ def accuracy(model: nn.Module, split: ArraySplit, engine: Engine, batch_size: in
     return float((logits.argmax(1) == split.labels).float().mean())
 
 
-def params_hash(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+class Checkpoints(Protocol):
+    """What a training loop needs to resume: :class:`Resume` (a state file) or a job's
+    (:class:`dfkd_common.jobs.JobResume`, whose checkpoint also commits the rows the run recorded)."""
+
+    def load(self) -> dict[str, Any] | None: ...
+
+    def save(self, state: dict[str, Any]) -> None: ...
+
+    def restore_rng(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass
@@ -118,7 +124,7 @@ def train_supervised(
     augment: AugmentConfig,
     engine: Engine,
     seed: int,
-    resume: Resume | None = None,
+    resume: Checkpoints | None = None,
 ) -> tuple[float, list[dict[str, float]]]:
     """Cross-entropy training with cosine LR; returns final test accuracy and the per-epoch history."""
     model = engine.model(model)

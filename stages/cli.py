@@ -9,7 +9,7 @@ from stages import pool as pool_stage
 from stages import retrieve as retrieve_stage
 
 app = typer.Typer(
-    help="dfkd: data-free knowledge distillation. Stages: teacher -> synthesize/retrieve -> augment -> distill.",
+    help="dfkd: data-free knowledge distillation. Stages: teacher -> synthesize | retrieve -> distill -> report.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -26,15 +26,20 @@ app.command("report")(report.main)
 
 @app.command("methods")
 def methods() -> None:
-    """List registered datasets, models, synthesis methods and student losses."""
+    """List every registry: datasets, models, generators, synthesis methods and loss terms, student losses,
+    online methods."""
     from dfkd_common.data import DATASETS
-    from dfkd_common.distill import STUDENT_LOSSES
-    from dfkd_common.models import MODELS
+    from dfkd_common.models import GENERATORS, MODELS
+    from dfkd_common.online import online_methods
+    from dfkd_common.student import STUDENT_LOSSES
     from dfkd_common.synthesis import SYNTHESIZERS
+    from dfkd_common.synthesis.losses import TERMS
 
-    for title, reg in (("datasets", DATASETS), ("models", MODELS), ("synthesis methods", SYNTHESIZERS),
-                       ("student losses", STUDENT_LOSSES)):
-        typer.echo(f"{title}: {', '.join(reg.names())}")
+    for title, names in (("datasets", DATASETS.names()), ("models", MODELS.names()),
+                         ("generators", GENERATORS.names()), ("synthesis methods", SYNTHESIZERS.names()),
+                         ("synthesis loss terms", TERMS.names()), ("student losses", STUDENT_LOSSES.names()),
+                         ("online methods", online_methods())):
+        typer.echo(f"{title}: {', '.join(names)}")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -14,8 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from dfkd_common.errors import DfkdError
-from dfkd_common.params import check_params
-from dfkd_common.synthesis.base import merge
+from dfkd_common.params import check_params, merge
 
 console = Console()  # progress and results: stdout
 err_console = Console(stderr=True)  # errors only, one line each
@@ -86,37 +85,29 @@ def load_params(path: Path, section: str, profile: str | None = None) -> dict[st
     return out
 
 
-def apply_overrides(params: dict[str, Any], sets: list[str] | None, known: Iterable[str] = (), *,
-                    defaults: Mapping[str, Any] | None = None, types: Mapping[str, type] | None = None,
-                    where: str = "params", **explicit: Any) -> dict[str, Any]:
+def apply_overrides(params: dict[str, Any], sets: list[str] | None, *, defaults: Mapping[str, Any],
+                    types: Mapping[str, Any] | None = None, where: str = "params", **explicit: Any) -> dict[str, Any]:
     """The stage's ``defaults``, then ``params`` (the file's section), then the CLI: explicit options that were
-    given, then ``--set a.b=v`` pairs. The result is type-checked against ``defaults`` (and ``types`` for keys
-    whose default is None), so ``--set lr=abc`` ends in one line naming the param, not a traceback.
-
-    A ``--set`` whose top-level key is neither in ``params`` nor in ``known`` (keys the stage accepts but the
-    params file need not list, e.g. a synthesizer's defaults) warns: it is most likely a typo or a path from
-    params.yaml's top, and would otherwise be silently ignored.
+    given, then ``--set a.b=v`` pairs. The result is checked against ``defaults`` (and ``types`` for keys whose
+    default is None or that are closed choices) before any work starts: an unknown key (``epoch: 5`` in the
+    file, ``--set epoch=5``, or a params.yaml path such as ``--set distill.dfad.lr=0.1`` where keys are relative
+    to the stage's section) or a value of the wrong type is one error line naming it, never silently ignored.
+    Nested mappings (``online``, ``loss_cfg``, ``augment``) are checked by the components they configure.
     """
-    out = merge({**(defaults or {}), **params}, {k: v for k, v in explicit.items() if v is not None})
-    known = set(known) | set(defaults or {}) | set(types or {})
+    out = merge({**defaults, **params}, {k: v for k, v in explicit.items() if v is not None})
     for item in sets or []:
         if "=" not in item:
             raise DfkdError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw)
         parts = key.split(".")
-        if parts[0] not in out and parts[0] not in known:
-            err_console.print(f"[yellow]warning:[/] --set {key}: this stage has no param {parts[0]!r}; "
-                              "it is added, but keys are relative to the stage's section (e.g. --set lr=0.1, "
-                              f"not distill.<name>.lr); known: {', '.join(sorted(set(out) | known))}",
-                              highlight=False, soft_wrap=True)
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise DfkdError(f"--set {key}: {p} is not a mapping")
         node[parts[-1]] = value
-    check_params(out, defaults or {}, where, types=types, unknown=False)
+    check_params(out, defaults, where, types=types)
     return out
 
 

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from dfkd_common import __version__
-from dfkd_common.augment_ops import augment_config
-from dfkd_common.bank import Bank, BankWriter, load_bank
+from dfkd_common.bank import Bank, BankHeader, load_bank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
 from dfkd_common.data import get_dataset
-from dfkd_common.distill import STUDENT_LOSSES, BankFeed, DistillConfig, distill
+from dfkd_common.distill import BankFeed, DistillConfig, distill
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
 from dfkd_common.errors import DfkdError
+from dfkd_common.jobs import Job, JobResume, OutputLock
 from dfkd_common.models import build_model
 from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
+from dfkd_common.student import STUDENT_LOSSES
 from dfkd_common.training import Resume
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
@@ -25,21 +28,13 @@ DEFAULTS: dict[str, Any] = {
     "student": "lenet5_half",
     "student_kwargs": {},
     "loss": "kd",
-    "loss_cfg": {},
-    "epochs": 20,
-    "batch_size": 256,
-    "kd_steps": None,
-    "lr": 0.05,
-    "optimizer": "sgd",
-    "weight_decay": 5e-4,
-    "augment": {"crop_pad": 2, "flip": False},
-    "amp": False,
-    "seed": 0,
+    "loss_cfg": {},  # checked by the loss (its own defaults)
     "test_dataset": None,  # default: the teacher's dataset
     "data_root": None,
     # online synthesis (`--online M`): feed params (g_loops, warmup, warmup_loops; DFAD: iterations, ...),
     # `amp` for the synthesis passes, `method` (the CLI's --online wins), and the method's own params
     "online": {},
+    **asdict(DistillConfig()),  # epochs, batch_size, kd_steps, lr, optimizer, weight_decay, augment, amp, seed
 }
 # params whose default is None, and closed choices
 TYPES: dict[str, Any] = {"kd_steps": int, "test_dataset": str, "data_root": str, "amp": AMP_VALUES}
@@ -101,82 +96,74 @@ def main(
     test = get_dataset(test_name, **same).load("test", params["data_root"])
     s_model = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
                           image_size=info.image_size, **params["student_kwargs"])
-    # teacher_meta_accuracy: the checkpoint's measured accuracy, for losses that need it (dfnd's Q diagonal)
-    loss_fn = loss_cls({"teacher_meta_accuracy": t_meta.accuracy, **params["loss_cfg"]}, t_model, s_model)
-    cfg = DistillConfig(
-        epochs=int(params["epochs"]), batch_size=int(params["batch_size"]),
-        kd_steps=params["kd_steps"], lr=float(params["lr"]), optimizer=params["optimizer"],
-        weight_decay=float(params["weight_decay"]), augment=augment_config(params["augment"]),
-        amp=engine.amp, seed=int(params["seed"]),
-    )
+    # the checkpoint's measured accuracy, for losses that need it (dfnd's Q diagonal)
+    loss_fn = loss_cls(params["loss_cfg"], t_model, s_model, teacher_accuracy=t_meta.accuracy)
+    cfg = DistillConfig.from_params(params, engine.amp)
     if method is not None:
         bank_out = bank_out or out.with_name(f"{out.stem}.bank.h5")
-    resume = Resume.for_output(out, {**params, "bank": str(bank), "teacher": str(teacher), "online": method,
-                                     "online_cfg": online_cfg, "bank_out": str(bank_out)})
-    if method is not None:
-        assert bank_out is not None
-        resuming = resume.load() is not None  # else a stale work file belongs to other params: start over
-        feed: BankFeed = online_feed(method, online_cfg, t_model, teacher, info, data, bank_out, params, engine,
-                                     resuming)
-        source = f"online {method}" + (f" + {bank.name} ({len(data)} images)" if bank and data else "")
-    else:
-        assert data is not None and bank is not None
-        feed = BankFeed(data.images, data.labels, engine.device)
-        source = f"{bank.name} ({len(data)} images)"
-    console.print(f"distill {params['student']} from {source}, teacher acc {t_meta.accuracy}")
-    console.print(f"student: {engine.describe()}")
-    if isinstance(feed, RecordedFeed):
-        console.print(f"{method} synthesis: {feed.ctx.engine.describe()}")
-    t0 = time.perf_counter()
-    try:
+    key = {**params, "bank": str(bank), "teacher": str(teacher), "online": method, "online_cfg": online_cfg,
+           "bank_out": str(bank_out)}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(OutputLock(out))  # a second run on the same student refuses while this one lives
+        job: Job | None = None
+        if method is not None:
+            assert bank_out is not None
+            job = stack.enter_context(Job(bank_out, key))
+            feed: BankFeed = online_feed(method, online_cfg, t_model, teacher, info, data, job, params, engine)
+            resume: Resume | JobResume = JobResume(job)
+            source = f"online {method}" + (f" + {bank.name} ({len(data)} images)" if bank and data else "")
+        else:
+            assert data is not None and bank is not None
+            feed = BankFeed(data.images, data.labels, engine.device)
+            resume = Resume.for_output(out, key)
+            source = f"{bank.name} ({len(data)} images)"
+        console.print(f"distill {params['student']} from {source}, teacher acc {t_meta.accuracy}")
+        console.print(f"student: {engine.describe()}")
+        if isinstance(feed, RecordedFeed):
+            console.print(f"{method} synthesis: {feed.ctx.engine.describe()}")
+        t0 = time.perf_counter()
         acc, history = distill(t_model, s_model, feed, test, loss_fn, cfg, engine, resume)
-    except BaseException:
-        feed.abort()
-        raise
-    seconds = time.perf_counter() - t0
-    meta = ModelMeta(params["student"], params["student_kwargs"], info, acc,
-                     {**params, "bank": str(bank)}, now(), __version__, "student")
-    save_model(out, s_model, meta)
-    t_acc = t_meta.accuracy
-    summary = {"name": name or params["student"], "test_acc": acc, "teacher_acc": t_acc,
-               "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": str(bank),
-               "bank_size": len(data) if data is not None else 0, "epochs": cfg.epochs, "seconds": seconds,
-               "precision": engine.precision,
-               "best_epoch_test_acc (selected on test, for reference only)":
-                   max((h["test_acc"] for h in history), default=acc)}
-    if isinstance(feed, RecordedFeed):
-        stats = feed.stats()
-        summary.update({"online": method, "bank_out": str(bank_out), "bank_size": stats["bank_rows"],
-                        **{f"online_{k}": v for k, v in stats.items()}})
-    if metrics:
-        write_json(metrics, summary)
-    if plots:
-        write_json(plots, history)
-    resume.clear()
+        seconds = time.perf_counter() - t0
+        meta = ModelMeta(params["student"], params["student_kwargs"], info, acc,
+                         {**params, "bank": str(bank)}, now(), __version__, "student")
+        save_model(out, s_model, meta)
+        t_acc = t_meta.accuracy
+        summary = {"name": name or params["student"], "test_acc": acc, "teacher_acc": t_acc,
+                   "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": str(bank),
+                   "bank_size": len(data) if data is not None else 0, "epochs": cfg.epochs, "seconds": seconds,
+                   "precision": engine.precision,
+                   "best_epoch_test_acc (selected on test, for reference only)":
+                       max((h["test_acc"] for h in history), default=acc)}
+        if isinstance(feed, RecordedFeed) and job is not None:
+            stats = feed.stats()
+            job.publish_bank(feed.ctx.header, stats)
+            summary.update({"online": method, "bank_out": str(bank_out), "bank_size": stats["bank_rows"],
+                            **{f"online_{k}": v for k, v in stats.items()}})
+        if metrics:
+            write_json(metrics, summary)
+        if plots:
+            write_json(plots, history)
+        resume.clear()
     console.print(f"student test accuracy {acc:.4f} (teacher {t_acc}) -> {out}")
 
 
 def online_feed(
-    method: str, cfg: dict[str, Any], t_model: Any, teacher: Path, info: Any, data: Bank | None,
-    bank_out: Path, params: dict[str, Any], engine: Engine, resuming: bool,
+    method: str, cfg: dict[str, Any], t_model: Any, teacher: Path, info: Any, data: Bank | None, job: Job,
+    params: dict[str, Any], engine: Engine,
 ) -> RecordedFeed:
-    """The online feed plus its bank writer (reopened when a previous run left a work file)."""
+    """The online feed recording into ``job`` (its synthesis engine picks its own precision: ``online.amp``)."""
     syn_engine = Engine.create(engine.device, amp=cfg.pop("amp", "auto"), channels_last=engine.channels_last,
                                where="distill: param online.amp")
-    writer = BankWriter(
-        bank_out, channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
+    header = BankHeader(
+        channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
         dataset=info.to_dict(), params={"online": cfg, "distill": params}, seed=int(params["seed"]),
         teacher_checksum=file_checksum(teacher),
         parent_checksum=file_checksum(data.path) if data is not None else "",
-        optional=("teacher_logits",), resume=resuming,
+        optional=("teacher_logits",),
     )
-    ctx = FeedContext(t_model, info, syn_engine, writer, data, int(params["seed"]), int(params["batch_size"]),
+    ctx = FeedContext(t_model, info, syn_engine, job, header, data, int(params["seed"]), int(params["batch_size"]),
                       int(params["epochs"]))
-    try:
-        return build_online_feed(method, ctx, cfg)
-    except BaseException:
-        writer.abort(keep_work=resuming)  # bad params on a fresh run: leave no work file behind
-        raise
+    return build_online_feed(method, ctx, cfg)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,10 @@ from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console
 
 DEFAULTS: dict[str, Any] = {
     "wild": [],  # source specs: folder:PATH | bank:PATH | dataset:NAME[:SPLIT] (or a bare path / name)
-    "num_select": 5000,
-    "balance": False,
-    "selection": "confidence",  # | random (the paper's "random unlabeled" baseline)
-    "batch_size": 512,
-    "workers": 0,
-    "amp": False,
-    "flush_every": 20,
     "data_root": None,
-    "seed": 0,
+    # num_select, balance, selection (confidence | random: the paper's "random unlabeled" baseline), batch_size,
+    # workers, amp, flush_every, seed
+    **asdict(RetrieveConfig()),
 }
 TYPES: dict[str, Any] = {"data_root": str, "wild": object, "amp": AMP_VALUES}  # wild: one spec or a list of them
 
@@ -71,12 +67,8 @@ def main(
         specs = [specs]
     if not specs:
         raise DfkdError("no wild pool: give --wild SOURCE (repeatable) or retrieve.wild in the params file")
-    cfg = RetrieveConfig(
-        num_select=int(params["num_select"]), balance=bool(params["balance"]), selection=str(params["selection"]),
-        batch_size=int(params["batch_size"]), workers=int(params["workers"]),
-        amp=resolve_amp(params["amp"], resolve_device(device)),
-        flush_every=int(params["flush_every"]), seed=int(params["seed"]),
-    )
+    cfg = RetrieveConfig(**{k: params[k] for k in asdict(RetrieveConfig())} | {
+        "amp": resolve_amp(params["amp"], resolve_device(device))})
     seed_everything(cfg.seed)
     engine = Engine.create(device, amp=cfg.amp)
     console.print(f"retrieve: {engine.describe()}")

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from dfkd_common.checkpoint import load_model
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
 from dfkd_common.synthesis import SYNTHESIZERS
-from dfkd_common.synthesize import run_synthesis
+from dfkd_common.synthesize import RUN_DEFAULTS, run_synthesis
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
+
+
+def resolve_params(params_file: Path, method: str, sets: list[str] | None = None, **cli: Any) -> dict[str, Any]:
+    """The run's params: the run's and the method's defaults, ``synthesize.common`` + ``synthesize.<method>`` of
+    the file, then the CLI; checked (an unknown key or a wrong type is one error line)."""
+    cls = SYNTHESIZERS.get(method)  # unknown names fail before any work
+    return apply_overrides(load_params(params_file, "synthesize", method), sets,
+                           defaults={**RUN_DEFAULTS, **cls.param_defaults()}, where=method,
+                           types={"amp": AMP_VALUES, **cls.param_types}, **cli)
 
 
 @errors
@@ -26,15 +36,10 @@ def main(
     device: str = DeviceOpt,
 ) -> None:
     """Synthesize a bank with METHOD; rerunning an interrupted command resumes it."""
-    cls = SYNTHESIZERS.get(method)  # unknown names fail before any work
-    params = apply_overrides(load_params(params_file, "synthesize", method), sets, known=cls.param_defaults(),
-                             where=method, types={"rounds": int, "seed": int, "amp": AMP_VALUES,
-                                                  "channels_last": bool},
-                             rounds=rounds, seed=seed)
+    params = resolve_params(params_file, method, sets, rounds=rounds, seed=seed)
     ensure_writable(out, metrics)
-    seed_everything(int(params.get("seed", 0)))
-    engine = Engine.create(device, amp=params.pop("amp", "auto"),
-                           channels_last=bool(params.pop("channels_last", True)))
+    seed_everything(int(params["seed"]))
+    engine = Engine.create(device, amp=params["amp"], channels_last=bool(params["channels_last"]))
     console.print(f"synthesize {method}: {engine.describe()}")
     model, meta = load_model(teacher, engine.device)
     result = run_synthesis(method, model, meta, teacher, out, params, engine)

@@ -12,6 +12,7 @@ from dfkd_common.augment_ops import augment_config
 from dfkd_common.checkpoint import ModelMeta, now, save_model
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
+from dfkd_common.jobs import OutputLock
 from dfkd_common.models import build_model
 from dfkd_common.training import Resume, train_supervised
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params, require
@@ -67,18 +68,19 @@ def train(
     console.print(f"teacher {params['arch']} on {info.name}: {len(train_split)} train / {len(test_split)} test; "
                   f"{engine.describe()}")
     resume = Resume.for_output(out, params)
-    acc, history = train_supervised(
-        model, train_split, test_split,
-        epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
-        optimizer=params["optimizer"], weight_decay=float(params["weight_decay"]),
-        augment=augment_config(params["augment"]), engine=engine, seed=int(params["seed"]), resume=resume,
-    )
-    meta = ModelMeta(params["arch"], params["arch_kwargs"], info, acc, params, now(), __version__, "teacher")
-    save_model(out, model, meta)
-    if metrics:
-        write_json(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name,
-                             "precision": engine.precision, "epochs": len(history), "history": history})
-    resume.clear()
+    with OutputLock(out):  # a second run on the same output refuses while this one lives
+        acc, history = train_supervised(
+            model, train_split, test_split,
+            epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
+            optimizer=params["optimizer"], weight_decay=float(params["weight_decay"]),
+            augment=augment_config(params["augment"]), engine=engine, seed=int(params["seed"]), resume=resume,
+        )
+        meta = ModelMeta(params["arch"], params["arch_kwargs"], info, acc, params, now(), __version__, "teacher")
+        save_model(out, model, meta)
+        if metrics:
+            write_json(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name,
+                                 "precision": engine.precision, "epochs": len(history), "history": history})
+        resume.clear()
     console.print(f"teacher test accuracy {acc:.4f} -> {out}")
 
 

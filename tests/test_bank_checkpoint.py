@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dfkd_common import __version__
-from dfkd_common.bank import BankWriter, bank_info, load_bank, work_path
+from dfkd_common.bank import BankWriter, bank_info, load_bank
 from dfkd_common.checkpoint import ModelMeta, load_model, load_tree, now, read_meta, save_model, save_tree
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import rng_state, set_rng_state
@@ -66,23 +66,7 @@ def test_failed_writer_leaves_no_file_and_keeps_old_bank(tmp_path: Path) -> None
             w.append(torch.rand(3, 1, 32, 32), [0, 1, 2], 0)
             raise RuntimeError("killed")
     assert path.read_bytes() == before  # the good bank survives a failed re-run
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".b.h5.work", "b.h5"]
-
-
-def test_resume_truncates_to_last_commit(tmp_path: Path) -> None:
-    path = tmp_path / "b.h5"
-    w = BankWriter(path, channels=1, image_size=32, kind="synthetic", method="m", dataset=INFO.to_dict())
-    w.append(torch.rand(4, 1, 32, 32), [0] * 4, 0)
-    w.commit()
-    w.append(torch.rand(4, 1, 32, 32), [1] * 4, 1)  # never committed: the process "dies" here
-    w.abort()
-    assert work_path(path).exists() and not path.exists()
-    w2 = BankWriter(path, channels=1, image_size=32, kind="synthetic", method="m", dataset=INFO.to_dict(),
-                    resume=True)
-    assert len(w2) == 4 and w2.max_round() == 0
-    w2.append(torch.rand(4, 1, 32, 32), [1] * 4, 1)
-    w2.close()
-    assert load_bank(path).rounds.tolist() == [0] * 4 + [1] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.h5"]  # and nothing half-written is left
 
 
 def test_wrong_schema_version_is_refused(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from dfkd_common.bank import BankWriter
 from dfkd_common.data import get_dataset
+from dfkd_common.errors import DfkdError
 
 INFO = get_dataset("mnist5k").info
 
@@ -118,19 +119,18 @@ def test_nan_loss_stops_without_clobbering_the_old_student(tmp_path: Path, repo:
     assert not [n for n in listing(tmp_path) if n.endswith(".partial")]
 
 
-def test_set_of_an_unknown_key_warns_instead_of_passing_silently(capsys: pytest.CaptureFixture[str]) -> None:
-    """`--set distill.dfad.lr=0.1` (a params.yaml path, not a stage key) must not be silently ignored."""
+def test_unknown_keys_are_one_error_line_not_ignored() -> None:
+    """`--set epoch=5`, or `--set distill.dfad.lr=0.1` (a params.yaml path, not a stage key), is an error."""
     from stages.common import apply_overrides
 
-    out = apply_overrides({"lr": 0.05, "online": {"ngf": 16}}, ["lr=0.1", "online.ngf=32"])
-    assert out == {"lr": 0.1, "online": {"ngf": 32}}
-    assert "warning" not in capsys.readouterr().err
-    # a key the stage accepts without the params file listing it (a synthesizer default) is no typo
-    assert apply_overrides({}, ["g_steps=5"], known=["g_steps"]) == {"g_steps": 5}
-    assert "warning" not in capsys.readouterr().err
-    apply_overrides({"lr": 0.05}, ["distill.dfad.lr=0.1"])
-    err = capsys.readouterr().err
-    assert "warning" in err and "'distill'" in err and "lr=0.1" in err
+    defaults = {"lr": 0.05, "epochs": 20, "online": {}}
+    out = apply_overrides({"lr": 0.05, "online": {"ngf": 16}}, ["lr=0.1", "online.ngf=32"], defaults=defaults)
+    assert out == {"lr": 0.1, "epochs": 20, "online": {"ngf": 32}}
+    for bad, name in (("epoch=5", "epoch"), ("distill.dfad.lr=0.1", "distill")):
+        with pytest.raises(DfkdError, match=rf"unknown param\(s\) {name} \(known: epochs, lr, online\)"):
+            apply_overrides({}, [bad], defaults=defaults)
+    with pytest.raises(DfkdError, match="unknown param"):  # a typo in the params file's section too
+        apply_overrides({"epoch": 5}, None, defaults=defaults)
 
 
 @pytest.mark.parametrize(("stage", "override", "pattern"), [
@@ -146,6 +146,9 @@ def test_set_of_an_unknown_key_warns_instead_of_passing_silently(capsys: pytest.
     ("synthesize", "amp=maybe", "param amp must be one of auto, true, false"),
     ("distill", "amp=1", "param amp must be one of auto, true, false"),
     ("distill", "online.amp=fast", "online.amp must be auto, true or false"),
+    ("distill", "epoch=5", "distill: unknown param(s) epoch"),
+    ("distill", "loss_cfg.taux=4", "unknown param(s) taux"),
+    ("synthesize", "gsteps=5", "dafl: unknown param(s) gsteps"),
 ])
 def test_wrong_param_type_is_one_line(tmp_path: Path, repo: Path, teacher_ckpt: Path, stage: str, override: str,
                                       pattern: str) -> None:

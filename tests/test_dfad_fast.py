@@ -11,13 +11,13 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from dfkd_common.bank import BankWriter, load_bank
+from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model
-from dfkd_common.distill import STUDENT_LOSSES, Batch
 from dfkd_common.engine import Engine
+from dfkd_common.functional import l1_discrepancy
 from dfkd_common.models import build_generator, build_model
-from dfkd_common.online import FeedContext, build_online_feed
-from dfkd_common.online.dfad import l1_discrepancy
+from dfkd_common.online import build_online_feed, recording
+from dfkd_common.student import STUDENT_LOSSES, Batch
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.fast import accumulate_grads
 from stages.cli import app
@@ -38,26 +38,22 @@ def test_dfad_generator_step_increases_discrepancy(teacher_ckpt: Path, tmp_path:
     torch.manual_seed(0)
     teacher, meta = load_model(teacher_ckpt)
     info = meta.dataset
-    engine = _engine()
-    writer = BankWriter(tmp_path / "b.h5", channels=1, image_size=32, kind="synthetic", method="dfad",
-                        dataset=info.to_dict(), optional=("teacher_logits",))
-    ctx = FeedContext(teacher, info, engine, writer, batch_size=64)
-    feed = build_online_feed("dfad", ctx, {"nz": 16, "ngf": 8, "lr_g": 0.01, "record": 0})
-    student = build_model("lenet5_half", 10, 1, info.mean, info.std)
-    feed.before_epoch(0, student)
-    z = torch.randn(128, 16)
+    with recording(tmp_path / "b.h5", teacher, info, _engine(), "dfad", batch_size=64) as ctx:
+        feed = build_online_feed("dfad", ctx, {"nz": 16, "ngf": 8, "lr_g": 0.01, "record": 0})
+        student = build_model("lenet5_half", 10, 1, info.mean, info.std)
+        feed.before_epoch(0, student)
+        z = torch.randn(128, 16)
 
-    def gap() -> float:
-        with torch.no_grad():
-            x = feed.generator(z)  # type: ignore[attr-defined]
-            return float(l1_discrepancy(student(x), teacher(x)))
+        def gap() -> float:
+            with torch.no_grad():
+                x = feed.generator(z)  # type: ignore[attr-defined]
+                return float(l1_discrepancy(student(x), teacher(x)))
 
-    before = gap()
-    for _ in range(5):
-        feed.generator_step(64)  # type: ignore[attr-defined]
-    assert gap() > before
-    assert all(p.grad is None for p in student.parameters())  # the student is not trained by G's step
-    writer.abort(keep_work=False)
+        before = gap()
+        for _ in range(5):
+            feed.generator_step(64)  # type: ignore[attr-defined]
+        assert gap() > before
+        assert all(p.grad is None for p in student.parameters())  # the student is not trained by G's step
 
 
 def test_dfad_ie_option_balances_the_generators_classes(teacher_ckpt: Path, tmp_path: Path) -> None:
@@ -68,16 +64,13 @@ def test_dfad_ie_option_balances_the_generators_classes(teacher_ckpt: Path, tmp_
 
     def class_entropy(ie: float) -> float:
         torch.manual_seed(0)  # the same generator and student initialisation for both weights
-        writer = BankWriter(tmp_path / f"ie{ie}.h5", channels=1, image_size=32, kind="synthetic", method="dfad",
-                            dataset=info.to_dict(), optional=("teacher_logits",))
-        feed = build_online_feed("dfad", FeedContext(teacher, info, _engine(), writer, batch_size=64),
-                                 {"nz": 16, "ngf": 8, "lr_g": 0.01, "record": 0, "ie": ie})
-        feed.before_epoch(0, build_model("lenet5_half", 10, 1, info.mean, info.std))
-        for _ in range(15):
-            feed.generator_step(64)  # type: ignore[attr-defined]
-        with torch.no_grad():
-            pbar = torch.softmax(teacher(feed.generator(z)), 1).mean(0)  # type: ignore[attr-defined]
-        writer.abort(keep_work=False)
+        with recording(tmp_path / f"ie{ie}.h5", teacher, info, _engine(), "dfad", batch_size=64) as ctx:
+            feed = build_online_feed("dfad", ctx, {"nz": 16, "ngf": 8, "lr_g": 0.01, "record": 0, "ie": ie})
+            feed.before_epoch(0, build_model("lenet5_half", 10, 1, info.mean, info.std))
+            for _ in range(15):
+                feed.generator_step(64)  # type: ignore[attr-defined]
+            with torch.no_grad():
+                pbar = torch.softmax(teacher(feed.generator(z)), 1).mean(0)  # type: ignore[attr-defined]
         return float(-(pbar * pbar.clamp_min(1e-8).log()).sum())
 
     assert class_entropy(10.0) > class_entropy(0.0) + 0.1
@@ -85,22 +78,22 @@ def test_dfad_ie_option_balances_the_generators_classes(teacher_ckpt: Path, tmp_
 
 def test_dfad_batches_alternate_generator_and_student_steps(teacher_ckpt: Path, tmp_path: Path) -> None:
     teacher, meta = load_model(teacher_ckpt)
-    writer = BankWriter(tmp_path / "b.h5", channels=1, image_size=32, kind="synthetic", method="dfad",
-                        dataset=meta.dataset.to_dict(), optional=("teacher_logits",))
-    ctx = FeedContext(teacher, meta.dataset, _engine(), writer, batch_size=16)
-    feed = build_online_feed("dfad", ctx, {"nz": 8, "ngf": 4, "student_steps": 5, "iterations": 3, "record": 4})
-    assert len(feed) == 3 * 5 * 16
-    logs = feed.before_epoch(0, build_model("lenet5_half", 10, 1, meta.dataset.mean, meta.dataset.std))
-    calls = []
-    real = feed.generator_step  # type: ignore[attr-defined]
-    feed.generator_step = lambda n: calls.append(n) or real(n)  # type: ignore[attr-defined]
-    it = feed.batches(16, torch.Generator())
-    for _ in range(11):
-        x, y = next(it)
-        assert x.shape == (16, 1, 32, 32) and bool((y == -1).all())
-    assert len(calls) == 3  # before steps 0, 5 and 10
-    assert logs["bank_size"] == 4 and "g_l1" in logs
-    feed.finish()
+    with recording(tmp_path / "b.h5", teacher, meta.dataset, _engine(), "dfad", batch_size=16) as ctx:
+        feed = build_online_feed("dfad", ctx, {"nz": 8, "ngf": 4, "student_steps": 5, "iterations": 3,
+                                               "record": 4})
+        assert len(feed) == 3 * 5 * 16
+        logs = feed.before_epoch(0, build_model("lenet5_half", 10, 1, meta.dataset.mean, meta.dataset.std))
+        calls = []
+        real = feed.generator_step  # type: ignore[attr-defined]
+        feed.generator_step = lambda n: calls.append(n) or real(n)  # type: ignore[attr-defined]
+        it = feed.batches(16, torch.Generator())
+        for _ in range(11):
+            x, y = next(it)
+            assert x.shape == (16, 1, 32, 32) and bool((y == -1).all())
+        assert len(calls) == 3  # before steps 0, 5 and 10
+        assert logs["bank_size"] == 4 and "g_l1" in logs
+        feed.finish()
+        ctx.job.publish_bank(ctx.header, feed.stats())
     bank = load_bank(tmp_path / "b.h5")
     assert len(bank) == 4 and bank.rounds.tolist() == [0] * 4
 

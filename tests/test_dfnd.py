@@ -14,12 +14,12 @@ from typer.testing import CliRunner
 from dfkd_common.bank import BankWriter, load_bank
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data.wild import WildPool, convert_channels
-from dfkd_common.distill import STUDENT_LOSSES, Batch
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_model
-from dfkd_common.noise_adaptation import transition_matrix
 from dfkd_common.retrieval import balanced_quotas, neg_log_pmax
+from dfkd_common.student import STUDENT_LOSSES, Batch
+from dfkd_common.student.noise_adaptation import transition_matrix
 from dfkd_common.training import predict
 from stages.cli import app
 
@@ -58,7 +58,7 @@ def test_transition_matrix_rows_sum_to_one_with_fixed_diagonal() -> None:
 def test_dfnd_loss_trains_theta_with_its_own_adam(teacher_ckpt: Path) -> None:
     teacher, meta = load_model(teacher_ckpt)
     student = build_model("lenet5_half", 10, 1, meta.dataset.mean, meta.dataset.std)
-    loss_fn = STUDENT_LOSSES.get("dfnd")({"teacher_meta_accuracy": meta.accuracy}, teacher, student)
+    loss_fn = STUDENT_LOSSES.get("dfnd")({}, teacher, student, teacher_accuracy=meta.accuracy)
     assert loss_fn.acc == pytest.approx(meta.accuracy)
     opt = loss_fn.extra_optimizer()
     assert opt is not None and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
@@ -72,7 +72,7 @@ def test_dfnd_loss_trains_theta_with_its_own_adam(teacher_ckpt: Path) -> None:
     # an explicit param wins; without metadata and param the error says what to set
     assert STUDENT_LOSSES.get("dfnd")({"teacher_acc": 0.5}, teacher, student).acc == 0.5
     with pytest.raises(DfkdError, match="teacher_acc"):
-        STUDENT_LOSSES.get("dfnd")({"teacher_meta_accuracy": None}, teacher, student)
+        STUDENT_LOSSES.get("dfnd")({}, teacher, student, teacher_accuracy=None)
 
 
 # ------------------------------------------------------------------------------------------ pools
@@ -152,7 +152,8 @@ def test_balanced_mode_counts_within_one(teacher_ckpt: Path, mnist_test, tmp_pat
 
 
 def test_resumed_scoring_gives_the_same_bank(teacher_ckpt: Path, mnist_test, tmp_path: Path) -> None:
-    from dfkd_common.retrieval import RetrieveConfig, retrieve, score_pool, scores_path
+    from dfkd_common.jobs import work_dir
+    from dfkd_common.retrieval import RetrieveConfig, retrieve
 
     teacher, meta = load_model(teacher_ckpt)
     pool_path = write_pool(tmp_path / "pool.h5", mnist_test.images[:300])
@@ -168,17 +169,14 @@ def test_resumed_scoring_gives_the_same_bank(teacher_ckpt: Path, mnist_test, tmp
             raise Stop
 
     out = tmp_path / "b.h5"
-    import json as _json
-
-    from dfkd_common.checkpoint import file_checksum
-    key = _json.dumps({"pool": pool.fingerprint(), "teacher": file_checksum(teacher_ckpt), "amp": False},
-                      sort_keys=True)
     with pytest.raises(Stop):
-        score_pool(teacher, pool, ENGINE, cfg, scores_path(out), key, on_batch=crash)
+        retrieve(teacher, meta, teacher_ckpt, pool, out, ENGINE, cfg, on_batch=crash)
+    assert work_dir(out).is_dir() and not out.exists()
     resumed = retrieve(teacher, meta, teacher_ckpt, pool, out, ENGINE, cfg)
     assert resumed["resumed_at"] == 160 and resumed["scored"] == 140
     assert torch.equal(load_bank(tmp_path / "a.h5").images, load_bank(out).images)
     assert full["per_class"] == resumed["per_class"]
+    assert not work_dir(out).exists()
 
 
 # ------------------------------------------------------------------------------------- bad inputs

@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_cli_errors import assert_one_line_error, dfkd, small_bank
 
-from dfkd_common.bank import BankWriter, load_bank, verify_bank, work_path
+from dfkd_common.bank import load_bank, verify_bank
 from dfkd_common.checkpoint import (
     ModelMeta,
     UnverifiedWarning,
@@ -230,29 +230,3 @@ def test_teacher_train_on_digits_with_the_default_arch_beats_chance(tmp_path: Pa
     assert acc > 0.7, acc  # 10 classes: chance is 0.1
     _, meta = load_model(out)
     assert meta.arch == "lenet5" and meta.dataset.image_size == 28
-
-
-# ------------------------------------------------------------------------------------------------ work files
-def test_a_work_file_that_cannot_be_opened_is_left_alone(tmp_path: Path) -> None:
-    out = tmp_path / "b.h5"
-    work = work_path(out)
-    work.write_bytes(b"not hdf5 at all: a damaged work file a user may still want")
-    with pytest.raises(DfkdError, match="cannot reopen the work file"):
-        BankWriter(out, channels=1, image_size=32, kind="synthetic", method="t", dataset=INFO.to_dict(),
-                   resume=True)
-    assert work.read_bytes().startswith(b"not hdf5")
-
-
-def test_a_work_file_held_by_a_live_run_is_not_destroyed(tmp_path: Path) -> None:
-    out = tmp_path / "b.h5"
-    first = BankWriter(out, channels=1, image_size=32, kind="synthetic", method="t", dataset=INFO.to_dict())
-    first.append(torch.rand(8, 1, 32, 32), torch.arange(8), 0)
-    first.commit()
-    code = ("import sys\nfrom dfkd_common.bank import BankWriter\nfrom dfkd_common.data import get_dataset\n"
-            f"BankWriter({str(out)!r}, channels=1, image_size=32, kind='synthetic', method='t', "
-            "dataset=get_dataset('mnist5k').info.to_dict(), resume=True)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and "another run is writing it" in proc.stderr, proc.stderr[-2000:]
-    first.append(torch.rand(8, 1, 32, 32), torch.arange(8), 1)  # the first run goes on undisturbed
-    first.close()
-    assert len(load_bank(out)) == 16

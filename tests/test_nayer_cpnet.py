@@ -14,7 +14,7 @@ import yaml
 from torch import nn
 from typer.testing import CliRunner
 
-from dfkd_common.bank import BankWriter, load_bank
+from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model, load_tree, save_tree
 from dfkd_common.data import DatasetInfo
 from dfkd_common.embeddings import class_embeddings, random_embeddings
@@ -24,7 +24,7 @@ from dfkd_common.models import build_model
 from dfkd_common.models.conditional import LabelGenerator
 from dfkd_common.models.coupled import CoupledGenerator, teacher_stages
 from dfkd_common.models.hooks import BNStats, FeatureHooks
-from dfkd_common.online import FeedContext, build_online_feed
+from dfkd_common.online import build_online_feed, recording
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.coupling import CutMix, InverseClassifier, align_term, coupling_loss, renormalise
 from dfkd_common.synthesis.losses import TERMS, Context
@@ -143,18 +143,16 @@ def test_generator_is_rebuilt_after_g_life_epochs_not_rounds(tmp_path: Path) -> 
     """NAYER's g_life counts the student's epochs: 3 rounds per epoch must not shorten the generator's life."""
     info = _info(1, 32)
     teacher = build_model("lenet5", 10, 1, info.mean, info.std).eval()
-    writer = BankWriter(tmp_path / "b.h5", channels=1, image_size=32, kind="synthetic", method="nayer",
-                        dataset=info.to_dict(), optional=("teacher_logits",))
-    ctx = FeedContext(teacher, info, Engine.create("cpu", amp=False), writer, batch_size=20)
-    feed = build_online_feed("nayer", ctx, {**TINY, "ngf": 8, "g_steps": 1, "g_life": 2, "g_loops": 3})
-    student = build_model("lenet5_half", 10, 1, info.mean, info.std)
-    first = feed.synth.generator
-    feed.before_epoch(0, student)
-    feed.before_epoch(1, student)
-    assert feed.next_round == 6 and feed.synth.generator is first  # 6 rounds, 2 epochs: still alive
-    feed.before_epoch(2, student)
-    assert feed.synth.generator is not first and feed.synth.built_at == 2
-    writer.abort()
+    with recording(tmp_path / "b.h5", teacher, info, Engine.create("cpu", amp=False), "nayer",
+                   batch_size=20) as ctx:
+        feed = build_online_feed("nayer", ctx, {**TINY, "ngf": 8, "g_steps": 1, "g_life": 2, "g_loops": 3})
+        student = build_model("lenet5_half", 10, 1, info.mean, info.std)
+        first = feed.synth.generator
+        feed.before_epoch(0, student)
+        feed.before_epoch(1, student)
+        assert feed.next_round == 6 and feed.synth.generator is first  # 6 rounds, 2 epochs: still alive
+        feed.before_epoch(2, student)
+        assert feed.synth.generator is not first and feed.synth.built_at == 2
 
 
 # ------------------------------------------------------------------------------- coupled generator

@@ -13,7 +13,8 @@ import yaml
 from typer.testing import CliRunner
 
 import stages.distill as distill_stage
-from dfkd_common.bank import load_bank, work_path
+from dfkd_common.bank import load_bank
+from dfkd_common.jobs import work_dir
 from dfkd_common.models import build_model
 from dfkd_common.online import frozen
 from dfkd_common.synthesis.losses import Context, adversarial_term, kl_div
@@ -85,7 +86,7 @@ def _check_bank(path: Path, expected_rounds: list[int], rows_per_round: dict[int
         assert int((rounds == r).sum()) == rows_per_round.get(r, rows_per_round.get(-1, 0))
     assert np.all(np.diff(rounds) >= 0)  # rounds in order: no duplicate appended after a resume
     assert "teacher_logits" in bank.extra
-    assert not work_path(path).exists()
+    assert not work_dir(path).exists()
 
 
 # warm-up epoch 0 makes 3 rounds of 32, then 2 per epoch; DFAD records 10 images per epoch
@@ -133,7 +134,7 @@ def test_online_resume_after_interruption(
     monkeypatch.setattr(distill_stage, "distill", interrupted)
     result = _run(teacher_ckpt, tmp_path, params)
     assert isinstance(result.exception, Injected)
-    assert work_path(tmp_path / "s.bank.h5").exists() and not (tmp_path / "s.bank.h5").exists()
+    assert work_dir(tmp_path / "s.bank.h5").exists() and not (tmp_path / "s.bank.h5").exists()
     monkeypatch.setattr(distill_stage, "distill", real)
     result = _run(teacher_ckpt, tmp_path, params)
     assert result.exit_code == 0, result.output

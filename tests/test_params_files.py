@@ -20,13 +20,16 @@ from dfkd_common.augment_ops import augment_config
 from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
 from dfkd_common.data import get_dataset
 from dfkd_common.data.offline_pool import DEFAULTS as POOL_DEFAULTS
-from dfkd_common.distill import STUDENT_LOSSES
 from dfkd_common.engine import Engine
+from dfkd_common.jobs import Job
 from dfkd_common.models import build_model
 from dfkd_common.online.base import RecordedFeed
+from dfkd_common.student import STUDENT_LOSSES
 from dfkd_common.synthesis import build_synthesizer
+from dfkd_common.synthesize import split_synthesis_params
 from stages import distill as distill_stage
 from stages import retrieve as retrieve_stage
+from stages import synthesize as synthesize_stage
 from stages import teacher as teacher_stage
 from stages.common import apply_overrides, load_params
 
@@ -66,19 +69,17 @@ def test_shipped_params_build(path: Path, tmp_path: Path) -> None:
         params = distill_stage.resolve_params(path, name)
         student = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
                               **params["student_kwargs"])
-        STUDENT_LOSSES.get(params["loss"])({"teacher_meta_accuracy": 0.9, **params["loss_cfg"]}, teacher, student)
+        STUDENT_LOSSES.get(params["loss"])(params["loss_cfg"], teacher, student, teacher_accuracy=0.9)
         augment_config(params["augment"])
         if name in runs:
             cfg = {k: v for k, v in dict(params["online"]).items() if k != "method"}
-            feed = distill_stage.online_feed(runs[name], cfg, teacher, ckpt, info, None, tmp_path / f"{name}.h5",
-                                             params, engine, resuming=False)
+            with Job(tmp_path / f"{name}.h5", {}) as job:
+                feed = distill_stage.online_feed(runs[name], cfg, teacher, ckpt, info, None, job, params, engine)
             assert isinstance(feed, RecordedFeed)
-            feed.abort()
             built.append(name)
     assert sorted(built) == sorted(runs), "every online run of dvc.yaml has a params section"
     for method in sections(path, "synthesize"):
-        params = load_params(path, "synthesize", method)
-        cfg = {k: v for k, v in params.items() if k not in ("rounds", "seed", "amp", "channels_last")}
+        _, cfg = split_synthesis_params(synthesize_stage.resolve_params(path, method))
         build_synthesizer(method, teacher, info, cfg, engine)
     for name in [None, *sections(path, "retrieve")]:
         apply_overrides(load_params(path, "retrieve", name), None, defaults=retrieve_stage.DEFAULTS,

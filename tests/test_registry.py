@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from dfkd_common.data import DATASETS, DatasetInfo
-from dfkd_common.distill import STUDENT_LOSSES
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import GENERATORS, MODELS, build_generator, build_model
 from dfkd_common.models.hooks import BNStats, Penultimate
 from dfkd_common.registry import Registry
+from dfkd_common.student import STUDENT_LOSSES
 from dfkd_common.synthesis import SYNTHESIZERS, build_synthesizer
 from dfkd_common.synthesis.losses import TERMS
 

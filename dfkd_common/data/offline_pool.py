@@ -27,11 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dfkd_common.bank import BankWriter
+from dfkd_common.bank import BankHeader
 from dfkd_common.data.datasets import resize_uint8
 from dfkd_common.data.wild import convert_channels
 from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
+from dfkd_common.jobs import Job
 
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
                   "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket",
@@ -153,11 +154,26 @@ def noise_images(n: int, size: int, channels: int, rng: np.random.Generator) -> 
 
 
 def build_offline_pool(out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Write the demo pool bank to ``out``; returns counts per source."""
+    """Write the demo pool bank to ``out`` (through the job driver: locked, atomic); returns counts per source."""
     cfg = {**DEFAULTS, **cfg}
     size, channels = int(cfg["image_size"]), int(cfg["channels"])
     if channels not in (1, 3):
         raise DfkdError(f"offline pool: channels must be 1 or 3, not {channels}")
+    info = {"name": "wild:offline", "channels": channels, "image_size": size, "num_classes": 0,
+            "class_names": [], "mean": [0.5] * channels, "std": [0.25] * channels}
+    header = BankHeader(channels=channels, image_size=size, kind="merged", method="offline-pool", dataset=info,
+                        params=cfg, seed=int(cfg["seed"]), optional=("source",), source_names=SOURCE_NAMES)
+    with Job(out, {"pool": cfg}) as job:
+        if job.state is None:  # a resume after the rows were written only has to publish them
+            job.checkpoint(_write_pool_rows(job, header, cfg))
+        state = job.state
+        assert state is not None
+        job.publish_bank(header)
+    return dict(state)
+
+
+def _write_pool_rows(job: Job, header: BankHeader, cfg: dict[str, Any]) -> dict[str, Any]:
+    size, channels = int(cfg["image_size"]), int(cfg["channels"])
     rng = np.random.default_rng(int(cfg["seed"]))
     digits = convert_channels(render_digits(size, int(cfg["digits_variants"]), rng, float(cfg["elastic"])), channels)
     photos = installed_photos()
@@ -174,18 +190,8 @@ def build_offline_pool(out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     source = torch.cat([torch.full((len(p),), k, dtype=torch.int16) for k, p in parts])
     perm = torch.from_numpy(rng.permutation(len(images)))
     images, source = images[perm], source[perm]
-    info = {"name": "wild:offline", "channels": channels, "image_size": size, "num_classes": 0,
-            "class_names": [], "mean": [0.5] * channels, "std": [0.25] * channels}
-    writer = BankWriter(out, channels=channels, image_size=size, kind="merged", method="offline-pool",
-                        dataset=info, params=cfg, seed=int(cfg["seed"]), optional=("source",),
-                        source_names=SOURCE_NAMES)
-    try:
-        step = 4096
-        for i in range(0, len(images), step):
-            writer.append(images[i : i + step], -1, 0, source=source[i : i + step])
-        writer.close()
-    except BaseException:
-        writer.abort(keep_work=False)
-        raise
-    counts = {SOURCE_NAMES[k]: len(p) for k, p in parts}
-    return {"images": len(images), "per_source": counts, "photos": {k: len(v) for k, v in photos.items()}}
+    step = 4096
+    for i in range(0, len(images), step):
+        job.write("bank", **header.columns(images[i : i + step], -1, 0, source=source[i : i + step]))
+    return {"images": len(images), "per_source": {SOURCE_NAMES[k]: len(p) for k, p in parts},
+            "photos": {k: len(v) for k, v in photos.items()}}

@@ -9,6 +9,8 @@ from dfkd_common.online.base import (
     build_online_feed,
     frozen,
     online_methods,
+    recording,
 )
 
-__all__ = ["ONLINE", "FeedContext", "OnlineFeed", "RecordedFeed", "build_online_feed", "frozen", "online_methods"]
+__all__ = ["ONLINE", "FeedContext", "OnlineFeed", "RecordedFeed", "build_online_feed", "frozen", "online_methods",
+           "recording"]

@@ -10,16 +10,18 @@ distillation loop does not change. Two kinds exist:
 * Methods whose synthesis is interleaved with the student's steps (DFAD) register their own feed class in
   :data:`ONLINE`; :func:`build_online_feed` looks there first and falls back to the synthesizers.
 
-Both record what they made in a :class:`~dfkd_common.bank.BankWriter` work file (round index = synthesis
-round, counted across epochs, so ``dfkd bank info`` shows how synthesis evolved) and publish it atomically in
-:meth:`RecordedFeed.finish`. Resume protocol, the same as offline synthesis: every round is appended and
-committed; the distillation loop saves :meth:`RecordedFeed.state_dict` (rows accounted for, next round,
-synthesizer state) after each epoch; a rerun truncates the work file to those rows and reloads the bank from
-it, so an interrupted epoch is redone exactly once and no round is duplicated.
+Both record what they made as rows of the stage's :class:`~dfkd_common.jobs.Job` (round index = synthesis
+round, counted across epochs, so ``dfkd bank info`` shows how synthesis evolved); the stage publishes the bank
+once the student is saved. Resume protocol, the job driver's: every round is written as a shard; the
+distillation loop checkpoints :meth:`RecordedFeed.state_dict` (rows accounted for, next round, synthesizer
+state) with its own state after each epoch, which commits the epoch's shards; a rerun drops the shards of the
+interrupted epoch and reloads the bank from the committed ones, so that epoch is redone exactly once and no
+round is duplicated.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,17 +32,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd_common.bank import Bank, BankWriter
+from dfkd_common.bank import Bank, BankHeader
 from dfkd_common.data import DatasetInfo
 from dfkd_common.distill import BankFeed
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
+from dfkd_common.jobs import Job
 from dfkd_common.models import Classifier
-from dfkd_common.params import check_params
+from dfkd_common.params import check_params, merge
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis import SYNTHESIZERS, Synthesizer, build_synthesizer
-from dfkd_common.synthesis.base import merge
-from dfkd_common.synthesize import append_scored
+from dfkd_common.synthesize import scored_rows
 
 
 @contextmanager
@@ -71,19 +73,35 @@ class FeedContext:
     teacher: Classifier
     info: DatasetInfo
     engine: Engine
-    writer: BankWriter
+    job: Job  # where the recorded rows go (table "bank")
+    header: BankHeader  # the recorded bank's schema and provenance
     initial: Bank | None = None
     seed: int = 0
     batch_size: int = 256  # the student's batch size (feeds that make the batches use it)
     epochs: int = 1  # the student's epochs (feeds that follow its learning-rate schedule use it)
 
 
-class RecordedFeed(BankFeed):
-    """An in-memory bank that mirrors a :class:`BankWriter` work file; base of every online feed.
+@contextmanager
+def recording(out: str | os.PathLike[str], teacher: Classifier, info: DatasetInfo, engine: Engine,
+              method: str = "online", key: dict[str, Any] | None = None, **kwargs: Any) -> Iterator[FeedContext]:
+    """A :class:`FeedContext` whose rows a job (locked, resumable) records for the bank ``out``.
 
-    Invariant: ``self.images/labels`` == the work file's rows. Initialisation is lazy (first
-    :meth:`before_epoch`) because a resumed run must first get the chance to :meth:`load_state_dict`; a
-    fresh run truncates the work file and copies the initial bank (if any) into it, keeping its rounds.
+    For feeds built outside ``dfkd distill`` (tools, benchmarks, tests); publish with
+    ``ctx.job.publish_bank(ctx.header, feed.stats())`` inside the block.
+    """
+    header = BankHeader(channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
+                        dataset=info.to_dict(), optional=("teacher_logits",))
+    with Job(out, key or {"method": method}) as job:
+        yield FeedContext(teacher, info, engine, job, header, **kwargs)
+
+
+class RecordedFeed(BankFeed):
+    """An in-memory bank that mirrors the job's ``bank`` table; base of every online feed.
+
+    Invariant: ``self.images/labels`` == the rows the student trains on, a subset of the recorded ones (all of
+    them for synthesizer feeds). Initialisation is lazy (first :meth:`before_epoch`) because a resumed run must
+    first get the chance to :meth:`load_state_dict`; a fresh run copies the initial bank (if any) into the job,
+    keeping its rounds.
     """
 
     #: keys of the ``online:`` params that configure the feed itself (the rest configures the method)
@@ -96,12 +114,12 @@ class RecordedFeed(BankFeed):
         self.cfg = cfg
         self.device = ctx.engine.device
         self.teacher = ctx.teacher
-        self.writer = ctx.writer
+        self.job = ctx.job
         self.next_round = 0
         self.started = False
         self.seconds = 0.0  # wall time spent making images (for images/s)
         self.made = 0  # images made (recorded or not)
-        self.rows = 0  # rows in the work file (kept here too: stats() is read after the writer is closed)
+        self.rows = 0  # rows recorded
 
     @classmethod
     def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> RecordedFeed:
@@ -113,7 +131,7 @@ class RecordedFeed(BankFeed):
         """Fresh run: empty work file, then the initial bank (rounds kept; online rounds continue after)."""
         if self.started:
             return
-        self.writer.truncate(0)
+        self.job.truncate("bank", 0)
         self.rows = 0
         init = self.ctx.initial
         if init is not None and len(init):
@@ -121,21 +139,18 @@ class RecordedFeed(BankFeed):
                 sl = slice(i, i + 4096)
                 self.record(init.images[sl], init.labels[sl], init.rounds[sl], keep=True)
             self.next_round = int(init.rounds.max()) + 1
-        self.writer.commit()
         self.started = True
 
     @torch.no_grad()
     def record(self, images: torch.Tensor, labels: torch.Tensor, rounds: torch.Tensor | int,
                keep: bool = True) -> None:
-        """Append rows to the work file (with the teacher's logits) and, when ``keep``, to the training bank."""
-        u8 = append_scored(self.writer, self.teacher, self.ctx.engine, images, labels, rounds)
-        self.rows = len(self.writer)
+        """Record rows (with the teacher's logits) in the job and, when ``keep``, in the training bank."""
+        cols = scored_rows(self.ctx.header, self.teacher, self.ctx.engine, images, labels, rounds)
+        self.job.write("bank", **cols)
+        self.rows = self.job.rows("bank")
         if keep:
-            self.images = torch.cat([self.images, u8.to(self.device)])
+            self.images = torch.cat([self.images, torch.from_numpy(cols["images"]).to(self.device)])
             self.labels = torch.cat([self.labels, labels.to(self.device, torch.int64)])
-
-    def rounds_written(self) -> np.ndarray:
-        return self.writer.h5["round"][: len(self.writer)]
 
     # -- state -----------------------------------------------------------------------------------------
     def method_state(self) -> dict[str, Any]:
@@ -145,25 +160,26 @@ class RecordedFeed(BankFeed):
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        self.writer.commit()
-        return {"rows": len(self.writer), "next_round": self.next_round, "seconds": self.seconds,
+        return {"rows": self.job.rows("bank"), "next_round": self.next_round, "seconds": self.seconds,
                 "made": self.made, "method": self.method_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         rows = int(state["rows"])
-        if self.writer.committed < rows:
-            raise DfkdError(f"online bank work file {self.writer.work} has {self.writer.committed} rows, the "
-                            f"resume state expects {rows}; delete it and the state file to start over")
-        self.writer.truncate(rows)
+        self.job.truncate("bank", rows)
         self.rows = rows
-        h5 = self.writer.h5
-        self.images = torch.from_numpy(h5["images"][:rows]).to(self.device)
-        self.labels = torch.from_numpy(h5["labels"][:rows].astype(np.int64)).to(self.device)
+        self.load_rows(self.job.read("bank"))
         self.next_round = int(state["next_round"])
         self.seconds = float(state["seconds"])
         self.made = int(state["made"])
         self.load_method_state(state["method"])
         self.started = True
+
+    def load_rows(self, cols: dict[str, np.ndarray]) -> None:
+        """Rebuild the training bank from the recorded rows on a resume (all of them; DFAD overrides: none)."""
+        if not cols:
+            return
+        self.images = torch.from_numpy(cols["images"]).to(self.device)
+        self.labels = torch.from_numpy(cols["labels"].astype(np.int64)).to(self.device)
 
     def stats(self) -> dict[str, Any]:
         """Figures the stage puts into its metrics and the bank's attributes."""
@@ -172,13 +188,8 @@ class RecordedFeed(BankFeed):
                 "bank_rows": self.rows, "precision": self.ctx.engine.precision}
 
     def finish(self) -> None:
+        """After the last epoch: make sure a run of zero epochs still recorded its initial bank."""
         self.start()
-        for k, v in self.stats().items():
-            self.writer.set_attr(k, v)
-        self.writer.close()
-
-    def abort(self) -> None:
-        self.writer.abort(keep_work=True)
 
 
 class OnlineFeed(RecordedFeed):

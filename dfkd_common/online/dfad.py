@@ -5,7 +5,7 @@ and the teacher's on fresh, detached ``x = G(z)``; then the generator takes one 
 distance, so it keeps producing the inputs the student imitates worst. No bank is needed.
 
 How it fits the method-agnostic distillation loop without a special case: the student side is the ordinary
-loop with the student loss ``l1`` (registered here); the generator side is :class:`DFADFeed`, whose
+loop with the student loss ``l1`` (:mod:`dfkd_common.student.l1`); the generator side is :class:`DFADFeed`, whose
 :meth:`DFADFeed.batches` hands the loop a fresh ``G(z)`` for every student step and takes a generator step
 against the (just updated) student before every ``student_steps``-th batch. The loop's optimiser, cosine
 schedule, resume and metrics therefore apply unchanged; an epoch is ``iterations x student_steps`` student
@@ -37,32 +37,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dfkd_common.distill import STUDENT_LOSSES, Batch, StudentLoss
 from dfkd_common.engine import check_finite, fused_adam
 from dfkd_common.errors import DfkdError
+from dfkd_common.functional import l1_discrepancy
 from dfkd_common.models import build_generator
 from dfkd_common.online.base import ONLINE, FeedContext, RecordedFeed, frozen
-from dfkd_common.params import check_params
-from dfkd_common.synthesis.base import merge
+from dfkd_common.params import check_params, merge
 from dfkd_common.synthesis.losses import TERMS, Context
-
-
-def l1_discrepancy(s_logits: torch.Tensor, t_logits: torch.Tensor) -> torch.Tensor:
-    """Mean absolute logit difference (DFAD's discrepancy: F.l1_loss, mean over batch and classes)."""
-    return (s_logits.float() - t_logits.float()).abs().mean()
-
-
-@STUDENT_LOSSES.register("l1")
-class L1Loss(StudentLoss):
-    """DFAD's student objective: mean |S(x) - T(x)| over logits (no temperature, no softmax).
-
-    L1 on raw logits keeps a gradient where KL saturates (the student already agrees on the argmax), which is
-    what the adversarial generator exploits; the paper shows it beats KL for this game.
-    """
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = l1_discrepancy(batch.s_logits, batch.t_logits)
-        return loss, {"l1": float(loss.detach())}
 
 
 @ONLINE.register("dfad")
@@ -133,7 +114,7 @@ class DFADFeed(RecordedFeed):
         self.g_sum, self.g_count = 0.0, 0
         # the loop merges this dict into the epoch's metrics row *after* the epoch, so filling it in
         # batches() reports this epoch's generator loss and bank size
-        self.epoch_logs = {"bank_size": float(len(self.writer))}
+        self.epoch_logs = {"bank_size": float(self.job.rows("bank"))}
         return self.epoch_logs
 
     def generator_step(self, n: int) -> float:
@@ -180,7 +161,7 @@ class DFADFeed(RecordedFeed):
         labels = self.teacher(engine.images(x.clamp(0, 1))).argmax(1).cpu()
         self.record(x.clamp(0, 1).cpu(), labels, self.next_round)
         self.next_round += 1
-        self.epoch_logs["bank_size"] = float(len(self.writer))
+        self.epoch_logs["bank_size"] = float(self.job.rows("bank"))
 
     def method_state(self) -> dict[str, Any]:
         return {"generator": self.generator.state_dict(), "opt": self.opt.state_dict(),

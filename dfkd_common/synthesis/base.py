@@ -8,7 +8,6 @@ student, for adversarial methods) and report its state for resuming. Methods are
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from dfkd_common.engine import Engine, check_finite
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import BNStats, Penultimate
-from dfkd_common.params import check_params
+from dfkd_common.params import check_params, merge
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis.losses import TERMS, Context, weighted_sum
 
@@ -35,17 +34,6 @@ class SynthResult:
     images: torch.Tensor
     labels: torch.Tensor
     logs: dict[str, float] = field(default_factory=dict)
-
-
-def merge(defaults: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Recursive dict merge (params override method defaults, nested dicts such as ``weights`` merge)."""
-    out = copy.deepcopy(defaults)
-    for k, v in (overrides or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 class Synthesizer(ABC):

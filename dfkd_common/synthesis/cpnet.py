@@ -37,7 +37,8 @@ from torch import nn
 from dfkd_common.errors import DfkdError
 from dfkd_common.models.coupled import CoupledGenerator, Stage, teacher_stages
 from dfkd_common.models.hooks import FeatureHooks
-from dfkd_common.synthesis.base import SYNTHESIZERS, merge
+from dfkd_common.params import merge
+from dfkd_common.synthesis.base import SYNTHESIZERS
 from dfkd_common.synthesis.coupling import CutMix, InverseClassifier
 from dfkd_common.synthesis.losses import Context
 from dfkd_common.synthesis.nayer import NAYER

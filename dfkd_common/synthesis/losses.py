@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dfkd_common.functional import kd_loss, kl_div
 from dfkd_common.models.hooks import BNStats
 from dfkd_common.registry import Registry
 
@@ -31,21 +32,10 @@ class Context:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+__all__ = ["TERMS", "Context", "kd_loss", "kl_div", "weighted_sum"]
+
 Term = Callable[[Context], torch.Tensor]
 TERMS: Registry[Term] = Registry("loss term")
-
-
-def kl_div(p_logits: torch.Tensor, q_logits: torch.Tensor, tau: float = 1.0, reduce: bool = True) -> torch.Tensor:
-    """KL(p || q) between softmax(p/tau) and softmax(q/tau), per sample (or batch mean)."""
-    p_log = F.log_softmax(p_logits.float() / tau, dim=1)
-    q_log = F.log_softmax(q_logits.float() / tau, dim=1)
-    kl = (p_log.exp() * (p_log - q_log)).sum(dim=1)
-    return kl.mean() if reduce else kl
-
-
-def kd_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, tau: float) -> torch.Tensor:
-    """Hinton KD: KL(p_T^tau || p_S^tau) * tau^2, batch mean (tau^2 keeps gradients scale-free in tau)."""
-    return kl_div(t_logits, s_logits, tau) * tau * tau
 
 
 @TERMS.register("bn")

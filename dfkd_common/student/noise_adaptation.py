@@ -13,8 +13,8 @@ through :meth:`StudentLoss.extra_optimizer`. Rows therefore always sum to one an
 transition matrix whatever ``theta`` becomes. Because the diagonal is fixed, the student cannot explain its
 disagreements away as "noise" wholesale; it can only learn *which* confusions the teacher's labels contain.
 
-``acc`` comes from the teacher checkpoint's measured test accuracy, which ``dfkd distill`` passes in as
-``teacher_meta_accuracy``; an explicit ``teacher_acc`` in ``loss_cfg`` wins (e.g. an estimate of the teacher's
+``acc`` comes from the teacher checkpoint's measured test accuracy, which ``dfkd distill`` passes in as the
+loss's ``teacher_accuracy``; an explicit ``teacher_acc`` in ``loss_cfg`` wins (e.g. an estimate of the teacher's
 accuracy on the wild domain) and is required when the checkpoint has none.
 """
 
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd_common.distill import STUDENT_LOSSES, Batch, StudentLoss
 from dfkd_common.errors import DfkdError
+from dfkd_common.functional import kd_loss
 from dfkd_common.models import Classifier
-from dfkd_common.synthesis.losses import kd_loss
+from dfkd_common.student.base import STUDENT_LOSSES, Batch, StudentLoss
 
 
 def transition_matrix(theta: torch.Tensor, acc: float) -> torch.Tensor:
@@ -47,11 +47,12 @@ class NoiseAdaptationLoss(StudentLoss):
     defaults: ClassVar[dict[str, Any]] = {"tau": 4.0, "na_weight": 1.0, "theta_lr": 1e-3, "teacher_acc": None}
     param_types: ClassVar[dict[str, type]] = {"teacher_acc": float}
 
-    def __init__(self, cfg: dict[str, Any], teacher: Classifier, student: Classifier) -> None:
-        super().__init__(cfg, teacher, student)
+    def __init__(self, cfg: dict[str, Any], teacher: Classifier, student: Classifier,
+                 teacher_accuracy: float | None = None) -> None:
+        super().__init__(cfg, teacher, student, teacher_accuracy)
         acc = self.cfg["teacher_acc"]
         if acc is None:
-            acc = self.cfg.get("teacher_meta_accuracy")
+            acc = teacher_accuracy
         if acc is None:
             raise DfkdError("dfnd loss: the teacher checkpoint has no measured accuracy; "
                             "set distill loss_cfg.teacher_acc (e.g. --set loss_cfg.teacher_acc=0.95)")
