@@ -275,7 +275,8 @@ def retrieve(
                                   "pool_size": len(pool), "unreadable": scoring["unreadable"]})
     return {"method": "dfnd", "selection": cfg.selection, "balance": cfg.balance, "num_select": cfg.num_select,
             "pool_size": len(pool), "pool_per_source": _pool_source_counts(pool), **scoring, **written,
-            "skipped_unreadable": int(state["skipped"]), "total_seconds": time.perf_counter() - t0}
+            "skipped_unreadable": int(state["skipped"]), "total_seconds": time.perf_counter() - t0,
+            "precision": engine.precision if cfg.amp else "fp32"}
 
 
 def _pool_source_counts(pool: WildPool) -> dict[str, int] | None:
