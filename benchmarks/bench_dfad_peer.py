@@ -90,8 +90,8 @@ def write_inputs(tmp: Path, iterations: int) -> tuple[Path, Path]:
                ModelMeta("lenet5", {"batchnorm": False}, info, None, {}, now(), __version__, "teacher"))
     params = tmp / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 1, "distill": {"dfad": {
-        "student": "lenet5_half", "student_kwargs": {"batchnorm": False}, "loss": "l1", "epochs": 1,
-        "batch_size": 512, "lr": 0.01, "weight_decay": 0.0001, "augment": {"crop_pad": 0, "flip": False},
+        "student": "lenet5_half", "student_kwargs": {"batchnorm": False}, "weights": {"kd": 0.0, "l1": 1.0},
+        "epochs": 1, "batch_size": 512, "lr": 0.01, "weight_decay": 0.0001, "augment": {"crop_pad": 0, "flip": False},
         "online": {"nz": 100, "ngf": 64, "lr_g": 0.001, "student_steps": 5, "iterations": iterations,
                    "record": 16},
     }}}))

@@ -1,11 +1,10 @@
-"""Student training from a bank: KD losses (registry), bank feeds, and the resumable distillation loop.
+"""Student training from a bank: bank feeds and the resumable distillation loop.
 
 The loop is method-agnostic. What varies lives behind two small interfaces:
 
-* :class:`~dfkd_common.student.StudentLoss` (registered in :data:`~dfkd_common.student.STUDENT_LOSSES`, one
-  module each in :mod:`dfkd_common.student`): the student's objective given the student and teacher logits on the
-  same augmented batch; it may own trainable parameters (DFND's transition matrix), which join the student's
-  optimiser or get their own.
+* :class:`~dfkd_common.student.StudentSide`: the student and its objective, a weighted sum of registered terms
+  (:mod:`dfkd_common.student`, one module each) that declare what a step must compute for them and own the
+  modules they train (DFND's transition matrix, adapters, heads) with their optimisers.
 * :class:`BankFeed`: where training images come from. :class:`BankFeed` itself is a bank read whole into memory;
   online methods (``dfkd distill --online M``) subclass it and grow the bank in :meth:`BankFeed.before_epoch`
   against the current student, so the loop itself never changes.
@@ -24,8 +23,9 @@ from dfkd_common.augment_ops import AugmentConfig, augment_config, build_augment
 from dfkd_common.data import ArraySplit
 from dfkd_common.engine import Engine, check_finite, progress
 from dfkd_common.models import Classifier
-from dfkd_common.student import Batch, StudentLoss
-from dfkd_common.training import Checkpoints, accuracy, epoch_batches, make_optimizer
+from dfkd_common.models.hooks import FeatureHooks, Penultimate, stage_outputs
+from dfkd_common.student import StudentSide, StudentStep
+from dfkd_common.training import Checkpoints, accuracy, epoch_batches
 
 
 # --------------------------------------------------------------------------------------------- feeds
@@ -39,8 +39,8 @@ class BankFeed:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def before_epoch(self, epoch: int, student: nn.Module) -> dict[str, float]:
-        """Hook for online synthesis (grow the bank against the current student); static banks do nothing."""
+    def before_epoch(self, epoch: int, side: nn.Module) -> dict[str, float]:
+        """Hook for online synthesis (grow the bank against the current student side); static banks do nothing."""
         return {}
 
     def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -91,88 +91,126 @@ class DistillConfig:
 
 def distill(
     teacher: Classifier,
-    student: Classifier,
+    side: StudentSide,
     feed: BankFeed,
     test: ArraySplit,
-    loss_fn: StudentLoss,
     cfg: DistillConfig,
     engine: Engine,
     resume: Checkpoints | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> tuple[float, list[dict[str, float]]]:
-    """Train ``student`` to imitate ``teacher`` on ``feed``; returns final test accuracy and history.
+    """Train ``side.student`` to imitate ``teacher`` on ``feed``; returns final test accuracy and history.
 
-    State (student, loss params, optimiser, scheduler, feed, RNG) is saved after every epoch when ``resume``
-    is given, and restored on a rerun with identical params.
+    Each step computes what the side's terms need, once: ``side.views`` independently augmented views of the
+    batch, the teacher's forward (no grad) where a term needs its logits or features, the student's forward,
+    and the features hooks record. State (student, term modules, optimisers, scheduler, feed, RNG) is saved
+    after every epoch when ``resume`` is given, and restored on a rerun with identical params.
     """
     teacher = engine.model(teacher).eval()
-    student = engine.model(student)
-    loss_fn = loss_fn.to(engine.device)
-    extra_opt = loss_fn.extra_optimizer()
-    own = {id(p) for g in extra_opt.param_groups for p in g["params"]} if extra_opt else set()
-    params = list(student.parameters()) + [p for p in loss_fn.parameters() if id(p) not in own]
-    opt = make_optimizer(params, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    side = engine.model(side)
+    student = side.student
+    opt, own = side.optimizers(cfg.optimizer, cfg.lr, cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs))
     aug = build_augment(test.info.image_size, cfg.augment)
     gen = torch.Generator().manual_seed(cfg.seed)
+    needs = side.needs
+    run_teacher = bool(needs & {"t_logits", "t_feat", "t_stages"})
+    t_hooks = TeacherFeatures(teacher, needs, test.info.channels, test.info.image_size)
     history: list[dict[str, float]] = []
     start = 0
     state = resume.load() if resume else None
     if state is not None and resume is not None:
         student.load_state_dict(state["student"])
-        loss_fn.load_state_dict(state["loss"])
+        side.load_terms_state(state["terms"])
         opt.load_state_dict(state["opt"])
-        if extra_opt is not None and state.get("extra_opt"):
-            extra_opt.load_state_dict(state["extra_opt"])
+        for o, o_state in zip(own, state["own_opts"], strict=True):
+            o.load_state_dict(o_state)
         sched.load_state_dict(state["sched"])
         gen.set_state(state["gen"])
         feed.load_state_dict(state["feed"])
         history, start = state["history"], int(state["epoch"])
         resume.restore_rng(state)
-    with progress() as bar:
-        task = bar.add_task("distill", total=cfg.epochs, completed=start, info="")
-        for epoch in range(start, cfg.epochs):
-            synth_logs = feed.before_epoch(epoch, student)
-            student.train()
-            sums: dict[str, float] = {}
-            steps = 0
-            n = len(feed)
-            bs = min(cfg.batch_size, n)
-            limit = cfg.kd_steps if cfg.kd_steps else max(1, n // bs)
-            while steps < limit:
-                for images, labels in feed.batches(bs, gen):
-                    x = engine.images(aug(to_float(images)))
-                    with torch.no_grad(), engine.autocast(cfg.amp):
-                        t_logits = teacher(x).float()
-                    with engine.autocast(cfg.amp):
-                        s_logits = student(x).float()
-                    loss, logs = loss_fn(Batch(x, s_logits, t_logits, labels))
-                    check_finite(loss, "student loss")
-                    opt.zero_grad(set_to_none=True)
-                    if extra_opt is not None:
-                        extra_opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    if extra_opt is not None:
-                        extra_opt.step()
-                    for k, v in {"loss": float(loss.detach()), **logs}.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    steps += 1
-                    if steps >= limit:
-                        break
-            sched.step()
-            acc = accuracy(student, test, engine)
-            row = {"epoch": epoch + 1, "test_acc": acc, "bank_size": n,
-                   **{k: v / max(1, steps) for k, v in sums.items()}, **synth_logs}
-            history.append(row)
-            bar.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {acc:.4f} bank {n}")
-            if on_epoch:
-                on_epoch(row)
-            if resume:
-                resume.save({"student": student.state_dict(), "loss": loss_fn.state_dict(),
-                             "opt": opt.state_dict(), "extra_opt": extra_opt.state_dict() if extra_opt else {},
-                             "sched": sched.state_dict(), "gen": gen.get_state(),
-                             "feed": feed.state_dict(), "history": history, "epoch": epoch + 1})
-    feed.finish()
-    return accuracy(student, test, engine), history
+    try:
+        with progress() as bar:
+            task = bar.add_task("distill", total=cfg.epochs, completed=start, info="")
+            for epoch in range(start, cfg.epochs):
+                synth_logs = feed.before_epoch(epoch, side)
+                side.train()
+                sums: dict[str, float] = {}
+                steps = 0
+                n = len(feed)
+                bs = min(cfg.batch_size, n)
+                limit = cfg.kd_steps if cfg.kd_steps else max(1, n // bs)
+                while steps < limit:
+                    for images, labels in feed.batches(bs, gen):
+                        step = make_step(images, labels, side, teacher, aug, engine, cfg.amp, run_teacher, t_hooks)
+                        loss, logs = side.objective(step)
+                        check_finite(loss, "student loss")
+                        opt.zero_grad(set_to_none=True)
+                        for o in own:
+                            o.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                        for o in own:
+                            o.step()
+                        for k, v in {"loss": float(loss.detach()), **logs}.items():
+                            sums[k] = sums.get(k, 0.0) + v
+                        steps += 1
+                        if steps >= limit:
+                            break
+                sched.step()
+                acc = accuracy(student, test, engine)
+                row = {"epoch": epoch + 1, "test_acc": acc, "bank_size": n,
+                       **{k: v / max(1, steps) for k, v in sums.items()}, **synth_logs}
+                history.append(row)
+                bar.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {acc:.4f} bank {n}")
+                if on_epoch:
+                    on_epoch(row)
+                if resume:
+                    resume.save({"student": student.state_dict(), "terms": side.terms_state(),
+                                 "opt": opt.state_dict(), "own_opts": [o.state_dict() for o in own],
+                                 "sched": sched.state_dict(), "gen": gen.get_state(),
+                                 "feed": feed.state_dict(), "history": history, "epoch": epoch + 1})
+        feed.finish()
+        return accuracy(student, test, engine), history
+    finally:
+        t_hooks.remove()
 
+
+class TeacherFeatures:
+    """The teacher's penultimate and stage features, hooked only when a student term needs them."""
+
+    def __init__(self, teacher: Classifier, needs: frozenset[str], channels: int, image_size: int) -> None:
+        self.penultimate = Penultimate(teacher) if "t_feat" in needs else None
+        self.stages = (FeatureHooks(teacher, [s.path for s in stage_outputs(teacher, channels, image_size)])
+                       if "t_stages" in needs else None)
+
+    def read(self) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        feat = self.penultimate.value if self.penultimate is not None else None
+        return feat, dict(self.stages.features) if self.stages is not None else {}
+
+    def remove(self) -> None:
+        for hooks in (self.penultimate, self.stages):
+            if hooks is not None:
+                hooks.remove()
+
+
+def make_step(images: torch.Tensor, labels: torch.Tensor, side: StudentSide, teacher: Classifier, aug: nn.Module,
+              engine: Engine, amp: bool, run_teacher: bool, t_hooks: TeacherFeatures) -> StudentStep:
+    """One step's tensors: ``side.views`` augmented views, the teacher's forward where needed, the student's."""
+    if side.views == 1:
+        x = engine.images(aug(to_float(images)))
+    else:
+        x = engine.images(torch.cat([aug(to_float(images)) for _ in range(side.views)]))
+        labels = labels.repeat(side.views)
+    t_logits = None
+    t_feat, t_stages = None, {}
+    if run_teacher:
+        with torch.no_grad(), engine.autocast(amp):
+            t_logits = teacher(x).float()
+        t_feat, t_stages = t_hooks.read()
+    with engine.autocast(amp):
+        s_logits = side.student(x).float()
+    s_feat, s_stages = side.features()
+    return StudentStep(x=x, labels=labels, s_logits=s_logits, t_logits=t_logits, s_feat=s_feat, t_feat=t_feat,
+                       s_stages=s_stages, t_stages=t_stages, views=side.views)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from dfkd_common.errors import DfkdError
@@ -118,3 +118,30 @@ def merge(defaults: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> d
 def params_hash(params: Mapping[str, Any]) -> str:
     """A short, stable digest of a run's params: the key that tells a resume whether saved work is this run's."""
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_weighted_terms(
+    where: str,
+    weights: Mapping[str, Any],
+    options: Mapping[str, Any],
+    kind: str,
+    names: list[str],
+    option_defaults: Callable[[str], tuple[Mapping[str, Any], Mapping[str, Any]]],
+) -> dict[str, float]:
+    """Check an objective given as ``weights: {term: w}`` and ``terms: {term: {option: value}}`` (both sides).
+
+    ``names`` are the registered ``kind`` terms; ``option_defaults(name)`` gives a term's option defaults and
+    option types. Unknown terms or options, non-numeric weights and non-mapping options are one error line.
+    Returns every weight as a float.
+    """
+    check_params(dict(weights), dict.fromkeys(weights, 0.0), where, prefix="weights.")
+    for key, given in (("weights", weights), ("terms", options)):
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise DfkdError(f"{where}: {key}.{unknown[0]}: no such {kind} (known: {', '.join(names)})")
+    for name, opts in options.items():
+        if not isinstance(opts, Mapping):
+            raise DfkdError(f"{where}: terms.{name} must be a mapping of the term's options")
+        defaults, types = option_defaults(name)
+        check_params(dict(opts), defaults, where, types=types, prefix=f"terms.{name}.")
+    return {k: float(v) for k, v in weights.items()}

@@ -26,18 +26,18 @@ app.command("report")(report.main)
 
 @app.command("methods")
 def methods() -> None:
-    """List every registry: datasets, models, generators, synthesis methods and loss terms, student losses,
-    online methods."""
+    """List every registry: datasets, models, generators, synthesis methods and terms, student terms, online
+    methods."""
     from dfkd_common.data import DATASETS
     from dfkd_common.models import GENERATORS, MODELS
     from dfkd_common.online import online_methods
-    from dfkd_common.student import STUDENT_LOSSES
+    from dfkd_common.student import STUDENT_TERMS
     from dfkd_common.synthesis import SYNTHESIZERS
     from dfkd_common.synthesis.losses import TERMS
 
     for title, names in (("datasets", DATASETS.names()), ("models", MODELS.names()),
                          ("generators", GENERATORS.names()), ("synthesis methods", SYNTHESIZERS.names()),
-                         ("synthesis loss terms", TERMS.names()), ("student losses", STUDENT_LOSSES.names()),
+                         ("synthesis loss terms", TERMS.names()), ("student terms", STUDENT_TERMS.names()),
                          ("online methods", online_methods())):
         typer.echo(f"{title}: {', '.join(names)}")
 

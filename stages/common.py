@@ -92,7 +92,7 @@ def apply_overrides(params: dict[str, Any], sets: list[str] | None, *, defaults:
     default is None or that are closed choices) before any work starts: an unknown key (``epoch: 5`` in the
     file, ``--set epoch=5``, or a params.yaml path such as ``--set distill.dfad.lr=0.1`` where keys are relative
     to the stage's section) or a value of the wrong type is one error line naming it, never silently ignored.
-    Nested mappings (``online``, ``loss_cfg``, ``augment``) are checked by the components they configure.
+    Nested mappings (``online``, ``weights``, ``terms``, ``augment``) are checked by the components they configure.
     """
     out = merge({**defaults, **params}, {k: v for k, v in explicit.items() if v is not None})
     for item in sets or []:

@@ -20,15 +20,16 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job, JobResume, OutputLock
 from dfkd_common.models import build_model
 from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
-from dfkd_common.student import STUDENT_LOSSES
+from dfkd_common.student import StudentSide, TermSetup, check_objective
 from dfkd_common.training import Resume
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
 DEFAULTS: dict[str, Any] = {
     "student": "lenet5_half",
     "student_kwargs": {},
-    "loss": "kd",
-    "loss_cfg": {},  # checked by the loss (its own defaults)
+    # the student's objective: a weighted sum of registered terms (`dfkd methods`), with their options
+    "weights": {"kd": 1.0},  # e.g. {kd: 1, na: 1} (DFND), {kd: 0, l1: 1} (DFAD)
+    "terms": {},  # options per term, e.g. {kd: {tau: 20}}; checked against each term's own
     "test_dataset": None,  # default: the teacher's dataset
     "data_root": None,
     # online synthesis (`--online M`): feed params (g_loops, warmup, warmup_loops; DFAD: iterations, ...),
@@ -60,7 +61,6 @@ def main(
     plots: Path | None = typer.Option(None, "--plots", help="per-epoch metrics JSON (dvc plots)"),
     name: str | None = typer.Option(None, "--name", help="params profile under distill: (e.g. the method)"),
     student: str | None = typer.Option(None, "--student", help="student architecture"),
-    loss: str | None = typer.Option(None, "--loss", help="student loss (kd, ...)"),
     epochs: int | None = typer.Option(None),
     seed: int | None = typer.Option(None),
     params_file: Path = ParamsOpt,
@@ -73,9 +73,9 @@ def main(
     the bank between epochs, or fresh generator batches for DFAD); the grown bank is written to ``--bank-out``.
     Rerunning an interrupted command resumes it (student, optimiser, synthesizer and bank).
     """
-    params = resolve_params(params_file, name, sets, student=student, loss=loss, epochs=epochs, seed=seed)
+    params = resolve_params(params_file, name, sets, student=student, epochs=epochs, seed=seed)
+    check_objective(params["weights"], params["terms"])  # term names and options: before any work
     ensure_writable(out, metrics, plots, bank_out)
-    loss_cls = STUDENT_LOSSES.get(params["loss"])
     online_cfg = dict(params.get("online") or {})
     method = online or online_cfg.pop("method", None)
     online_cfg.pop("method", None)
@@ -96,8 +96,9 @@ def main(
     test = get_dataset(test_name, **same).load("test", params["data_root"])
     s_model = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
                           image_size=info.image_size, **params["student_kwargs"])
-    # the checkpoint's measured accuracy, for losses that need it (dfnd's Q diagonal)
-    loss_fn = loss_cls(params["loss_cfg"], t_model, s_model, teacher_accuracy=t_meta.accuracy)
+    # the teacher checkpoint's measured accuracy, for terms that need it (na: the Q diagonal)
+    side = StudentSide(s_model, params["weights"], params["terms"],
+                       TermSetup(t_model, s_model, info.channels, info.image_size, t_meta.accuracy))
     cfg = DistillConfig.from_params(params, engine.amp)
     if method is not None:
         bank_out = bank_out or out.with_name(f"{out.stem}.bank.h5")
@@ -118,11 +119,11 @@ def main(
             resume = Resume.for_output(out, key)
             source = f"{bank.name} ({len(data)} images)"
         console.print(f"distill {params['student']} from {source}, teacher acc {t_meta.accuracy}")
-        console.print(f"student: {engine.describe()}")
+        console.print(f"student: {side.describe()}; {engine.describe()}")
         if isinstance(feed, RecordedFeed):
             console.print(f"{method} synthesis: {feed.ctx.engine.describe()}")
         t0 = time.perf_counter()
-        acc, history = distill(t_model, s_model, feed, test, loss_fn, cfg, engine, resume)
+        acc, history = distill(t_model, side, feed, test, cfg, engine, resume)
         seconds = time.perf_counter() - t0
         meta = ModelMeta(params["student"], params["student_kwargs"], info, acc,
                          {**params, "bank": str(bank)}, now(), __version__, "student")

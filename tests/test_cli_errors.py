@@ -99,7 +99,8 @@ def test_bank_that_does_not_match_the_teacher(tmp_path: Path, repo: Path, teache
         (["teacher", "train", "--dataset", "nope"], "unknown dataset 'nope'"),
         (["teacher", "train", "--arch", "nope"], "unknown model 'nope'"),
         (["synthesize", "-m", "nope", "--teacher", "x.safetensors"], "unknown synthesis method 'nope'"),
-        (["distill", "--teacher", "x.safetensors", "--bank", "b.h5", "--loss", "nope"], "unknown student loss 'nope'"),
+        (["distill", "--teacher", "x.safetensors", "--bank", "b.h5", "--set", "weights.nope=1"],
+         "weights.nope: no such student term"),
     ],
 )
 def test_unknown_names(tmp_path: Path, repo: Path, args: list[str], message: str) -> None:
@@ -147,7 +148,7 @@ def test_unknown_keys_are_one_error_line_not_ignored() -> None:
     ("distill", "amp=1", "param amp must be one of auto, true, false"),
     ("distill", "online.amp=fast", "online.amp must be auto, true or false"),
     ("distill", "epoch=5", "distill: unknown param(s) epoch"),
-    ("distill", "loss_cfg.taux=4", "unknown param(s) taux"),
+    ("distill", "terms.kd.taux=4", "unknown param(s) terms.kd.taux"),
     ("synthesize", "gsteps=5", "dafl: unknown param(s) gsteps"),
 ])
 def test_wrong_param_type_is_one_line(tmp_path: Path, repo: Path, teacher_ckpt: Path, stage: str, override: str,

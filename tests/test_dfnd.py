@@ -18,7 +18,7 @@ from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_model
 from dfkd_common.retrieval import balanced_quotas, neg_log_pmax
-from dfkd_common.student import STUDENT_LOSSES, Batch
+from dfkd_common.student import STUDENT_TERMS, StudentSide, StudentStep, TermSetup
 from dfkd_common.student.noise_adaptation import transition_matrix
 from dfkd_common.training import predict
 from stages.cli import app
@@ -55,24 +55,27 @@ def test_transition_matrix_rows_sum_to_one_with_fixed_diagonal() -> None:
     assert (q >= 0).all()
 
 
-def test_dfnd_loss_trains_theta_with_its_own_adam(teacher_ckpt: Path) -> None:
+def test_dfnd_terms_train_theta_with_its_own_adam(teacher_ckpt: Path) -> None:
     teacher, meta = load_model(teacher_ckpt)
     student = build_model("lenet5_half", 10, 1, meta.dataset.mean, meta.dataset.std)
-    loss_fn = STUDENT_LOSSES.get("dfnd")({}, teacher, student, teacher_accuracy=meta.accuracy)
-    assert loss_fn.acc == pytest.approx(meta.accuracy)
-    opt = loss_fn.extra_optimizer()
-    assert opt is not None and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    setup = TermSetup(teacher, student, 1, 32, meta.accuracy)
+    side = StudentSide(student, {"kd": 1.0, "na": 1.0}, {"kd": {"tau": 4.0}}, setup)
+    na = side.terms["na"]
+    assert na.acc == pytest.approx(meta.accuracy)
+    opt, own = side.optimizers("sgd", 0.05, 5e-4)
+    assert len(own) == 1 and own[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert all(id(p) != id(na.theta) for g in opt.param_groups for p in g["params"])  # not in the student's SGD
     x = torch.rand(8, 1, 32, 32)
-    loss, logs = loss_fn(Batch(x, student(x), teacher(x).detach(), torch.zeros(8, dtype=torch.long)))
+    loss, logs = side.objective(StudentStep(x, torch.zeros(8, dtype=torch.long), student(x), teacher(x).detach()))
     loss.backward()
-    opt.step()
+    own[0].step()
     assert {"kd", "na"} <= set(logs)
-    assert loss_fn.theta.abs().sum() > 0
-    assert torch.allclose(loss_fn.q().sum(1), torch.ones(10), atol=1e-6)
-    # an explicit param wins; without metadata and param the error says what to set
-    assert STUDENT_LOSSES.get("dfnd")({"teacher_acc": 0.5}, teacher, student).acc == 0.5
+    assert na.theta.abs().sum() > 0
+    assert torch.allclose(na.q().sum(1), torch.ones(10), atol=1e-6)
+    # an explicit option wins; without metadata and option the error says what to set
+    assert STUDENT_TERMS.get("na")({"teacher_acc": 0.5}, TermSetup(teacher, student, 1, 32)).acc == 0.5
     with pytest.raises(DfkdError, match="teacher_acc"):
-        STUDENT_LOSSES.get("dfnd")({}, teacher, student, teacher_accuracy=None)
+        STUDENT_TERMS.get("na")({}, TermSetup(teacher, student, 1, 32, None))
 
 
 # ------------------------------------------------------------------------------------------ pools
@@ -233,7 +236,7 @@ def test_pool_retrieve_dfnd_distill_beats_chance(teacher_ckpt: Path, tmp_path: P
             "--params", none)
     assert r.exit_code == 0, r.output
     metrics = tmp_path / "s.json"
-    r = cli("distill", "--teacher", teacher_ckpt, "--bank", bank, "--out", student, "--loss", "dfnd",
+    r = cli("distill", "--teacher", teacher_ckpt, "--bank", bank, "--out", student, "--set", "weights.na=1",
             "--metrics", metrics, "--epochs", 4, "--params", none, "--device", "cpu")
     assert r.exit_code == 0, r.output
     acc = json.loads(metrics.read_text())["test_acc"]

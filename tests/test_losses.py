@@ -118,7 +118,7 @@ def test_adversarial_term_ignores_disagreements_and_supports_both_kl_orders() ->
     t = torch.tensor([[5.0, 0.0], [5.0, 0.0]])
     s = torch.tensor([[1.0, 0.0], [0.0, 5.0]])  # second sample: argmax disagrees -> masked
     ts = TERMS.get("adv")(Context(x=torch.zeros(2), t_logits=t, s_logits=s))
-    st = TERMS.get("adv")(Context(x=torch.zeros(2), t_logits=t, s_logits=s, extra={"adv_kl_order": "student_teacher"}))
+    st = TERMS.get("adv")(Context(x=torch.zeros(2), t_logits=t, s_logits=s), {"kl_order": "student_teacher"})
     assert math.isclose(float(ts), -float(kl_div(t[:1], s[:1])) / 2, rel_tol=1e-5)
     assert math.isclose(float(st), -float(kl_div(s[:1], t[:1])) / 2, rel_tol=1e-5)
     assert not math.isclose(float(ts), float(st))

@@ -339,7 +339,7 @@ def test_online_end_to_end_beats_chance(method: str, teacher_ckpt: Path, tmp_pat
     if method == "nayer":
         online["ngf"] = 16
     params = {"seed": 0, "distill": {"common": {
-        "student": "lenet5_half", "loss": "kd", "loss_cfg": {"tau": 4.0}, "epochs": 6, "batch_size": 64,
+        "student": "lenet5_half", "terms": {"kd": {"tau": 4.0}}, "epochs": 6, "batch_size": 64,
         "kd_steps": 20, "lr": 0.05, "optimizer": "sgd", "augment": {"crop_pad": 2}, "online": online}}}
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))

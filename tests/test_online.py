@@ -27,7 +27,7 @@ DFAD_ONLINE = {"method": "dfad", "iterations": 2, "student_steps": 2, "nz": 16, 
 
 def _params(tmp_path: Path, online: dict[str, Any], loss: str = "kd") -> Path:
     params = {"seed": 0, "distill": {"common": {
-        "student": "lenet5_half", "loss": loss, "loss_cfg": {}, "epochs": 3, "batch_size": 32, "kd_steps": 2,
+        "student": "lenet5_half", "weights": {"kd": 0.0, loss: 1.0}, "epochs": 3, "batch_size": 32, "kd_steps": 2,
         "lr": 0.05, "optimizer": "sgd", "augment": {"crop_pad": 0}, "online": online,
     }}}
     path = tmp_path / "params.yaml"
@@ -117,7 +117,7 @@ def test_online_resume_after_interruption(
             return real(*args, on_epoch=on_epoch, **kwargs)
         original = feed.before_epoch
 
-        def before_epoch(epoch: int, student: torch.nn.Module) -> dict[str, float]:
+        def before_epoch(epoch: int, side: torch.nn.Module) -> dict[str, float]:
             if epoch == 1:
                 first = feed.record
 
@@ -126,7 +126,7 @@ def test_online_resume_after_interruption(
                     raise Injected("injected mid-synthesis")
 
                 feed.record = record_then_fail  # type: ignore[method-assign]
-            return original(epoch, student)
+            return original(epoch, side)
 
         feed.before_epoch = before_epoch  # type: ignore[method-assign]
         return real(*args, **kwargs)

@@ -24,7 +24,7 @@ from dfkd_common.engine import Engine
 from dfkd_common.jobs import Job
 from dfkd_common.models import build_model
 from dfkd_common.online.base import RecordedFeed
-from dfkd_common.student import STUDENT_LOSSES
+from dfkd_common.student import StudentSide, TermSetup
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesize import split_synthesis_params
 from stages import distill as distill_stage
@@ -69,7 +69,8 @@ def test_shipped_params_build(path: Path, tmp_path: Path) -> None:
         params = distill_stage.resolve_params(path, name)
         student = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
                               **params["student_kwargs"])
-        STUDENT_LOSSES.get(params["loss"])(params["loss_cfg"], teacher, student, teacher_accuracy=0.9)
+        StudentSide(student, params["weights"], params["terms"], TermSetup(teacher, student, info.channels,
+                                                                             info.image_size, 0.9))
         augment_config(params["augment"])
         if name in runs:
             cfg = {k: v for k, v in dict(params["online"]).items() if k != "method"}

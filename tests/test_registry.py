@@ -11,7 +11,7 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.models import GENERATORS, MODELS, build_generator, build_model
 from dfkd_common.models.hooks import BNStats, Penultimate
 from dfkd_common.registry import Registry
-from dfkd_common.student import STUDENT_LOSSES
+from dfkd_common.student import STUDENT_TERMS
 from dfkd_common.synthesis import SYNTHESIZERS, build_synthesizer
 from dfkd_common.synthesis.losses import TERMS
 
@@ -23,11 +23,11 @@ def test_registries_hold_the_documented_names() -> None:
     assert {"mnist5k", "digits", "mnist", "cifar10", "cifar100", "svhn", "imagefolder"} <= set(DATASETS.names())
     assert {"deepinversion", "dafl"} <= set(SYNTHESIZERS.names())
     assert {"bn", "oh", "ie", "act", "tv", "l2", "adv"} <= set(TERMS.names())
-    assert "kd" in STUDENT_LOSSES
+    assert {"kd", "ce", "l1", "na"} <= set(STUDENT_TERMS.names())
     assert "dcgan" in GENERATORS
 
 
-@pytest.mark.parametrize("reg", [MODELS, DATASETS, SYNTHESIZERS, TERMS, STUDENT_LOSSES, GENERATORS])
+@pytest.mark.parametrize("reg", [MODELS, DATASETS, SYNTHESIZERS, TERMS, STUDENT_TERMS, GENERATORS])
 def test_unknown_name_is_a_clear_error(reg: Registry) -> None:
     with pytest.raises(DfkdError, match=r"unknown .*'nope'.*known: "):
         reg.get("nope")

@@ -21,7 +21,6 @@ effects; the Linear layer plays that stage's role instead.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -30,50 +29,13 @@ from torch import nn
 
 from dfkd_common.errors import DfkdError
 from dfkd_common.models.generators import GENERATORS
+from dfkd_common.models.hooks import Stage, bn_stages
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One teacher stage: the BN at its end (module path) and the shape (channels, height, width) it sees."""
-
-    path: str
-    channels: int
-    height: int
-    width: int
-
-
-@torch.no_grad()
 def teacher_stages(model: nn.Module, channels: int, image_size: int, min_size: int = 2) -> list[Stage]:
-    """Stage boundaries of ``model`` in forward order (largest resolution first), from one dummy forward."""
-    seen: list[Stage] = []
-    handles = []
-    names = {m: n for n, m in model.named_modules()}
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-
-            def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-                _, c, h, w = inputs[0].shape
-                seen.append(Stage(names[mod], int(c), int(h), int(w)))
-
-            handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    try:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        model.eval()
-        model(torch.zeros(1, channels, image_size, image_size, device=device))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    last: dict[tuple[int, int], Stage] = {}
-    order: list[tuple[int, int]] = []
-    for stage in seen:
-        key = (stage.height, stage.width)
-        if key not in last:
-            order.append(key)
-        last[key] = stage
-    stages = [last[k] for k in order if min(k) >= min_size]
+    """Stage boundaries of ``model`` in forward order (largest resolution first): the last BN input at each
+    resolution (:func:`~dfkd_common.models.hooks.bn_stages`), those smaller than ``min_size`` left out."""
+    stages = bn_stages(model, channels, image_size, min_size)
     if not stages:
         raise DfkdError(
             f"{type(model).__name__} has no BatchNorm2d on a feature map of at least {min_size}x{min_size}: "

@@ -1,16 +1,105 @@
-"""Forward hooks: BN statistics, penultimate features and stage outputs, addressed by module path.
+"""Forward hooks: BN statistics, penultimate features and stage features, addressed by module path.
 
 Hooks keep architectures untouched (no custom ``forward`` returning features), so any registered or imported
-classifier works with every method.
+classifier works with every method. Stages are found, not named: :func:`trace` runs one forward pass of zeros (no
+random draw, so it never moves a seeded stream) and records every module's input and output shape in the order
+the modules finish; :func:`stage_outputs` (a stage = the last module to finish at each spatial resolution: a
+ResNet's ``layer4``, a WRN's ``block3``, a LeNet block) and :func:`bn_stages` (the last BatchNorm2d input at each
+resolution, which CPNet's coupled generator mirrors) both read that trace, for any architecture in the zoo.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a model: a module (path) and the shape (channels, height, width) it sees or makes."""
+
+    path: str
+    channels: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Traced:
+    """One module's call in a dummy forward: its path, class, and 4-D input/output shapes (None if not 4-D)."""
+
+    path: str
+    kind: type
+    input: tuple[int, int, int] | None
+    output: tuple[int, int, int] | None
+    container: bool  # has child modules (a block, a stage), as opposed to a single layer
+
+
+@torch.no_grad()
+def trace(model: nn.Module, channels: int, image_size: int) -> list[Traced]:
+    """Every module's call in one eval-mode forward of zeros, in the order the calls finish."""
+    calls: list[Traced] = []
+    handles = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def chw(t: Any) -> tuple[int, int, int] | None:
+        return tuple(int(d) for d in t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() == 4 else None  # type: ignore[return-value]
+
+    def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        calls.append(Traced(names[mod], type(mod), chw(inputs[0]) if inputs else None, chw(output),
+                            next(mod.children(), None) is not None))
+
+    for module in model.modules():
+        if module is not model:
+            handles.append(module.register_forward_hook(hook))
+    was_training = model.training
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        model.eval()
+        model(torch.zeros(1, channels, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def _last_per_resolution(items: list[Stage], min_size: int) -> list[Stage]:
+    last: dict[tuple[int, int], Stage] = {}
+    order: list[tuple[int, int]] = []
+    for stage in items:
+        key = (stage.height, stage.width)
+        if key not in last:
+            order.append(key)
+        last[key] = stage
+    return [last[k] for k in order if min(k) >= min_size]
+
+
+def bn_stages(model: nn.Module, channels: int, image_size: int, min_size: int = 1) -> list[Stage]:
+    """For each spatial resolution (largest first), the last BatchNorm2d to run there and the input it sees."""
+    seen = [Stage(c.path, *c.input) for c in trace(model, channels, image_size)
+            if issubclass(c.kind, nn.BatchNorm2d) and c.input is not None]
+    return _last_per_resolution(seen, min_size)
+
+
+def stage_outputs(model: nn.Module, channels: int, image_size: int, min_size: int = 1) -> list[Stage]:
+    """For each spatial resolution (largest first), the map a stage makes there: the output of the last *block*
+    (a module with children) to finish at that resolution, else of the last layer.
+
+    Blocks first, because a pre-activation network's next block starts with a BatchNorm at the old resolution
+    (a WRN's ``block2.0.bn1`` runs on ``block1``'s output): the stage is ``block1``, not that BN. This gives
+    ResNet ``layer1..4``, WRN ``block1..3``, LeNet-5's conv blocks and VGG's last ReLU before each pooling.
+    Functional ops (``F.relu`` in a ``forward``) are invisible to hooks, so a map can be pre-activation.
+    """
+    calls = [c for c in trace(model, channels, image_size) if c.output is not None]
+    blocks = {c.output[1:] for c in calls if c.container}
+    seen = [Stage(c.path, *c.output) for c in calls if c.container or c.output[1:] not in blocks]
+    return _last_per_resolution(seen, min_size)
 
 
 class BNStatsHook:

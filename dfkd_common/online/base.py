@@ -217,16 +217,16 @@ class OnlineFeed(RecordedFeed):
         synth = build_synthesizer(method, ctx.teacher, ctx.info, synth_cfg, ctx.engine, ctx.seed)
         return cls(ctx, feed_cfg, synth)
 
-    def before_epoch(self, epoch: int, student: nn.Module) -> dict[str, float]:
+    def before_epoch(self, epoch: int, side: nn.Module) -> dict[str, float]:
         self.start()
         warm = epoch < self.warmup
         loops = self.warmup_loops if warm else self.g_loops
         logs: dict[str, float] = {}
         t0 = time.perf_counter()
         self.synth.begin_epoch(epoch)
-        with frozen(student):
+        with frozen(side):  # the student and the modules its terms train are fixed functions during synthesis
             for _ in range(loops):
-                result = self.synth.synthesize(self.next_round, None if warm else student)
+                result = self.synth.synthesize(self.next_round, None if warm else side)
                 self.made += int(result.images.shape[0])
                 self.record(result.images, result.labels, self.next_round)
                 self.next_round += 1

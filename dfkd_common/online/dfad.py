@@ -43,6 +43,7 @@ from dfkd_common.functional import l1_discrepancy
 from dfkd_common.models import build_generator
 from dfkd_common.online.base import ONLINE, FeedContext, RecordedFeed, frozen
 from dfkd_common.params import check_params, merge
+from dfkd_common.synthesis.base import student_network
 from dfkd_common.synthesis.losses import TERMS, Context
 
 
@@ -102,14 +103,14 @@ class DFADFeed(RecordedFeed):
     def noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.nz, generator=self.gen).to(self.device)
 
-    def before_epoch(self, epoch: int, student: nn.Module) -> dict[str, float]:
+    def before_epoch(self, epoch: int, side: nn.Module) -> dict[str, float]:
         self.start()
         scale = 1.0
         if self.cfg["g_schedule"] == "cosine":
             scale = 0.5 * (1 + math.cos(math.pi * epoch / max(1, self.ctx.epochs)))
         for group in self.opt.param_groups:
             group["lr"] = float(self.cfg["lr_g"]) * scale
-        self.student = student
+        self.student = student_network(side)  # the generator attacks the student network itself
         self.pending_record = self.to_record > 0
         self.g_sum, self.g_count = 0.0, 0
         # the loop merges this dict into the epoch's metrics row *after* the epoch, so filling it in

@@ -1,15 +1,24 @@
-"""The student side's interface: a registered loss over one student step's tensors.
+"""The student side's terms: registered objectives over one student step, composed by weight.
 
-A :class:`StudentLoss` sees a :class:`Batch` (the augmented images, student and teacher logits, the bank labels)
-and returns the value to minimise plus numbers to log. Its options are checked against its ``defaults`` when it
-is built (an unknown key is one error line). Parameters it owns train with the student, or with an optimiser of
-its own (:meth:`StudentLoss.extra_optimizer`); they are saved in the run's resume state, never in the student's
-checkpoint.
+A :class:`StudentTerm` is one summand of the student's objective (KD, CE on bank labels, DFAD's L1, DFND's noise
+adaptation, ...). It declares
+
+* ``needs``: what the step must compute for it (:data:`NEEDS`: the student's and teacher's logits, their
+  penultimate features, their stage features, the bank labels); the loop computes the union of the active terms'
+  needs once per step, and nothing more;
+* ``views``: how many independently augmented views of every bank image a batch must hold (2 for a term that
+  needs positive pairs); the loop makes the maximum over the active terms;
+* ``defaults`` (and ``param_types``): its options, checked when it is built (an unknown one is one error line);
+* modules it trains: parameters train with the student's optimiser (:meth:`StudentTerm.param_groups`, an own
+  learning rate allowed) or with an optimiser of the term's own (:meth:`StudentTerm.optimizer`). They are part of
+  the run's resume state, never of the student's checkpoint.
+
+A term returns the value to minimise; :class:`~dfkd_common.student.side.StudentSide` sums ``weight * term``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -19,41 +28,79 @@ from dfkd_common.models import Classifier
 from dfkd_common.params import check_params
 from dfkd_common.registry import Registry
 
+#: what a term may need from a step
+NEEDS = frozenset({"s_logits", "t_logits", "labels", "s_feat", "t_feat", "s_stages", "t_stages"})
+
 
 @dataclass
-class Batch:
-    """One student step's tensors: augmented images, logits, and the bank labels of the rows (-1: none)."""
+class StudentStep:
+    """One student step's tensors. With k views, every bank image appears k times (view-major: rows
+    ``v * B .. (v + 1) * B`` are view ``v``), each independently augmented; ``labels`` are repeated likewise."""
 
     x: torch.Tensor
+    labels: torch.Tensor  # bank labels; -1 where a row has none
     s_logits: torch.Tensor
-    t_logits: torch.Tensor
-    labels: torch.Tensor
+    t_logits: torch.Tensor | None = None
+    s_feat: torch.Tensor | None = None  # the student's penultimate features
+    t_feat: torch.Tensor | None = None
+    s_stages: dict[str, torch.Tensor] = field(default_factory=dict)  # stage output by module path
+    t_stages: dict[str, torch.Tensor] = field(default_factory=dict)
+    views: int = 1
 
 
-class StudentLoss(nn.Module):
-    """Base: ``forward(batch) -> (loss, logs)``. Parameters it owns are trained with the student."""
+@dataclass
+class TermSetup:
+    """What a term may need when it is built: the networks (e.g. their stage shapes) and the teacher's accuracy."""
 
+    teacher: Classifier
+    student: Classifier
+    channels: int
+    image_size: int
+    teacher_accuracy: float | None = None  # measured on the teacher's test split (its checkpoint), if known
+
+
+class StudentTerm(nn.Module):
+    """Base of every student term (see the module docstring)."""
+
+    name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
-    param_types: ClassVar[dict[str, Any]] = {}  # expected types of params whose default is None
+    param_types: ClassVar[dict[str, Any]] = {}  # expected types of options whose default is None
+    needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "t_logits"})
+    views: ClassVar[int] = 1
 
-    def __init__(self, cfg: dict[str, Any], teacher: Classifier, student: Classifier,
-                 teacher_accuracy: float | None = None) -> None:
+    def __init__(self, options: dict[str, Any], setup: TermSetup) -> None:
         super().__init__()
-        check_params(cfg, self.defaults, f"loss_cfg ({type(self).__name__})", types=self.param_types)
-        self.cfg = {**self.defaults, **cfg}
-        self.teacher_accuracy = teacher_accuracy  # measured on the teacher's test split, from its checkpoint
+        check_params(options, self.defaults, f"student term {self.name}", types=self.param_types)
+        self.opts = {**self.defaults, **options}
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover - abstract
+    def forward(self, step: StudentStep) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def extra_optimizer(self) -> torch.optim.Optimizer | None:
-        """An optimiser of the loss's own for (some of) its parameters, or None (the default).
+    def describe(self) -> str:
+        """``name(option=value, ...)`` for the run's printed objective."""
+        shown = ", ".join(f"{k}={v}" for k, v in self.opts.items() if v is not None)
+        return f"{self.name}({shown})" if shown else self.name
 
-        Called by the loop after the loss moved to the device. Parameters it owns are left out of the student
-        optimiser and stepped by it instead, every student step and without the student's LR schedule: DFND
-        trains its transition matrix with Adam at 1e-3 while the student uses SGD with a cosine schedule.
-        """
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """An optimiser of the term's own for its parameters (stepped every student step, no LR schedule), or
+        None: its parameters then train with the student (:meth:`param_groups`)."""
         return None
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Parameter groups to add to the student's optimiser (``{"params": [...], "lr": ...}``; lr optional).
 
-STUDENT_LOSSES: Registry[type[StudentLoss]] = Registry("student loss")
+        Parameters an own :meth:`optimizer` steps are left out of these by the student side.
+        """
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params}] if params else []
+
+
+STUDENT_TERMS: Registry[type[StudentTerm]] = Registry("student term")
+
+
+def register(cls: type[StudentTerm]) -> type[StudentTerm]:
+    """Class decorator: register a term under its ``name``."""
+    unknown = cls.needs - NEEDS
+    if unknown:
+        raise ValueError(f"student term {cls.name} needs {sorted(unknown)}, not among {sorted(NEEDS)}")
+    return STUDENT_TERMS.register(cls.name)(cls)

@@ -1,4 +1,4 @@
-"""DFAD's student loss: mean |S(x) - T(x)| over logits (no temperature, no softmax).
+"""DFAD's student objective: mean |S(x) - T(x)| over logits (no temperature, no softmax).
 
 L1 on raw logits keeps a gradient where KL saturates (the student already agrees on the argmax), which is what the
 adversarial generator exploits; the paper shows it beats KL for this game.
@@ -9,13 +9,15 @@ from __future__ import annotations
 import torch
 
 from dfkd_common.functional import l1_discrepancy
-from dfkd_common.student.base import STUDENT_LOSSES, Batch, StudentLoss
+from dfkd_common.student.base import StudentStep, StudentTerm, register
 
 
-@STUDENT_LOSSES.register("l1")
-class L1Loss(StudentLoss):
+@register
+class L1(StudentTerm):
     """Mean absolute logit gap between student and teacher."""
 
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        loss = l1_discrepancy(batch.s_logits, batch.t_logits)
-        return loss, {"l1": float(loss.detach())}
+    name = "l1"
+
+    def forward(self, step: StudentStep) -> torch.Tensor:
+        assert step.t_logits is not None
+        return l1_discrepancy(step.s_logits, step.t_logits)

@@ -1,14 +1,19 @@
 """The Synthesizer interface and the shared machinery of every inversion method.
 
 A synthesizer only has to :meth:`Synthesizer.synthesize` one round of images (optionally against the current
-student, for adversarial methods) and report its state for resuming. Methods are registered classes in
+student side, for adversarial methods) and report its state for resuming. Methods are registered classes in
 :data:`SYNTHESIZERS`; they declare their defaults and differ mostly in loss weights and in *what* is optimised
-(pixels, a generator, a generator plus latents). The teacher is frozen and in eval mode throughout.
+(pixels, a generator, a generator plus latents): the round loop that optimises it for ``g_steps`` and keeps the
+lowest-loss iterate is :meth:`Synthesizer.optimise`, written once here. The teacher is frozen and in eval mode
+throughout. Loss terms are registered with what they need (:mod:`dfkd_common.synthesis.losses`); a synthesizer
+states what it :meth:`~Synthesizer.provides` beyond the base, and a weighted term it cannot serve is an error when
+it is built.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,7 +27,7 @@ from dfkd_common.engine import Engine, check_finite
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import BNStats, Penultimate
-from dfkd_common.params import check_params, merge
+from dfkd_common.params import check_params, check_weighted_terms, merge
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis.losses import TERMS, Context, weighted_sum
 
@@ -46,11 +51,17 @@ class Synthesizer(ABC):
         "weights": {},
         "bn_momentum": 0.0,
         "augment": {"crop_pad": 4, "flip": False, "jitter": 0.0},
-        "adv_kl_order": "teacher_student",
+        "terms": {},  # options of loss terms, {term: {option: value}}, checked against each term's own
     }
     #: expected types of params whose default is None (see :func:`dfkd_common.params.check_params`)
-    param_types: ClassVar[dict[str, type]] = {}
-    needs_student: ClassVar[bool] = False
+    param_types: ClassVar[dict[str, Any]] = {}
+    #: what the base serves every term: teacher logits and penultimate features, BN hooks, the student's logits
+    BASE_PROVIDES: ClassVar[frozenset[str]] = frozenset({"t_logits", "t_feat", "bn", "s_logits"})
+
+    @classmethod
+    def provides(cls) -> frozenset[str]:
+        """Everything this method can put in a term's :class:`Context` (methods add their own, e.g. CPNet's)."""
+        return cls.BASE_PROVIDES
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
@@ -68,25 +79,40 @@ class Synthesizer(ABC):
         defaults = self.param_defaults()
         check_params(cfg or {}, defaults, self.name, types=self.param_types)
         self.cfg = merge(defaults, cfg)
-        weights = self.cfg["weights"]  # open key set (any registered term), but every value is a number
-        check_params(weights, dict.fromkeys(weights, 0.0), self.name, prefix="weights.")
-        unknown_terms = sorted(set(weights) - set(TERMS.names()))
-        if unknown_terms:
-            raise DfkdError(f"{self.name}: weights.{unknown_terms[0]}: no such loss term "
-                            f"(known: {', '.join(TERMS.names())})")
+        self.weights: dict[str, float] = self.check_terms()
+        #: what the active (non-zero weight) terms need from each step
+        self.needs = frozenset().union(*(TERMS.get(k).needs for k, v in self.weights.items() if v))
         self.engine = engine or Engine.create()
         self.info = info
         self.teacher = self.engine.model(teacher).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.weights: dict[str, float] = {k: float(v) for k, v in self.cfg["weights"].items()}
         self.bn = BNStats(self.teacher, float(self.cfg["bn_momentum"])) if self.weights.get("bn") else None
+        if self.bn is not None and not len(self.bn):
+            raise DfkdError(f"{self.name}: weights.bn needs BatchNorm2d layers in the teacher, and it has none")
         if self.bn is not None:
             self.bn.enable(False)
         self.penultimate = Penultimate(self.teacher)
         self.augment = build_augment(info.image_size, augment_config(self.cfg["augment"]))
         self.gen = torch.Generator().manual_seed(seed)
         self.device = self.engine.device
+
+    def check_terms(self) -> dict[str, float]:
+        """Weights and term options: registered names, numbers, known options, needs this method can serve."""
+        active = check_weighted_terms(self.name, self.cfg["weights"], self.cfg["terms"], "loss term",
+                                      TERMS.names(), lambda name: (TERMS.get(name).options, {}))
+        for name in (k for k, v in active.items() if v):
+            missing = sorted(TERMS.get(name).needs - self.provides())
+            if missing:
+                raise DfkdError(f"{self.name}: weights.{name}: the {name} term needs {', '.join(missing)}, which "
+                                f"{self.name} does not provide (a method that does: one registering it in its "
+                                "provides())")
+        return active
+
+    def term_options(self, name: str) -> dict[str, Any]:
+        """The options of term ``name`` for this run (its defaults, overridden by ``terms.<name>``)."""
+        return {**TERMS.get(name).options, **self.cfg["terms"].get(name, {})}
+
 
     # -- helpers shared by methods -------------------------------------------------------------------
     @contextmanager
@@ -108,13 +134,18 @@ class Synthesizer(ABC):
     def noise(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen).to(self.device)
 
-    def context(self, x: torch.Tensor, y: torch.Tensor | None, student: nn.Module | None = None) -> Context:
-        """Augment x once, run the teacher (and the student for adversarial terms) on it."""
+    def context(self, x: torch.Tensor, y: torch.Tensor | None, student: Any = None) -> Context:
+        """Augment x once, run the teacher on it, and the student where an active term needs its logits.
+
+        ``student`` is the student side (:class:`~dfkd_common.student.StudentSide`) or a bare network, or None
+        (offline synthesis, online warm-up: terms that need the student then contribute 0).
+        """
+        net = student_network(student)
         xa = self.augment(x)
         xa = self.engine.images(xa)
         with self.engine.autocast():
             t_logits = self.teacher(xa)
-            s_logits = student(xa) if (student is not None and self.weights.get("adv")) else None
+            s_logits = net(xa) if (net is not None and "s_logits" in self.needs) else None
         return Context(
             x=x,
             t_logits=t_logits.float(),
@@ -122,14 +153,39 @@ class Synthesizer(ABC):
             s_logits=None if s_logits is None else s_logits.float(),
             t_feat=self.penultimate.value,
             bn=self.bn,
-            extra={"adv_kl_order": self.cfg["adv_kl_order"], "xa": xa},
+            extra={"xa": xa},
         )
 
     def loss(self, ctx: Context, weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        total, logs = weighted_sum(weights if weights is not None else self.weights, ctx)
+        total, logs = weighted_sum(weights if weights is not None else self.weights, ctx, self.cfg["terms"])
         check_finite(total, f"{self.name} synthesis loss")
         logs["loss"] = float(total.detach())
         return total, logs
+
+    def optimise(self, steps: int, step: Callable[[], tuple[torch.Tensor, Context]], opt: torch.optim.Optimizer,
+                 after_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, float, dict[str, float]]:
+        """The round loop every method shares: ``steps`` times ``step()`` (images and their loss context), the
+        weighted loss, backward, ``after_backward`` (Fast accumulates meta-gradients there), optimiser step.
+
+        Returns the lowest-loss iterate's images (detached, as computed before that step's update), its loss and
+        the last step's logs. BN hooks are active for the whole loop.
+        """
+        if steps < 1:
+            raise DfkdError(f"{self.name}: g_steps must be >= 1")
+        best_loss, best_x, logs = float("inf"), None, {}
+        with self.bn_active():
+            for _ in range(steps):
+                x, ctx = step()
+                loss, logs = self.loss(ctx)
+                if logs["loss"] < best_loss:
+                    best_loss, best_x = logs["loss"], x.detach()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if after_backward is not None:
+                    after_backward()
+                opt.step()
+        assert best_x is not None
+        return best_x, best_loss, logs
 
     def end_round(self) -> None:
         """After each round: fold the last batch statistics into the BN EMA (momentum variant)."""
@@ -145,8 +201,8 @@ class Synthesizer(ABC):
         return None
 
     @abstractmethod
-    def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
-        """Produce one round of images (against ``student`` where the method is adversarial)."""
+    def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
+        """Produce one round of images (against the student side where the method is adversarial)."""
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"gen": self.gen.get_state()}
@@ -159,6 +215,11 @@ class Synthesizer(ABC):
         if self.bn is not None and "bn_ema" in state:
             for h, ema in zip(self.bn.hooks, state["bn_ema"], strict=True):
                 h.ema = None if ema is None else (ema[0].to(self.device), ema[1].to(self.device))
+
+
+def student_network(student: Any) -> nn.Module | None:
+    """The student network of a student side (``side.student``), or the network itself when given bare."""
+    return getattr(student, "student", student)
 
 
 SYNTHESIZERS: Registry[type[Synthesizer]] = Registry("synthesis method")

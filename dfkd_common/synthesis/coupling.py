@@ -26,12 +26,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd_common.synthesis.losses import TERMS, Context
+from dfkd_common.synthesis.losses import Context, term
 
 
 def renormalise(phi: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
@@ -54,8 +56,8 @@ def coupling_loss(pairs: list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]]
     return total
 
 
-@TERMS.register("xn")
-def xn_term(ctx: Context) -> torch.Tensor:
+@term("xn", needs=("coupling",))
+def xn_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """CPNet feature coupling between generator stages and renormalised teacher BN inputs."""
     pairs = ctx.extra.get("coupling")
     if not pairs:
@@ -92,9 +94,13 @@ class InverseClassifier:
         return F.cosine_similarity(a, self.c.expand_as(a), dim=1).abs().mean()
 
 
-@TERMS.register("align")
-def align_term(ctx: Context) -> torch.Tensor:
-    """CPNet inverse-classifier constraint; active with the adversarial term (a student is given)."""
+@term("align", needs=("s_logits", "t_feat", "inverse_classifier"), label_smoothing=0.1, min_singular=0.1)
+def align_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+    """CPNet inverse-classifier constraint; active with the adversarial term (a student is given).
+
+    Its options (label smoothing eps, the singular-value clamp) shape the inverse the synthesizer precomputes
+    once (:class:`InverseClassifier`), which reaches the term as ``ctx.extra["inverse_classifier"]``.
+    """
     if ctx.s_logits is None:
         return ctx.t_logits.new_zeros((), dtype=torch.float32)
     inv = ctx.extra.get("inverse_classifier")

@@ -23,7 +23,9 @@ unevenly. With both (width 4, bilinear) CPNet's mnist5k students went from 95.8 
 four seeds (the default pipeline's ``cpnet_wide`` run).
 
 Adversarial KL order: the paper writes the adversarial term as NAYER's KL(p_T || p_S) ("teacher_student", the
-default here); the released code computes KL(p_S || p_T), available as ``adv_kl_order: student_teacher``.
+default here); the released code computes KL(p_S || p_T), available as the ``adv`` term's option
+(``terms: {adv: {kl_order: student_teacher}}``). The alignment's label smoothing and singular-value clamp are
+the ``align`` term's options.
 """
 
 from __future__ import annotations
@@ -49,23 +51,26 @@ class CPNet(NAYER):
     name = "cpnet"
     defaults: ClassVar[dict[str, Any]] = merge(NAYER.defaults, {
         "weights": {"bn": 10.0, "oh": 0.5, "adv": 1.33, "align": 1.33, "xn": 1.0},
-        "adv_kl_order": "teacher_student",
         "augment": {"crop_pad": 4, "flip": False, "jitter": 0.2},
         "cutmix": 0.5,
-        "label_smoothing": 0.1,
-        "min_singular": 0.1,
         "min_stage_size": 2,  # teacher stages smaller than this (LeNet-5's 1x1) are not mirrored
         "g_width": 1,  # generator channels per stage = g_width x the teacher's (1: the paper's exact mirror)
         "g_upsample": "nearest",  # between stages; bilinear avoids nearest's uneven rows at LeNet's 10->28->32
     })
+
+    @classmethod
+    def provides(cls) -> frozenset[str]:
+        """Beyond the base: the coupled generator's stage tensors (``xn``) and the inverse classifier (``align``)."""
+        return super().provides() | {"coupling", "inverse_classifier"}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         modules = dict(self.teacher.named_modules())
         self.stage_paths = [s.path for s in reversed(self.stages)]  # deepest first, as the generator's
         self.stage_bns = [modules[p] for p in self.stage_paths]
-        self.inverse = InverseClassifier(self.teacher.classifier, float(self.cfg["label_smoothing"]),
-                                         float(self.cfg["min_singular"])).to(self.device)
+        align = self.term_options("align")
+        self.inverse = InverseClassifier(self.teacher.classifier, float(align["label_smoothing"]),
+                                         float(align["min_singular"])).to(self.device)
         self.cutmix = CutMix(float(self.cfg["cutmix"]), self.gen)
         self.augment = nn.Sequential(self.augment, self.cutmix)
 
@@ -87,7 +92,7 @@ class CPNet(NAYER):
             x, stages = self.generator(y, return_stages=True)
         return x.float(), {"stages": stages}
 
-    def make_context(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module | None,
+    def make_context(self, x: torch.Tensor, y: torch.Tensor, student: Any,
                      extra: dict[str, Any]) -> Context:
         phis = self.teacher_stage_inputs(x) if self.weights.get("xn") else []
         ctx = self.context(x, y, student)

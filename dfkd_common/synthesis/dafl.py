@@ -13,10 +13,10 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from dfkd_common.models import build_generator
 from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
+from dfkd_common.synthesis.losses import Context
 
 
 @SYNTHESIZERS.register("dafl")
@@ -49,17 +49,15 @@ class DAFL(Synthesizer):
         )
         self.opt = torch.optim.Adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]))
 
-    def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
+    def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
         b, nz = int(self.cfg["batch_size"]), int(self.cfg["nz"])
-        logs: dict[str, float] = {}
         self.generator.train()
-        with self.bn_active():
-            for _ in range(int(self.cfg["g_steps"])):
-                x = self.generator(self.noise(b, nz))
-                loss, logs = self.loss(self.context(x, None, student))
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
+
+        def step() -> tuple[torch.Tensor, Context]:
+            x = self.generator(self.noise(b, nz))
+            return x, self.context(x, None, student)
+
+        _, _, logs = self.optimise(int(self.cfg["g_steps"]), step, self.opt)  # DAFL samples afresh: no best iterate
         self.end_round()
         x = self.sample(b)
         with torch.no_grad(), self.engine.autocast():

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
 from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
+from dfkd_common.synthesis.losses import Context
 
 
 @SYNTHESIZERS.register("deepinversion")
@@ -27,23 +27,18 @@ class DeepInversion(Synthesizer):
         "weights": {"bn": 1.0, "oh": 1.0, "tv": 0.1, "l2": 0.0},
     }
 
-    def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
+    def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
         b, info = int(self.cfg["batch_size"]), self.info
         mean = self.teacher.mean.to(self.device)
         std = self.teacher.std.to(self.device)
         y = self.targets(b, round_index)
         v = self.noise(b, info.channels, info.image_size, info.image_size).requires_grad_(True)
         opt = torch.optim.Adam([v], lr=float(self.cfg["lr"]), betas=tuple(self.cfg["betas"]))
-        best_loss, best_x, logs = float("inf"), None, {}
-        with self.bn_active():
-            for _ in range(int(self.cfg["g_steps"])):
-                x = (v * std + mean).clamp(0, 1)
-                loss, logs = self.loss(self.context(x, y, student))
-                if logs["loss"] < best_loss:
-                    best_loss, best_x = logs["loss"], x.detach()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+
+        def step() -> tuple[torch.Tensor, Context]:
+            x = (v * std + mean).clamp(0, 1)
+            return x, self.context(x, y, student)
+
+        best_x, _, logs = self.optimise(int(self.cfg["g_steps"]), step, opt)
         self.end_round()
-        assert best_x is not None
         return SynthResult(best_x.float().cpu(), y.cpu(), logs)

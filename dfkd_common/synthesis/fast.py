@@ -24,6 +24,7 @@ from torch import nn
 
 from dfkd_common.models import build_generator
 from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
+from dfkd_common.synthesis.losses import Context
 
 
 def accumulate_grads(meta: nn.Module, fast: nn.Module) -> None:
@@ -53,7 +54,6 @@ class Fast(Synthesizer):
         "weights": {"bn": 10.0, "oh": 0.4, "adv": 1.1},
         "augment": {"crop_pad": 4, "flip": True},
     }
-    needs_student = True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,7 +66,7 @@ class Fast(Synthesizer):
         meta_lr = float(self.cfg["lr_g"]) * int(self.cfg["g_steps"]) if meta_lr is None else float(meta_lr)
         self.meta_opt = torch.optim.Adam(self.generator.parameters(), lr=meta_lr, betas=tuple(self.cfg["betas"]))
 
-    def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
+    def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
         b, nz = int(self.cfg["batch_size"]), int(self.cfg["nz"])
         y = self.targets(b, round_index)
         fast = copy.deepcopy(self.generator).train()
@@ -74,20 +74,15 @@ class Fast(Synthesizer):
         opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": float(self.cfg["lr_z"])}],
                                lr=float(self.cfg["lr_g"]), betas=tuple(self.cfg["betas"]))
         self.meta_opt.zero_grad(set_to_none=True)
-        best_loss, best_x, logs = float("inf"), None, {}
-        with self.bn_active():
-            for _ in range(int(self.cfg["g_steps"])):
-                x = fast(z)
-                loss, logs = self.loss(self.context(x, y, student))
-                if logs["loss"] < best_loss:
-                    best_loss, best_x = logs["loss"], x.detach()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                accumulate_grads(self.generator, fast)
-                opt.step()
+
+        def step() -> tuple[torch.Tensor, Context]:
+            x = fast(z)
+            return x, self.context(x, y, student)
+
+        best_x, _, logs = self.optimise(int(self.cfg["g_steps"]), step, opt,
+                                        after_backward=lambda: accumulate_grads(self.generator, fast))
         self.meta_opt.step()
         self.end_round()
-        assert best_x is not None
         return SynthResult(best_x.float().clamp(0, 1).cpu(), y.cpu(), logs)
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,13 +1,21 @@
-"""Reusable loss terms. Methods are weighted sums of these, so each term is written and tested once.
+"""Reusable synthesis loss terms. Methods are weighted sums of these, so each term is written and tested once.
 
-Every term takes a :class:`Context` (what one synthesis step computed) and returns a scalar to *minimise*.
-Terms are registered by name in :data:`TERMS`; a method's params give each a weight (``weights: {bn: 10,
-oh: 0.5}``), and a term with weight 0 is never computed.
+Every term takes a :class:`Context` (what one synthesis step computed) and its options, and returns a scalar to
+*minimise*. Terms are registered by name in :data:`TERMS` with what they **need** from the step and the
+**options** they own (with defaults): a method's params give each a weight (``weights: {bn: 10, oh: 0.5}``) and,
+where it has options, those (``terms: {adv: {kl_order: student_teacher}}``, checked against the term's own). A
+term with weight 0 is never computed; the context computes what the active terms need (the student's forward
+only when one of them needs ``s_logits``), and a synthesizer refuses, when it is built, a term whose needs it
+cannot serve (CPNet's ``xn`` on Fast, which has no teacher-coupled generator).
+
+Needs: ``t_logits`` (always there), ``s_logits`` (online, after warm-up; terms return 0 without a student),
+``t_feat`` (the teacher's penultimate features), ``bn`` (the teacher's BN statistics hooks), and what a
+synthesizer adds through ``ctx.extra`` (CPNet: ``coupling``, ``inverse_classifier``, ``cutmix``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,22 +40,42 @@ class Context:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-__all__ = ["TERMS", "Context", "kd_loss", "kl_div", "weighted_sum"]
+@dataclass(frozen=True)
+class Term:
+    """A registered term: ``fn(ctx, options)``, what it needs, and its options' defaults."""
 
-Term = Callable[[Context], torch.Tensor]
+    fn: Callable[[Context, Mapping[str, Any]], torch.Tensor]
+    needs: frozenset[str]
+    options: Mapping[str, Any]
+
+    def __call__(self, ctx: Context, options: Mapping[str, Any] | None = None) -> torch.Tensor:
+        return self.fn(ctx, {**self.options, **(options or {})})
+
+
+__all__ = ["TERMS", "Context", "Term", "kd_loss", "kl_div", "term", "weighted_sum"]
+
 TERMS: Registry[Term] = Registry("loss term")
 
 
-@TERMS.register("bn")
-def bn_term(ctx: Context) -> torch.Tensor:
+def term(name: str, needs: tuple[str, ...] = (), **options: Any) -> Callable[[Callable[..., torch.Tensor]], Term]:
+    """Register ``fn(ctx, options)`` as the synthesis term ``name`` (``options``: its defaults)."""
+
+    def deco(fn: Callable[[Context, Mapping[str, Any]], torch.Tensor]) -> Term:
+        return TERMS.register(name)(Term(fn, frozenset(("t_logits", *needs)), dict(options)))
+
+    return deco
+
+
+@term("bn", needs=("bn",))
+def bn_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """DeepInversion's feature-statistics prior, summed over the teacher's BatchNorm2d layers."""
     if ctx.bn is None:
         raise ValueError("bn term needs BN hooks on the teacher")
     return ctx.bn.loss().to(ctx.x.device)
 
 
-@TERMS.register("oh")
-def onehot_term(ctx: Context) -> torch.Tensor:
+@term("oh")
+def onehot_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """CE(T(x), y): the teacher must be confident about the target class (argmax T when y is None).
 
     When the batch was CutMix-ed (``ctx.extra["cutmix"] = (perm, lam)``, CPNet) it is the lambda-mixed
@@ -62,23 +90,23 @@ def onehot_term(ctx: Context) -> torch.Tensor:
     return F.cross_entropy(ctx.t_logits.float(), y)
 
 
-@TERMS.register("ie")
-def entropy_balance_term(ctx: Context) -> torch.Tensor:
+@term("ie")
+def entropy_balance_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """DAFL information entropy: sum_k pbar_k log pbar_k (minimised = batch classes balanced)."""
     pbar = F.softmax(ctx.t_logits.float(), dim=1).mean(0)
     return (pbar * torch.log(pbar + 1e-8)).sum()
 
 
-@TERMS.register("act")
-def activation_term(ctx: Context) -> torch.Tensor:
+@term("act", needs=("t_feat",))
+def activation_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """DAFL activation: -mean |f_T(x)| over penultimate features (real data excites the features)."""
     if ctx.t_feat is None:
         raise ValueError("act term needs the teacher's penultimate features")
     return -ctx.t_feat.float().abs().mean()
 
 
-@TERMS.register("tv")
-def total_variation_term(ctx: Context) -> torch.Tensor:
+@term("tv")
+def total_variation_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """Mean absolute difference of neighbouring pixels (image smoothness prior of DeepInversion)."""
     x = ctx.x.float()
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
@@ -86,37 +114,43 @@ def total_variation_term(ctx: Context) -> torch.Tensor:
     return dx + dy
 
 
-@TERMS.register("l2")
-def l2_term(ctx: Context) -> torch.Tensor:
+@term("l2")
+def l2_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """Mean squared pixel norm: keeps pixels from saturating."""
     return ctx.x.float().pow(2).mean()
 
 
-@TERMS.register("adv")
-def adversarial_term(ctx: Context) -> torch.Tensor:
+@term("adv", needs=("s_logits",), kl_order="teacher_student")
+def adversarial_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """-mean[KL(p_T || p_S) * 1(argmax S == argmax T)]: samples the student agrees on but imitates badly.
 
-    ``ctx.extra["adv_kl_order"] == "student_teacher"`` gives CPNet code's KL(p_S || p_T).
+    Option ``kl_order``: ``teacher_student`` (NAYER's and CPNet's paper) or ``student_teacher`` (CPNet's released
+    code: KL(p_S || p_T)).
     """
     if ctx.s_logits is None:
         return ctx.t_logits.new_zeros(())
     t, s = ctx.t_logits.float(), ctx.s_logits.float()
     agree = (s.argmax(1) == t.argmax(1)).float()
-    if ctx.extra.get("adv_kl_order", "teacher_student") == "student_teacher":
+    order = opts["kl_order"]
+    if order not in ("teacher_student", "student_teacher"):
+        raise ValueError(f"adv: kl_order must be teacher_student or student_teacher, got {order!r}")
+    if order == "student_teacher":
         kl = kl_div(s, t, reduce=False)
     else:
         kl = kl_div(t, s, reduce=False)
     return -(kl * agree).mean()
 
 
-def weighted_sum(weights: dict[str, float], ctx: Context) -> tuple[torch.Tensor, dict[str, float]]:
+def weighted_sum(weights: Mapping[str, float], ctx: Context,
+                 options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of ``weight * term`` over terms with a non-zero weight, plus each term's value for logging."""
     total = ctx.x.new_zeros((), dtype=torch.float32)
     logs: dict[str, float] = {}
+    options = options or {}
     for name, w in weights.items():
         if not w:
             continue
-        value = TERMS.get(name)(ctx)
+        value = TERMS.get(name)(ctx, options.get(name))
         logs[name] = float(value.detach())
         total = total + w * value
     return total, logs

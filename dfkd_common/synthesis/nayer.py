@@ -95,7 +95,7 @@ class NAYER(Synthesizer):
             x = self.generator(y)
         return x.float(), {}
 
-    def make_context(self, x: torch.Tensor, y: torch.Tensor, student: nn.Module | None,
+    def make_context(self, x: torch.Tensor, y: torch.Tensor, student: Any,
                      extra: dict[str, Any]) -> Context:
         return self.context(x, y, student)
 
@@ -106,23 +106,18 @@ class NAYER(Synthesizer):
             self.generator = self.build_generator()
             self.built_at = epoch
 
-    def synthesize(self, round_index: int, student: nn.Module | None = None) -> SynthResult:
+    def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
         y = self.labels(int(self.cfg["batch_size"]), round_index)
         self.generator.train()
         self.generator.reinit_noise()
         opt = fused_adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]), betas=tuple(self.cfg["betas"]))
-        best_loss, best_x, logs = float("inf"), None, {}
-        with self.bn_active():
-            for _ in range(int(self.cfg["g_steps"])):
-                x, extra = self.generate(y)
-                loss, logs = self.loss(self.make_context(x, y, student, extra))
-                if logs["loss"] < best_loss:
-                    best_loss, best_x = logs["loss"], x.detach()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+
+        def step() -> tuple[torch.Tensor, Context]:
+            x, extra = self.generate(y)
+            return x, self.make_context(x, y, student, extra)
+
+        best_x, best_loss, logs = self.optimise(int(self.cfg["g_steps"]), step, opt)
         self.end_round()
-        assert best_x is not None, "g_steps must be >= 1"
         return SynthResult(best_x.clamp(0, 1).cpu(), y.cpu(), {**logs, "best_loss": best_loss})
 
     # -- state ---------------------------------------------------------------------------------------
