@@ -196,6 +196,15 @@ def progress(transient: bool = False) -> Progress:
     )
 
 
+def _file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _file_mode()
+
+
 def make_parent(path: str | os.PathLike[str]) -> Path:
     """Create ``path``'s directory (and its parents); a refusal is one :class:`DfkdError` naming ``path``."""
     path = Path(path)
@@ -245,6 +254,7 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _FILE_MODE)  # mkstemp makes 0600; an artifact gets the permissions open() would give
         os.replace(tmp_path, final)
     except OSError as exc:  # a full disk or a vanished directory while writing: name the artifact, not the temp
         raise DfkdError(f"cannot write {final}: {exc.strerror or exc}") from None

@@ -9,6 +9,7 @@ without replacing its torch; the rest is grouped by what needs it (``pyproject.t
 * ``diffusion``: diffusers + transformers, for diffusion augmentation;
 * ``report``: matplotlib, for ``dfkd report``'s plot;
 * ``pipeline``: dvc, to run the studies in ``dvc.yaml``;
+* ``export``: onnx and onnxruntime, for ``dfkd export --format onnx`` and its check;
 * ``all``: everything (what ``scripts/setup.sh`` installs).
 
 :func:`need` imports a module and turns its absence into a :class:`~dfkd_common.errors.DfkdError` saying which
@@ -31,6 +32,8 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "transformers": ("transformers", "text"),
     "diffusers": ("diffusers", "diffusion"),
     "matplotlib": ("matplotlib", "report"),
+    "onnx": ("onnx", "export"),
+    "onnxruntime": ("onnxruntime", "export"),
 }
 
 

@@ -8,12 +8,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 
 from dfkd_common import __version__
 from dfkd_common.bank import Bank, BankHeader, load_bank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
-from dfkd_common.data import get_dataset
+from dfkd_common.data import DATASETS, ArraySplit, DatasetInfo, get_dataset
+from dfkd_common.data.datasets import folder_split
 from dfkd_common.distill import BankFeed, DistillConfig, distill
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
 from dfkd_common.errors import DfkdError
@@ -21,7 +23,7 @@ from dfkd_common.jobs import Job, JobResume, OutputLock
 from dfkd_common.models import build_model
 from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
 from dfkd_common.student import StudentSide, TermSetup, check_objective
-from dfkd_common.training import Resume
+from dfkd_common.training import Resume, predict
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
 DEFAULTS: dict[str, Any] = {
@@ -31,6 +33,8 @@ DEFAULTS: dict[str, Any] = {
     "weights": {"kd": 1.0},  # e.g. {kd: 1, na: 1} (DFND), {kd: 0, l1: 1} (DFAD)
     "terms": {},  # options per term, e.g. {kd: {tau: 20}}; checked against each term's own
     "test_dataset": None,  # default: the teacher's dataset
+    "test": None,  # a labelled test set: a folder of class folders, or a bank (.h5) with labels
+    "holdout": 0.1,  # without any test set: the fraction of the bank held out to measure teacher agreement
     "data_root": None,
     # online synthesis (`--online M`): feed params (g_loops, warmup, warmup_loops; DFAD: iterations, ...),
     # `amp` for the synthesis passes, `method` (the CLI's --online wins), and the method's own params
@@ -38,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     **asdict(DistillConfig()),  # epochs, batch_size, kd_steps, lr, optimizer, weight_decay, augment, amp, seed
 }
 # params whose default is None, and closed choices
-TYPES: dict[str, Any] = {"kd_steps": int, "test_dataset": str, "data_root": str, "amp": AMP_VALUES}
+TYPES: dict[str, Any] = {"kd_steps": int, "test_dataset": str, "data_root": str, "amp": AMP_VALUES, "test": str}
 
 
 def resolve_params(params_file: Path, name: str | None, sets: list[str] | None = None,
@@ -63,17 +67,21 @@ def main(
     student: str | None = typer.Option(None, "--student", help="student architecture"),
     epochs: int | None = typer.Option(None),
     seed: int | None = typer.Option(None),
+    test: Path | None = typer.Option(None, "--test", help="labelled test set: a folder of class folders, or a bank "
+                                     "(.h5) with labels (default: the teacher dataset's test split)"),
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,
 ) -> None:
-    """Distill a student from a bank and evaluate it on the teacher's real test split.
+    """Distill a student from a bank and evaluate it on real test data (the teacher dataset's test split, or
+    ``--test``; for a teacher imported for data not here, its agreement with the teacher on held-out bank images).
 
     With ``--online M`` the student trains on images that method M keeps making against it (rounds appended to
     the bank between epochs, or fresh generator batches for DFAD); the grown bank is written to ``--bank-out``.
     Rerunning an interrupted command resumes it (student, optimiser, synthesizer and bank).
     """
-    params = resolve_params(params_file, name, sets, student=student, epochs=epochs, seed=seed)
+    params = resolve_params(params_file, name, sets, student=student, epochs=epochs, seed=seed,
+                            test=str(test) if test else None)
     check_objective(params["weights"], params["terms"])  # term names and options: before any work
     ensure_writable(out, metrics, plots, bank_out)
     online_cfg = dict(params.get("online") or {})
@@ -90,10 +98,8 @@ def main(
         data.check_compatible(info.channels, info.image_size, info.num_classes)
         if len(data) == 0 and method is None:
             raise DfkdError(f"bank {bank} is empty")
-    test_name = params["test_dataset"] or info.name
-    # an image-folder teacher's test split is read at the teacher's input size
-    same = {"image_size": info.image_size, "channels": info.channels} if test_name.startswith("imagefolder:") else {}
-    test = get_dataset(test_name, **same).load("test", params["data_root"])
+    test, evaluated_on, data = evaluation_split(params, info, data, t_model, engine, online=method is not None)
+    console.print(f"evaluated on {evaluated_on}")
     s_model = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
                           image_size=info.image_size, **params["student_kwargs"])
     # the teacher checkpoint's measured accuracy, for terms that need it (na: the Q diagonal)
@@ -132,7 +138,7 @@ def main(
         summary = {"name": name or params["student"], "test_acc": acc, "teacher_acc": t_acc,
                    "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": str(bank),
                    "bank_size": len(data) if data is not None else 0, "epochs": cfg.epochs, "seconds": seconds,
-                   "precision": engine.precision,
+                   "precision": engine.precision, "evaluated_on": evaluated_on,
                    "best_epoch_test_acc (selected on test, for reference only)":
                        max((h["test_acc"] for h in history), default=acc)}
         if isinstance(feed, RecordedFeed) and job is not None:
@@ -145,7 +151,42 @@ def main(
         if plots:
             write_json(plots, history)
         resume.clear()
-    console.print(f"student test accuracy {acc:.4f} (teacher {t_acc}) -> {out}")
+    console.print(f"student {acc:.4f} on {evaluated_on} (teacher {t_acc}) -> {out}")
+
+
+def evaluation_split(params: dict[str, Any], info: DatasetInfo, data: Bank | None, teacher: Any, engine: Engine,
+                     online: bool) -> tuple[ArraySplit, str, Bank | None]:
+    """What the student is measured on, and how to name it: the ``test`` set the user gave (a folder or a bank
+    with labels), else the teacher dataset's registered test split, else (a teacher imported for data nobody has
+    here) its agreement with the teacher on ``holdout`` of the bank, held out of training. Returns the split, its
+    description for the metrics, and the bank left for training."""
+    if params["test"]:
+        path = Path(params["test"])
+        if path.suffix == ".h5":
+            bank = load_bank(path)
+            bank.check_compatible(info.channels, info.image_size, info.num_classes, what="model")
+            keep = bank.labels >= 0
+            if not bool(keep.any()):
+                raise DfkdError(f"test set {path}: the bank has no labels")
+            return ArraySplit(bank.images[keep], bank.labels[keep], info), f"test set {path}", data
+        return folder_split(path, info), f"test set {path}", data
+    name = params["test_dataset"] or info.name
+    same = {"image_size": info.image_size, "channels": info.channels} if name.startswith("imagefolder:") else {}
+    if name in DATASETS or name.startswith("imagefolder:"):
+        return get_dataset(name, **same).load("test", params["data_root"]), f"{name} test split", data
+    if online or data is None or len(data) < 2:
+        raise DfkdError(f"no test set for {name}: give one with --test FOLDER (class folders) or --test BANK.h5 "
+                        "(a bank with labels)")
+    n = len(data)
+    held = max(1, min(round(n * float(params["holdout"])), n - 1))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(params["seed"])))
+    out, keep = perm[:held].sort().values, perm[held:].sort().values
+    labels = predict(teacher, data.images[out], engine).argmax(1)
+    split = ArraySplit(data.images[out], labels, info)
+    train = Bank(data.path, data.images[keep], data.labels[keep], data.rounds[keep],
+                 {k: v[keep] for k, v in data.extra.items()}, data.attrs, data.checksummed)
+    return split, (f"agreement with the teacher on {held} bank images held out of training (no labelled test "
+                   f"set for {name})"), train
 
 
 def online_feed(

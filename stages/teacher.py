@@ -1,4 +1,9 @@
-"""``dfkd teacher train``: train a teacher on a registered dataset and write its checkpoint + metrics."""
+"""``dfkd teacher train|import``: train a teacher on a registered dataset, or import one trained elsewhere.
+
+Both write the same artifact (a checkpoint whose metadata rebuilds the model) and read the same ``teacher``
+section of the params file; ``source: train | import`` in it lets a study's ``dvc.yaml`` run either
+(``dfkd teacher ${teacher.source} ...``).
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,14 @@ import typer
 
 from dfkd_common import __version__
 from dfkd_common.augment_ops import augment_config
-from dfkd_common.checkpoint import ModelMeta, now, save_model
-from dfkd_common.data import get_dataset
+from dfkd_common.checkpoint import ModelMeta, file_checksum, now, save_model
+from dfkd_common.data import DatasetInfo, get_dataset
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
+from dfkd_common.errors import DfkdError
+from dfkd_common.imports import KEYMAPS, load_weights, read_weights
 from dfkd_common.jobs import OutputLock
 from dfkd_common.models import build_model
-from dfkd_common.training import Resume, train_supervised
+from dfkd_common.training import Resume, accuracy, train_supervised
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params, require
 
 app = typer.Typer(help="Teacher models.", no_args_is_help=True)
@@ -33,8 +40,14 @@ DEFAULTS: dict[str, Any] = {
     "data_root": None,
     "seed": 0,
     "amp": False,
+    # import (dfkd teacher import): the weights file, the key map of its authors' code, train or import
+    "source": "train",
+    "weights": None,
+    "keys": None,
 }
-TYPES: dict[str, Any] = {"data_root": str, "amp": AMP_VALUES}  # params whose default is None, closed choices
+# params whose default is None, and closed choices
+TYPES: dict[str, Any] = {"data_root": str, "amp": AMP_VALUES, "weights": str, "keys": str,
+                         "source": ("train", "import")}
 
 
 @app.command("train")
@@ -82,6 +95,116 @@ def train(
                                  "precision": engine.precision, "epochs": len(history), "history": history})
         resume.clear()
     console.print(f"teacher test accuracy {acc:.4f} -> {out}")
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise DfkdError(f"--{what} takes comma-separated numbers, got {text!r}") from None
+
+
+@app.command("import")
+@errors
+def import_(
+    out: Path = typer.Option(..., "--out", help="checkpoint to write (.safetensors)"),
+    arch: str | None = typer.Option(None, "--arch", help="zoo architecture, or torchvision:NAME"),
+    weights: Path | None = typer.Option(None, "--weights", help=".safetensors, or .pth/.pt state dict (read "
+                                        "with torch.load(weights_only=True))"),
+    dataset: str | None = typer.Option(None, "--dataset", help="registered dataset the teacher classifies"),
+    keys: str | None = typer.Option(None, "--keys", help="key map of the authors' code (cmi, dfad; see `dfkd "
+                                    "methods`)"),
+    arch_kwargs: list[str] | None = typer.Option(None, "--arch-kwargs", help="architecture option K=V (repeatable)"),
+    image_size: int | None = typer.Option(None, "--image-size", help="input size, without a registered dataset"),
+    channels: int | None = typer.Option(None, "--channels", help="input channels, without a registered dataset"),
+    mean: str | None = typer.Option(None, "--mean", help="input normalisation mean, comma-separated"),
+    std: str | None = typer.Option(None, "--std", help="input normalisation std, comma-separated"),
+    classes: int | None = typer.Option(None, "--classes", help="number of classes, without a registered dataset"),
+    class_names: Path | None = typer.Option(None, "--class-names", help="file with one class name per line"),
+    metrics: Path | None = typer.Option(None, "--metrics", help="metrics JSON to write"),
+    params_file: Path = ParamsOpt,
+    sets: list[str] | None = SetOpt,
+    device: str = DeviceOpt,
+) -> None:
+    """Import a teacher trained elsewhere: its weights into a zoo (or torchvision) architecture, checked key by
+    key, with the accuracy on the dataset's test split where one can be loaded (else recorded as unmeasured)."""
+    extra = [f"arch_kwargs.{kv}" for kv in (arch_kwargs or [])]
+    section = load_params(params_file, "teacher")
+    params = apply_overrides(
+        section, [*extra, *(sets or [])], defaults=DEFAULTS, where="teacher",
+        types=TYPES, dataset=dataset, arch=arch, weights=str(weights) if weights else None, keys=keys,
+    )
+    require(params, "arch", "weights")
+    ensure_writable(out, metrics)
+    keymap = KEYMAPS.get(params["keys"]) if params["keys"] else None
+    spec = None  # a registered dataset: named here, or in the params file when no input is described instead
+    described = any(v is not None for v in (image_size, channels, classes))
+    if dataset or ("dataset" in section and not described):
+        spec = get_dataset(params["dataset"], **params["dataset_kwargs"])
+    info = imported_info(spec.info if spec else None, params["arch"], keymap, image_size, channels, classes,
+                         _floats(mean, "mean"), _floats(std, "std"), class_names)
+    kwargs = {**(keymap.arch_kwargs.get(params["arch"], {}) if keymap else {}), **params["arch_kwargs"]}
+    model = build_model(params["arch"], info.num_classes, info.channels, info.mean, info.std,
+                        image_size=info.image_size, **kwargs)
+    state = read_weights(params["weights"])
+    if keymap is not None:
+        state = keymap.convert(params["arch"], state)
+    load_weights(model.net, state, str(params["weights"]))
+    engine = Engine.create(device, amp=False)
+    acc, why = None, ""
+    if spec is not None:
+        try:
+            test = spec.load("test", params["data_root"])
+            acc = accuracy(engine.model(model), test, engine)
+        except (DfkdError, OSError, RuntimeError) as exc:  # e.g. a dataset that must be downloaded, offline
+            why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    else:
+        why = "no registered dataset with a test split"
+    record = {"imported_from": str(params["weights"]), "keys": params["keys"],
+              "weights_sha256": file_checksum(params["weights"]), "arch_kwargs": kwargs}
+    with OutputLock(out):
+        save_model(out, model.cpu(), ModelMeta(params["arch"], kwargs, info, acc, record, now(), __version__,
+                                               "teacher"))
+        if metrics:
+            write_json(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name, **record,
+                                 **({"unmeasured_because": why} if acc is None else {})})
+    shown = f"test accuracy {acc:.4f}" if acc is not None else f"accuracy unmeasured ({why})"
+    console.print(f"imported {params['arch']} teacher for {info.name} ({info.num_classes} classes, "
+                  f"{info.channels}x{info.image_size}x{info.image_size}): {shown} -> {out}")
+
+
+def imported_info(registered: DatasetInfo | None, arch: str, keymap: Any, image_size: int | None,
+                  channels: int | None, classes: int | None, mean: tuple[float, ...] | None,
+                  std: tuple[float, ...] | None, class_names: Path | None) -> DatasetInfo:
+    """The imported teacher's input description: the registered dataset's, overridden by the options and, for
+    the normalisation, by the key map's (what the authors trained with); torchvision models default to
+    ImageNet's."""
+    if registered is None and None in (image_size, channels, classes) and not arch.startswith("torchvision:"):
+        raise DfkdError("without a registered --dataset, give --image-size, --channels and --classes")
+    base = registered
+    c = channels or (base.channels if base else 3)
+    names: tuple[str, ...] | None = None
+    if class_names is not None:
+        if not class_names.is_file():
+            raise DfkdError(f"class names file not found: {class_names}")
+        names = tuple(n.strip() for n in class_names.read_text().splitlines() if n.strip())
+    k = classes or (len(names) if names else (base.num_classes if base else 1000))
+    if names is not None and len(names) != k:
+        raise DfkdError(f"{class_names} names {len(names)} classes, the teacher has {k}")
+    norm = keymap.normalisation.get(base.name) if (keymap is not None and base is not None) else None
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    default_mean, default_std = norm or ((base.mean, base.std) if base else imagenet)
+    mean = mean or default_mean
+    std = std or default_std
+    if len(mean) != c or len(std) != c:
+        raise DfkdError(f"--mean/--std need {c} values (one per channel), got {len(mean)} and {len(std)}")
+    return DatasetInfo(
+        name=base.name if base else "custom", channels=c, image_size=image_size or (base.image_size if base else 224),
+        num_classes=k, class_names=names or (base.class_names if base and base.num_classes == k else
+                                             tuple(f"class_{i}" for i in range(k))),
+        mean=tuple(mean), std=tuple(std))
 
 
 if __name__ == "__main__":

@@ -315,3 +315,34 @@ def _pil_load(path: str, mode: str, size: int) -> Any:
 
     with Image.open(path) as im:
         return im.convert(mode).resize((size, size), Image.BILINEAR)
+
+
+def folder_split(root: str | Path, info: DatasetInfo) -> ArraySplit:
+    """A labelled test set from ``root/<class>/*`` (images resized to the model's input), classes matched to
+    ``info`` by name where every folder names one of its classes, else by sorted order (ImageFolder's rule,
+    which needs as many folders as classes)."""
+    root = Path(root)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not folders:
+        raise DfkdError(f"test set {root}: expected class folders (root/<class>/<image>)")
+    names = list(info.class_names)
+    if set(folders) <= set(names):
+        index = {f: names.index(f) for f in folders}
+    elif len(folders) == info.num_classes:
+        index = {f: i for i, f in enumerate(folders)}
+    else:
+        raise DfkdError(f"test set {root}: its {len(folders)} class folders neither name the model's classes nor "
+                        f"number {info.num_classes}")
+    mode = "L" if info.channels == 1 else "RGB"
+    images, labels = [], []
+    for f in folders:
+        for path in sorted(p for p in (root / f).iterdir() if p.is_file()):
+            try:
+                img = _pil_load(str(path), mode, info.image_size)
+            except OSError:
+                continue  # not an image
+            images.append(torch.from_numpy(np.array(img)).reshape(info.image_size, info.image_size, info.channels))
+            labels.append(index[f])
+    if not images:
+        raise DfkdError(f"test set {root}: no readable images in its class folders")
+    return ArraySplit(torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), info)

@@ -14,9 +14,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd_common.errors import DfkdError
 from dfkd_common.registry import Registry
 
 GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator")
+#: largest image the DCGAN generator makes: its first Linear alone grows with size^2 (128px: 2 * ngf * 32^2 outputs)
+MAX_SIZE = 128
 
 
 def build_generator(name: str, **kwargs: Any) -> nn.Module:
@@ -59,8 +62,10 @@ class DCGenerator(nn.Module):
         std: Sequence[float] = (1.0,),
     ) -> None:
         super().__init__()
-        if image_size % 4:
-            raise ValueError("image_size must be divisible by 4")
+        if image_size % 4 or not 8 <= image_size <= MAX_SIZE:
+            raise DfkdError(f"the DCGAN generator (DAFL, DFAD, Fast, NAYER) makes {MAX_SIZE}px images at most, in "
+                            f"multiples of 4; {image_size}x{image_size} is outside that (DeepInversion works at "
+                            "any resolution)")
         self.nz = nz
         self.init_size = image_size // 4
         self.l1 = nn.Linear(nz, 2 * ngf * self.init_size**2)

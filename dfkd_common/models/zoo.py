@@ -71,15 +71,37 @@ def build_model(
     image_size: int | None = None,
     **kwargs: Any,
 ) -> Classifier:
-    """Build a registered architecture wrapped with its normalisation (checked against ``image_size`` if given)."""
+    """Build a registered architecture wrapped with its normalisation (checked against ``image_size`` if given).
+
+    ``torchvision:NAME`` builds torchvision's classification model NAME (random weights, ``num_classes``
+    outputs; ``arch_kwargs`` go to its constructor), e.g. an ImageNet ResNet-18 to import a teacher into.
+    """
     try:
-        net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, **kwargs)
+        if arch.startswith(TORCHVISION):
+            net = torchvision_model(arch[len(TORCHVISION):], num_classes, in_channels, **kwargs)
+        else:
+            net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, **kwargs)
     except TypeError as exc:  # an arch_kwargs key the architecture does not take
         raise DfkdError(f"model {arch}: {exc}") from None
     model = Classifier(net, mean, std)
     if image_size is not None:
         check_input(model, arch, in_channels, image_size)
     return model
+
+
+TORCHVISION = "torchvision:"
+
+
+def torchvision_model(name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
+    """torchvision's classification model ``name`` with random weights (weights come from the import)."""
+    from torchvision import models as tv_models
+
+    if name not in tv_models.list_models(module=tv_models):
+        raise DfkdError(f"torchvision has no classification model {name!r} (e.g. resnet18, resnet50, "
+                        "mobilenet_v2, vgg11_bn)")
+    if in_channels != 3:
+        raise DfkdError(f"torchvision:{name} takes 3-channel images, not {in_channels}")
+    return tv_models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
 
 
 @torch.no_grad()
@@ -248,25 +270,36 @@ for _d, _k in ((16, 1), (16, 2), (40, 1), (40, 2)):
 
 # ------------------------------------------------------------------------------------------------ VGG-11-BN
 class VGG(nn.Module):
-    def __init__(self, cfg: Sequence[int | str], num_classes: int, in_channels: int) -> None:
+    """The CIFAR VGG of the KD literature (RepDistiller's, used by CMI/Fast/NAYER/CPNet and DDA): five conv
+    blocks (conv-BN-ReLU each), max-pooling after the first three, after the fourth only for inputs of 64 pixels
+    or more (so a 32x32 input reaches the last block at 4x4), then global average pooling and one Linear.
+
+    Convolutions carry no bias: BN follows each one, so a bias would be absorbed by BN's shift (an imported
+    checkpoint with conv biases has them folded into BN's running mean, exactly).
+    """
+
+    def __init__(self, blocks: Sequence[Sequence[int]], num_classes: int, in_channels: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
         cin = in_channels
-        for v in cfg:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                assert isinstance(v, int)
+        for i, widths in enumerate(blocks):
+            layers: list[nn.Module] = []
+            for v in widths:
                 layers += [nn.Conv2d(cin, v, 3, padding=1, bias=False), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                 cin = v
-        self.features = nn.Sequential(*layers)
+            setattr(self, f"block{i}", nn.Sequential(*layers))
+        self.depth = len(blocks)
         self.classifier = nn.Linear(cin, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.adaptive_avg_pool2d(self.features(x), 1)
+        big = x.shape[-1] >= 64
+        for i in range(self.depth):
+            x = getattr(self, f"block{i}")(x)
+            if i < 3 or (i == 3 and big):
+                x = F.max_pool2d(x, 2)
+        x = F.adaptive_avg_pool2d(x, 1)
         return self.classifier(torch.flatten(x, 1))
 
 
 @MODELS.register("vgg11_bn")
 def vgg11_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
-    return VGG((64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512), num_classes, in_channels)
+    return VGG(((64,), (128,), (256, 256), (512, 512), (512, 512)), num_classes, in_channels)

@@ -1,0 +1,251 @@
+"""Your teacher in, your student out: `dfkd teacher import` (safe pickles, authors' key maps, torchvision models),
+distillation with a test set of your own or none, and `dfkd export` checked against the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+from dfkd_common.bank import BankWriter
+from dfkd_common.checkpoint import load_model
+from dfkd_common.data import get_dataset
+from dfkd_common.engine import Engine
+from dfkd_common.errors import DfkdError
+from dfkd_common.imports import KEYMAPS, fold_conv_bias_into_bn, load_weights, read_weights
+from dfkd_common.models import build_model
+from dfkd_common.synthesis import build_synthesizer
+from stages.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTHORS = json.loads((ROOT / "tests" / "fixtures" / "authors_keys.json").read_text())
+INFO = get_dataset("mnist5k").info
+
+
+def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DFKD_NO_PROGRESS": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd or ROOT, env=env, timeout=600)
+
+
+def one_line(proc: subprocess.CompletedProcess[str], pattern: str) -> None:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert pattern in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------------------------- round trip
+def test_a_plain_state_dict_of_a_trained_teacher_imports_with_identical_logits(teacher_ckpt: Path,
+                                                                              tmp_path: Path) -> None:
+    teacher, meta = load_model(teacher_ckpt)
+    torch.save({"state_dict": teacher.net.state_dict(), "epoch": 6, "best_acc1": 0.97}, tmp_path / "t.pth")
+    out = tmp_path / "imported.safetensors"
+    proc = cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "t.pth", "--dataset", "mnist5k",
+               "--out", out, "--metrics", tmp_path / "m.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    imported, imeta = load_model(out)
+    x = torch.rand(8, 1, 32, 32)
+    assert torch.equal(imported(x), teacher(x))
+    assert imeta.accuracy == pytest.approx(meta.accuracy)  # the same accuracy on the same test split
+    assert json.loads((tmp_path / "m.json").read_text())["test_acc"] == pytest.approx(meta.accuracy)
+
+
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.pth")
+    proc = cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "evil.pth", "--dataset", "mnist5k",
+               "--out", tmp_path / "t.safetensors", cwd=tmp_path)
+    one_line(proc, "torch.load(weights_only=True), which refused it")
+    assert not marker.exists() and not (tmp_path / "t.safetensors").exists()
+
+
+def test_each_mismatch_is_one_line_naming_the_first_offending_key(teacher_ckpt: Path, tmp_path: Path) -> None:
+    state = load_model(teacher_ckpt)[0].net.state_dict()
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "fc.bias"}, "missing key fc.bias"),
+        "unexpected": ({**state, "extra.weight": torch.zeros(2)}, "unexpected key extra.weight"),
+        "shape": ({**state, "fc1.0.weight": torch.zeros(84, 100)}, "fc1.0.weight has shape (84, 100)"),
+        "classes": ({**state, "fc.weight": torch.zeros(100, 84), "fc.bias": torch.zeros(100)},
+                    "a different class count"),
+    }
+    for name, (bad, pattern) in cases.items():
+        torch.save(bad, tmp_path / f"{name}.pth")
+        proc = cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / f"{name}.pth", "--dataset",
+                   "mnist5k", "--out", tmp_path / f"{name}.safetensors", cwd=tmp_path)
+        one_line(proc, pattern)
+    (tmp_path / "junk.pth").write_bytes(b"not a torch file")
+    one_line(cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "junk.pth", "--dataset", "mnist5k",
+                 "--out", tmp_path / "j.safetensors", cwd=tmp_path), "not a readable PyTorch weights file")
+
+
+# --------------------------------------------------------------------------------------------- key maps
+def _authors_state(family: str, arch: str) -> dict[str, torch.Tensor]:
+    """A state dict with the authors' key names and shapes (from their model files), random plausible values."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in AUTHORS[family][arch].items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=g) + 0.5
+        else:
+            state[key] = torch.randn(shape, generator=g) * 0.1
+    return state
+
+
+@pytest.mark.parametrize(("family", "arch"), [(f, a) for f in ("cmi", "dfad") for a in AUTHORS[f]])
+def test_the_authors_key_names_map_exactly_onto_the_zoo(family: str, arch: str) -> None:
+    """Every key of the authors' network lands on exactly one of ours with its shape, none left over."""
+    keymap = KEYMAPS.get(family)
+    c = 1 if arch.startswith("lenet") else 3
+    model = build_model(arch, 10, c, (0.0,) * c, (1.0,) * c, **keymap.arch_kwargs.get(arch, {}))
+    converted = keymap.convert(arch, _authors_state(family, arch))
+    load_weights(model.net, converted, f"{family}/{arch}")
+    for key, value in converted.items():
+        assert torch.equal(model.net.state_dict()[key], value), key
+    # nothing dropped but the conv biases folded into BN (their VGG's eight convolutions have one each)
+    authors = AUTHORS[family][arch]
+    conv_biases = [k for k in authors if k.endswith(".bias") and len(authors[k[:-5] + ".weight"]) == 4]
+    assert len(authors) - len(converted) == (len(conv_biases) if arch == "vgg11_bn" else 0)
+
+
+def test_folding_a_conv_bias_into_the_next_bn_is_exact() -> None:
+    torch.manual_seed(0)
+    theirs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=True), nn.BatchNorm2d(8)).eval()
+    theirs[1].running_mean.normal_()
+    theirs[1].running_var.uniform_(0.5, 2)
+    ours = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)).eval()
+    ours.load_state_dict(fold_conv_bias_into_bn(dict(theirs.state_dict())))
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-5)
+
+
+def test_a_cmi_import_takes_the_authors_normalisation(tmp_path: Path) -> None:
+    torch.save({"state_dict": _authors_state("cmi", "wrn_16_1")}, tmp_path / "cifar10_wrn16_1.pth")
+    proc = cli("teacher", "import", "--arch", "wrn_16_1", "--weights", tmp_path / "cifar10_wrn16_1.pth",
+               "--dataset", "cifar10", "--keys", "cmi", "--out", tmp_path / "t.safetensors", "--set",
+               f"data_root={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "accuracy unmeasured" in proc.stdout  # CIFAR-10 cannot be downloaded here: recorded, not an error
+    _, meta = load_model(tmp_path / "t.safetensors")
+    assert meta.dataset.std == (0.2023, 0.1994, 0.2010) and meta.accuracy is None
+    assert meta.params["keys"] == "cmi" and len(meta.params["weights_sha256"]) == 64
+
+
+def test_read_weights_unpacks_nested_and_data_parallel_checkpoints(tmp_path: Path) -> None:
+    state = {"a.weight": torch.ones(2), "b.bias": torch.zeros(3)}
+    torch.save({"model": {"state_dict": {f"module.{k}": v for k, v in state.items()}}}, tmp_path / "c.pt")
+    assert read_weights(tmp_path / "c.pt").keys() == state.keys()
+    with pytest.raises(DfkdError, match="holds no state dict"):
+        torch.save({"epoch": 3}, tmp_path / "d.pt")
+        read_weights(tmp_path / "d.pt")
+
+
+# ------------------------------------------------------------------------------------------ torchvision
+def test_a_torchvision_resnet18_imports_at_224_and_runs_deepinversion(tmp_path: Path) -> None:
+    import torchvision
+
+    from dfkd_common import tvguard  # noqa: F401
+
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(num_classes=1000).eval()
+    torch.save(reference.state_dict(), tmp_path / "r18.pth")
+    proc = cli("teacher", "import", "--arch", "torchvision:resnet18", "--weights", tmp_path / "r18.pth",
+               "--out", tmp_path / "t.safetensors", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    teacher, meta = load_model(tmp_path / "t.safetensors")
+    assert (meta.dataset.image_size, meta.dataset.num_classes) == (224, 1000)
+    x = torch.rand(2, 3, 224, 224)
+    mean, std = torch.tensor(meta.dataset.mean).view(1, 3, 1, 1), torch.tensor(meta.dataset.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x), reference((x - mean) / std), atol=1e-5)
+    synth = build_synthesizer("deepinversion", teacher, meta.dataset,
+                              {"batch_size": 2, "g_steps": 2, "augment": {"crop_pad": 16}},
+                              Engine.create("cpu", amp=False, channels_last=False))
+    result = synth.synthesize(0)
+    assert result.images.shape == (2, 3, 224, 224) and torch.isfinite(result.images).all()
+    with pytest.raises(DfkdError, match="128px images at most"):  # a generator method says what it supports
+        build_synthesizer("dafl", teacher, meta.dataset, {"batch_size": 2}, Engine.create("cpu", amp=False))
+
+
+# ----------------------------------------------------------------------------------- distill: test sets
+def _custom_teacher(teacher_ckpt: Path, tmp_path: Path) -> Path:
+    """The session's teacher imported as if for data nobody has here (no registered dataset)."""
+    torch.save(load_model(teacher_ckpt)[0].net.state_dict(), tmp_path / "t.pth")
+    out = tmp_path / "custom.safetensors"
+    proc = cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "t.pth", "--image-size", 32,
+               "--channels", 1, "--classes", 10, "--mean", "0.1307", "--std", "0.3081", "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _bank_of_real_digits(path: Path, mnist_train, n: int = 400) -> Path:
+    with BankWriter(path, channels=1, image_size=32, kind="retrieved", method="test",
+                    dataset=INFO.to_dict()) as w:
+        w.append(mnist_train.images[::10][:n], mnist_train.labels[::10][:n], 0)
+    return path
+
+
+@pytest.mark.slow
+def test_distillation_with_a_folder_test_set_and_with_none(teacher_ckpt: Path, tmp_path: Path, mnist_train,
+                                                           mnist_test) -> None:
+    from PIL import Image
+
+    teacher = _custom_teacher(teacher_ckpt, tmp_path)
+    bank = _bank_of_real_digits(tmp_path / "bank.h5", mnist_train)
+    folder = tmp_path / "test"
+    for i in range(0, 1000, 4):
+        d = folder / str(int(mnist_test.labels[i]))
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mnist_test.images[i, 0].numpy()).save(d / f"{i}.png")
+    runner = CliRunner()
+    common = ["distill", "--teacher", str(teacher), "--bank", str(bank), "--epochs", "6", "--params",
+              str(tmp_path / "p.yaml"), "--set", "batch_size=64"]
+    (tmp_path / "p.yaml").write_text("{}\n")
+    r = runner.invoke(app, [*common, "--out", str(tmp_path / "a.safetensors"), "--test", str(folder), "--metrics",
+                            str(tmp_path / "a.json")])
+    assert r.exit_code == 0, r.output
+    a = json.loads((tmp_path / "a.json").read_text())
+    assert a["evaluated_on"] == f"test set {folder}" and a["test_acc"] > 0.5  # 250 real digits; chance 0.1
+    r = runner.invoke(app, [*common, "--out", str(tmp_path / "b.safetensors"), "--metrics", str(tmp_path / "b.json")])
+    assert r.exit_code == 0, r.output
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["evaluated_on"].startswith("agreement with the teacher on 40 bank images held out")
+    assert b["test_acc"] > 0.5
+
+
+# ---------------------------------------------------------------------------------------------- export
+@pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "state_dict"])
+def test_exports_match_the_model_and_carry_the_normalisation(fmt: str, teacher_ckpt: Path, tmp_path: Path) -> None:
+    out = tmp_path / f"model.{fmt}"
+    proc = cli("export", teacher_ckpt, "--format", fmt, "--out", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    model, _ = load_model(teacher_ckpt)
+    x = torch.rand(5, 1, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        got = torch.from_numpy(ort.InferenceSession(str(out)).run(None, {"images": x.numpy()})[0])
+    elif fmt == "torchscript":
+        got = torch.jit.load(str(out))(x)
+    else:
+        side = json.loads(out.with_name(out.name + ".json").read_text())
+        net = build_model(side["arch"], side["num_classes"], 1, side["mean"], side["std"], **side["arch_kwargs"])
+        net.net.load_state_dict(torch.load(out, weights_only=True))
+        got = net.eval()(x)
+    assert torch.allclose(got, expected, atol=1e-4)  # raw [0, 1] images in: the normalisation is inside
