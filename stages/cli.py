@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from stages import bank, distill, evaluate, report, synthesize, teacher
+from stages import bank, distill, evaluate, export, report, synthesize, teacher
 from stages import pool as pool_stage
+from stages import prior as prior_stage
 from stages import retrieve as retrieve_stage
 
 app = typer.Typer(
-    help="dfkd: data-free knowledge distillation. Stages: teacher -> synthesize | retrieve -> distill -> report.",
+    help="dfkd: data-free knowledge distillation. Stages: teacher (train | import) -> synthesize | retrieve -> "
+         "distill -> report, export.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -18,10 +20,12 @@ app.add_typer(teacher.app, name="teacher")
 app.add_typer(bank.app, name="bank")
 app.command("synthesize")(synthesize.main)
 app.add_typer(pool_stage.app, name="pool")
+app.add_typer(prior_stage.app, name="prior")
 app.command("retrieve")(retrieve_stage.main)
 app.command("distill")(distill.main)
 app.command("evaluate")(evaluate.main)
 app.command("report")(report.main)
+app.command("export")(export.main)
 
 
 @app.command("methods")
