@@ -22,6 +22,20 @@ class AugmentConfig:
     crop_pad: int = 4
     flip: bool = False
     jitter: float = 0.0  # colour jitter strength (brightness/contrast/saturation); CPNet uses it
+    hue: float = 0.0  # colour jitter's hue range (CPNet's released code: 0.1)
+    jitter_p: float = 0.8  # probability of jitter per sample (CPNet's released code: 0.4)
+
+
+class Jitter(nn.Module):
+    """kornia's ColorJitter; hue only where there is colour (a grayscale batch has no hue to shift)."""
+
+    def __init__(self, strength: float, hue: float, p: float) -> None:
+        super().__init__()
+        self.rgb = K.ColorJitter(strength, strength, strength, hue, p=p)
+        self.gray = K.ColorJitter(strength, strength, strength, 0.0, p=p) if hue else self.rgb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rgb(x) if x.shape[1] == 3 else self.gray(x)
 
 
 def build_augment(image_size: int, cfg: AugmentConfig) -> nn.Module:
@@ -38,7 +52,7 @@ def build_augment(image_size: int, cfg: AugmentConfig) -> nn.Module:
         ops.append(K.RandomHorizontalFlip())
     if cfg.jitter:
         j = cfg.jitter
-        ops.append(K.ColorJitter(j, j, j, 0.0, p=0.8))
+        ops.append(Jitter(j, cfg.hue, cfg.jitter_p))
     if not ops:
         return nn.Identity()
     return nn.Sequential(*ops)
@@ -49,7 +63,8 @@ def augment_config(d: dict[str, object] | None) -> AugmentConfig:
     defaults = asdict(AugmentConfig())
     check_params(dict(d or {}), defaults, "augment")
     merged: dict[str, Any] = {**defaults, **(d or {})}
-    return AugmentConfig(crop_pad=int(merged["crop_pad"]), flip=bool(merged["flip"]), jitter=float(merged["jitter"]))
+    return AugmentConfig(crop_pad=int(merged["crop_pad"]), flip=bool(merged["flip"]), jitter=float(merged["jitter"]),
+                         hue=float(merged["hue"]), jitter_p=float(merged["jitter_p"]))
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -42,6 +42,11 @@ class BankFeed:
     def before_epoch(self, epoch: int, side: nn.Module) -> dict[str, float]:
         """Hook for online synthesis (grow the bank against the current student side); static banks do nothing."""
         return {}
+
+    @property
+    def warmup_epochs(self) -> int:
+        """Epochs at the start during which the feed only builds its bank (online feeds' ``warmup``)."""
+        return 0
 
     def batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One shuffled pass of (images, labels) batches; the loop stops early after ``kd_steps`` batches.
@@ -79,6 +84,13 @@ class DistillConfig:
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_pad=2))
     amp: Any = False  # bf16 autocast for student/teacher passes (fp32 default: small students suffer); "auto" ok
     seed: int = 0
+    # online feeds with warm-up epochs: "skip" = the published Fast/NAYER/CPNet schedule (only the bank grows
+    # during warm-up; the cosine runs over the epochs after it), "train" = the student also steps during warm-up
+    student_warmup: str = "train"
+    eta_min: float = 0.0  # the cosine schedule's floor (published Fast/NAYER/CPNet: 2e-4)
+
+    #: closed choices of the fields above (for the stage's params check)
+    CHOICES: ClassVar[dict[str, tuple[str, ...]]] = {"student_warmup": ("train", "skip")}
 
     @classmethod
     def from_params(cls, params: dict[str, Any], amp: bool) -> DistillConfig:
@@ -86,7 +98,8 @@ class DistillConfig:
         return cls(epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), kd_steps=params["kd_steps"],
                    lr=float(params["lr"]), optimizer=str(params["optimizer"]),
                    weight_decay=float(params["weight_decay"]), augment=augment_config(params["augment"]), amp=amp,
-                   seed=int(params["seed"]))
+                   seed=int(params["seed"]), student_warmup=str(params["student_warmup"]),
+                   eta_min=float(params["eta_min"]))
 
 
 def distill(
@@ -110,7 +123,9 @@ def distill(
     side = engine.model(side)
     student = side.student
     opt, own = side.optimizers(cfg.optimizer, cfg.lr, cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs))
+    # under the published warm-up schedule the student waits while the bank grows, and its cosine starts after
+    skip = min(feed.warmup_epochs, cfg.epochs) if cfg.student_warmup == "skip" else 0
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs - skip), eta_min=cfg.eta_min)
     aug = build_augment(test.info.image_size, cfg.augment)
     gen = torch.Generator().manual_seed(cfg.seed)
     needs = side.needs
@@ -141,6 +156,8 @@ def distill(
                 n = len(feed)
                 bs = min(cfg.batch_size, n)
                 limit = cfg.kd_steps if cfg.kd_steps else max(1, n // bs)
+                if epoch < skip:
+                    limit = 0
                 while steps < limit:
                     for images, labels in feed.batches(bs, gen):
                         step = make_step(images, labels, side, teacher, aug, engine, cfg.amp, run_teacher, t_hooks)
@@ -158,9 +175,10 @@ def distill(
                         steps += 1
                         if steps >= limit:
                             break
-                sched.step()
+                if steps:
+                    sched.step()
                 acc = accuracy(student, test, engine)
-                row = {"epoch": epoch + 1, "test_acc": acc, "bank_size": n,
+                row = {"epoch": epoch + 1, "test_acc": acc, "bank_size": n, "student_steps": steps,
                        **{k: v / max(1, steps) for k, v in sums.items()}, **synth_logs}
                 history.append(row)
                 bar.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {acc:.4f} bank {n}")

@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
     **asdict(DistillConfig()),  # epochs, batch_size, kd_steps, lr, optimizer, weight_decay, augment, amp, seed
 }
 # params whose default is None, and closed choices
-TYPES: dict[str, Any] = {"kd_steps": int, "test_dataset": str, "data_root": str, "amp": AMP_VALUES, "test": str}
+TYPES: dict[str, Any] = {"kd_steps": int, "test_dataset": str, "data_root": str, "amp": AMP_VALUES, "test": str,
+                         **DistillConfig.CHOICES}
 
 
 def resolve_params(params_file: Path, name: str | None, sets: list[str] | None = None,

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 from typer.testing import CliRunner
@@ -27,7 +28,7 @@ from dfkd_common.models.hooks import BNStats, FeatureHooks
 from dfkd_common.online import build_online_feed, recording
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.coupling import CutMix, InverseClassifier, align_term, coupling_loss, renormalise
-from dfkd_common.synthesis.losses import TERMS, Context
+from dfkd_common.synthesis.losses import TERMS, Context, onehot_term
 from stages.cli import app
 
 DIGITS = tuple(str(i) for i in range(10))
@@ -256,7 +257,7 @@ def test_inverse_classifier_term_is_minimal_orthogonal_to_the_constant_direction
 
 def test_cutmix_mixes_boxes_and_reports_lambda() -> None:
     x = torch.arange(4.0).view(4, 1, 1, 1).expand(4, 1, 8, 8).clone()
-    mix = CutMix(p=1.0, generator=torch.Generator().manual_seed(1))
+    mix = CutMix(p=1.0, generator=torch.Generator().manual_seed(1), mode="batch")
     out = mix(x)
     assert mix.last is not None
     perm, lam = mix.last
@@ -264,6 +265,30 @@ def test_cutmix_mixes_boxes_and_reports_lambda() -> None:
     moved = perm != torch.arange(4)
     assert torch.allclose(own[moved], torch.full((int(moved.sum()),), lam))
     assert CutMix(p=0.0)(x) is x
+
+
+def test_cutmix_per_sample_draws_its_own_box_and_lambda() -> None:
+    """The released CPNet code's CutMix: each sample its own box and lambda (reported per sample), and a sample
+    not drawn (probability 1 - p) keeps lambda 1 and its pixels."""
+    n = 64
+    x = torch.arange(float(n)).view(n, 1, 1, 1).expand(n, 1, 16, 16).clone()
+    mix = CutMix(p=0.5, generator=torch.Generator().manual_seed(3), mode="sample")
+    out = mix(x)
+    assert mix.last is not None
+    perm, lam = mix.last
+    assert lam.shape == (n,)
+    own = (out == x).float().mean(dim=(1, 2, 3))
+    moved = perm != torch.arange(n)
+    assert torch.allclose(own[moved], lam[moved])  # lambda = the fraction still its own
+    assert 10 < int((lam < 1).sum()) < 54  # about half the samples mixed
+    assert len(set(lam[lam < 1].tolist())) > 5  # boxes differ between samples
+    # the mixed one-hot loss weights each sample by its own lambda
+    t = torch.randn(n, 10)
+    y = torch.randint(0, 10, (n,))
+    ctx = Context(x=out, t_logits=t, y=y, extra={"cutmix": (perm, lam)})
+    want = (lam * F.cross_entropy(t, y, reduction="none")
+            + (1 - lam) * F.cross_entropy(t, y[perm], reduction="none")).mean()
+    assert float(onehot_term(ctx)) == pytest.approx(float(want), rel=1e-6)
 
 
 # ----------------------------------------------------------------------------------- state / resume

@@ -11,7 +11,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/prior-out}
 MINUTES=${MINUTES:-4}
 mkdir -p "$OUT"
-exec > >(tee "$OUT/device.log") 2>&1
+# (no exec > >(tee ...): a bare `wait` would also wait for the tee and never return)
 python3 -V
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, huggingface_hub as h; print('torch', torch.__version__, 'transformers', transformers.__version__, 'hub', h.__version__)"
@@ -30,9 +30,11 @@ python3 -m stages.cli pool build --out /tmp/pool.h5 || exit 4
 echo "pool built in $(( $(date +%s) - start )) s"
 python3 -m stages.cli prior train --pool /tmp/pool.h5 --out "$OUT/prior-small" --device cuda \
     --set minutes="$MINUTES" > "$OUT/small.log" 2>&1 &
+pids=($!)
 python3 -m stages.cli prior train --pool /tmp/pool.h5 --out "$OUT/prior-large" --device cuda \
     --set minutes="$MINUTES" --set 'widths=[48,96,96]' --set lr=0.0005 > "$OUT/large.log" 2>&1 &
-wait
+pids+=($!)
+wait "${pids[@]}"
 tail -n 3 "$OUT/small.log" "$OUT/large.log"
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 echo "total $(( $(date +%s) - start )) s"

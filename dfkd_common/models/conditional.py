@@ -35,10 +35,18 @@ class NoisyEmbeddingInput(nn.Module):
         n_layers = max(1, math.ceil(int(max_batch) / self.chunk))
         self.noisy = nn.ModuleList(nn.Linear(dim, self.out_dim) for _ in range(n_layers))
 
+    @torch.no_grad()
     def reinit_noise(self) -> None:
-        """Draw new noisy-layer weights (global torch RNG, which the stages seed and checkpoint)."""
+        """Draw new noisy-layer weights N(0, 1), bias 0, as NAYER's released code (global torch RNG, which the
+        stages seed and checkpoint).
+
+        The scale matters: Adam's steps have a fixed size whatever the weights' scale, so with PyTorch's default
+        init (std ~0.03 for a 384-d input) the generator's lr_g moves these weights ~35x further relative to
+        their draw, and the draw, the layer's only source of diversity, is overwritten within a round.
+        """
         for layer in self.noisy:
-            layer.reset_parameters()
+            layer.weight.normal_(0.0, 1.0)
+            layer.bias.zero_()
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         h = self.norm(self.table[y])

@@ -12,11 +12,14 @@ without naming a module.
 ``z -> Linear -> C0 x s0 x s0 -> BN`` (= stage tensor g_0), then per shallower stage
 ``LeakyReLU -> [upsample to s_i] -> conv3x3 -> BN`` (= g_i), and finally
 ``LeakyReLU -> [upsample to the image size] -> conv3x3 -> sigmoid``.
-The stage tensors g_i are BN outputs (before the activation) because the feature-coupling loss compares them to
-the teacher's *BN inputs* renormalised to that BN's running statistics, and an affine BN output can match any
-per-channel mean/variance. Stages smaller than ``min_size`` (LeNet-5's 1x1 map) are dropped: nearest/bilinear
-upsampling of a 1x1 map is constant, so the generator would have to draw digits from zero-padding border
-effects; the Linear layer plays that stage's role instead.
+That is ``tap: bn`` (dfkd before 0.3): the stage tensors g_i are BN outputs (before the activation), which as
+affine maps can match any per-channel mean/variance of the renormalised teacher BN inputs. The default,
+``tap: act``, follows CPNet's released code: no activation between ``bn0`` and the first block, and every later
+stage tensor is taken *after* its LeakyReLU (``conv3x3 -> BN -> LeakyReLU`` = g_i).
+
+Stages smaller than ``min_size`` (LeNet-5's 1x1 map) are dropped: nearest/bilinear upsampling of a 1x1 map is
+constant, so the generator would have to draw digits from zero-padding border effects; the Linear layer plays
+that stage's role instead.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class CoupledGenerator(nn.Module):
         slope: float = 0.2,
         width: int = 1,
         upsample: str = "nearest",
+        tap: str = "act",
     ) -> None:
         super().__init__()
         if width < 1:
@@ -85,6 +89,9 @@ class CoupledGenerator(nn.Module):
         if upsample not in ("nearest", "bilinear"):
             raise ValueError(f"upsample must be nearest or bilinear, got {upsample!r}")
         self.upsample = upsample
+        if tap not in ("act", "bn"):
+            raise ValueError(f"tap must be act or bn, got {tap!r}")
+        self.tap = tap
 
     def _coupled(self, g: torch.Tensor, stage: Stage) -> torch.Tensor:
         """The stage tensor's coupled channels (the whole tensor for the exact mirror: no strided view)."""
@@ -101,11 +108,18 @@ class CoupledGenerator(nn.Module):
         first = self.stages[0]
         g = self.bn0(self.l1(z).view(z.shape[0], self.width * first.channels, first.height, first.width))
         outs = [self._coupled(g, first)]
+        act = self.tap == "act"
         for stage, block in zip(self.stages[1:], self.blocks, strict=True):
-            h = self._resize(F.leaky_relu(g, self.slope), stage.height, stage.width)
+            # tap "act" (released code): no activation between bn0 and the first block, and each later
+            # stage tensor is taken after its LeakyReLU; tap "bn": BN outputs, a LeakyReLU before every block
+            h = g if act else F.leaky_relu(g, self.slope)
+            h = self._resize(h, stage.height, stage.width)
             g = block["bn"](block["conv"](h))
+            if act:
+                g = F.leaky_relu(g, self.slope)
             outs.append(self._coupled(g, stage))
-        h = self._resize(F.leaky_relu(g, self.slope), self.image_size, self.image_size)
+        h = g if act and len(self.stages) > 1 else F.leaky_relu(g, self.slope)
+        h = self._resize(h, self.image_size, self.image_size)
         x = torch.sigmoid(self.out(h))
         return (x, outs) if return_stages else x
 

@@ -49,7 +49,11 @@ class OutputHead(nn.Module):
 
 
 class DCGenerator(nn.Module):
-    """DAFL/DFAD/Fast generator: Linear -> 128 x s/4 x s/4 -> (up x2, conv, BN, LeakyReLU) x 2 -> conv C."""
+    """DAFL/DFAD/Fast generator: Linear -> 128 x s/4 x s/4 -> (up x2, conv, BN, LeakyReLU) x 2 -> conv C.
+
+    ``bn_eps``: DAFL's released generator uses BatchNorm eps 0.8 (which damps the normalisation of small-variance
+    channels); PyTorch's 1e-5 is the default.
+    """
 
     def __init__(
         self,
@@ -60,6 +64,7 @@ class DCGenerator(nn.Module):
         head: str = "sigmoid",
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
+        bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if image_size % 4 or not 8 <= image_size <= MAX_SIZE:
@@ -70,14 +75,14 @@ class DCGenerator(nn.Module):
         self.init_size = image_size // 4
         self.l1 = nn.Linear(nz, 2 * ngf * self.init_size**2)
         self.conv_blocks = nn.Sequential(
-            nn.BatchNorm2d(2 * ngf),
+            nn.BatchNorm2d(2 * ngf, eps=bn_eps),
             nn.Upsample(scale_factor=2),
             nn.Conv2d(2 * ngf, 2 * ngf, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(2 * ngf),
+            nn.BatchNorm2d(2 * ngf, eps=bn_eps),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Upsample(scale_factor=2),
             nn.Conv2d(2 * ngf, ngf, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(ngf),
+            nn.BatchNorm2d(ngf, eps=bn_eps),
             nn.LeakyReLU(0.2, inplace=True),
             nn.Conv2d(ngf, channels, 3, 1, 1),
         )

@@ -217,6 +217,10 @@ class OnlineFeed(RecordedFeed):
         synth = build_synthesizer(method, ctx.teacher, ctx.info, synth_cfg, ctx.engine, ctx.seed)
         return cls(ctx, feed_cfg, synth)
 
+    @property
+    def warmup_epochs(self) -> int:
+        return self.warmup
+
     def before_epoch(self, epoch: int, side: nn.Module) -> dict[str, float]:
         self.start()
         warm = epoch < self.warmup

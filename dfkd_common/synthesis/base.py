@@ -163,9 +163,11 @@ class Synthesizer(ABC):
         return total, logs
 
     def optimise(self, steps: int, step: Callable[[], tuple[torch.Tensor, Context]], opt: torch.optim.Optimizer,
-                 after_backward: Callable[[], None] | None = None) -> tuple[torch.Tensor, float, dict[str, float]]:
+                 after_backward: Callable[[], None] | None = None,
+                 after_step: Callable[[], None] | None = None) -> tuple[torch.Tensor, float, dict[str, float]]:
         """The round loop every method shares: ``steps`` times ``step()`` (images and their loss context), the
-        weighted loss, backward, ``after_backward`` (Fast accumulates meta-gradients there), optimiser step.
+        weighted loss, backward, ``after_backward`` (Fast accumulates meta-gradients there), optimiser step,
+        ``after_step`` (DeepInversion projects its pixels back into range there).
 
         Returns the lowest-loss iterate's images (detached, as computed before that step's update), its loss and
         the last step's logs. BN hooks are active for the whole loop.
@@ -184,6 +186,8 @@ class Synthesizer(ABC):
                 if after_backward is not None:
                     after_backward()
                 opt.step()
+                if after_step is not None:
+                    after_step()
         assert best_x is not None
         return best_x, best_loss, logs
 

@@ -36,22 +36,31 @@ from torch import nn
 from dfkd_common.synthesis.losses import Context, term
 
 
-def renormalise(phi: torch.Tensor, bn: nn.BatchNorm2d) -> torch.Tensor:
-    """Standardise ``phi`` per channel by its batch statistics, rescale to ``bn``'s running mean/var."""
+def channel_stats(phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, var) of a feature map, shaped (1, C, 1, 1)."""
+    var, mean = torch.var_mean(phi.float(), dim=(0, 2, 3), keepdim=True, correction=0)
+    return mean, var
+
+
+def renormalise(phi: torch.Tensor, bn: nn.BatchNorm2d,
+                stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Standardise ``phi`` per channel by ``stats`` (default: its own batch statistics; CPNet's released code
+    blends them with their EMA over earlier rounds), rescale to ``bn``'s running mean/var."""
     phi = phi.float()
-    var, mean = torch.var_mean(phi, dim=(0, 2, 3), keepdim=True, correction=0)
+    mean, var = stats if stats is not None else channel_stats(phi)
     rm, rv = bn.running_mean, bn.running_var
     assert rm is not None and rv is not None
     z = (phi - mean) / torch.sqrt(var + bn.eps)
     return z * torch.sqrt(rv.float().view(1, -1, 1, 1) + bn.eps) + rm.float().view(1, -1, 1, 1)
 
 
-def coupling_loss(pairs: list[tuple[torch.Tensor, torch.Tensor, nn.BatchNorm2d]]) -> torch.Tensor:
-    """sum_i MSE(g_i, stopgrad(renormalise(phi_i, bn_i)))."""
+def coupling_loss(pairs: list[tuple[Any, ...]]) -> torch.Tensor:
+    """sum_i MSE(g_i, stopgrad(renormalise(phi_i, bn_i[, stats_i]))); a pair is (g, phi, bn) or (g, phi, bn,
+    (mean, var)) with the statistics to standardise phi by."""
     total = pairs[0][0].new_zeros((), dtype=torch.float32)
-    for g, phi, bn in pairs:
+    for g, phi, bn, *stats in pairs:
         with torch.no_grad():
-            target = renormalise(phi.detach(), bn)
+            target = renormalise(phi.detach(), bn, stats[0] if stats else None)
         total = total + F.mse_loss(g.float(), target)
     return total
 
@@ -110,24 +119,34 @@ def align_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
 
 
 class CutMix(nn.Module):
-    """Batch CutMix with probability ``p``; after a call ``last`` is ``(perm, lam)`` or None (not applied).
+    """CutMix; after a call ``last`` is ``(perm, lam)`` or None (not applied).
 
-    ``lam`` is the fraction of each image that is still its own (after clipping the box to the image).
-    Randomness comes from ``generator`` (a CPU torch.Generator) so runs are reproducible.
+    ``mode: sample`` (the released CPNet code, kornia's RandomCutMixV2 semantics): each sample, with probability
+    ``p``, gets its own box and lambda, pasted from its partner ``perm[i]``; ``lam`` is then a tensor, 1 for
+    samples left alone. ``mode: batch`` (dfkd before 0.3): one box and lambda for the whole batch with
+    probability ``p``. ``lam`` is the fraction of each image that is still its own (after clipping the box to
+    the image). Randomness comes from ``generator`` (a CPU torch.Generator) so runs are reproducible.
     """
 
-    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
+    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None, mode: str = "sample") -> None:
         super().__init__()
+        if mode not in ("sample", "batch"):
+            raise ValueError(f"cutmix mode must be sample or batch, got {mode!r}")
         self.p = float(p)
         self.generator = generator
-        self.last: tuple[torch.Tensor, float] | None = None
+        self.mode = mode
+        self.last: tuple[torch.Tensor, Any] | None = None
 
     def _rand(self, *shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=self.generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.last = None
-        if self.p <= 0 or x.shape[0] < 2 or float(self._rand(1)) >= self.p:
+        if self.p <= 0 or x.shape[0] < 2:
+            return x
+        if self.mode == "sample":
+            return self._per_sample(x)
+        if float(self._rand(1)) >= self.p:
             return x
         n, _, h, w = x.shape
         lam = float(self._rand(1))
@@ -142,4 +161,25 @@ class CutMix(nn.Module):
         mask = torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype)
         mask[..., y1:y2, x1:x2] = 1
         self.last = (perm, 1.0 - (y2 - y1) * (x2 - x1) / (h * w))
+        return x * (1 - mask) + x[perm] * mask
+
+    def _per_sample(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        applied = self._rand(n) < self.p
+        lam0 = self._rand(n)
+        cut = torch.sqrt(1.0 - lam0)
+        ch, cw = (h * cut).long(), (w * cut).long()
+        cy, cx = (self._rand(n) * h).long(), (self._rand(n) * w).long()
+        y1, y2 = (cy - ch // 2).clamp(0, h), (cy + ch // 2).clamp(0, h)
+        x1, x2 = (cx - cw // 2).clamp(0, w), (cx + cw // 2).clamp(0, w)
+        perm = torch.randperm(n, generator=self.generator)
+        rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+        box = ((rows >= y1.view(n, 1, 1)) & (rows < y2.view(n, 1, 1)) & (cols >= x1.view(n, 1, 1))
+               & (cols < x2.view(n, 1, 1)) & applied.view(n, 1, 1))
+        lam = 1.0 - box.flatten(1).float().mean(1)
+        if not bool(box.any()):
+            return x
+        mask = box.unsqueeze(1).to(x.device, x.dtype)
+        perm = perm.to(x.device)
+        self.last = (perm, lam.to(x.device))
         return x * (1 - mask) + x[perm] * mask

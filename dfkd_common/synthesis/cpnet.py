@@ -11,9 +11,10 @@ input, noisy layer, momentum L_bn, one-hot and adversarial terms are inherited):
 3. **Inverse-classifier alignment** ``align`` (eps 0.1, singular values clamped at 0.1), added to the
    adversarial part after warm-up; its weight defaults to the adversarial weight (the paper adds it *inside*
    L_adv).
-4. **CutMix** (probability ``cutmix``, 0.5) after the differentiable augmentation, with the lambda-mixed one-hot
-   loss, and colour jitter in that augmentation. CutMix is applied to the one batch every term sees (one
-   teacher forward rather than a second one just for the one-hot term).
+4. **CutMix** (probability ``cutmix``, 0.5; a box and lambda per sample) after the differentiable augmentation,
+   with the lambda-mixed one-hot loss, and colour jitter (0.1 x3, hue 0.1, p 0.4) in that augmentation.
+   CutMix is applied to the one batch every term sees (one teacher forward rather than a second one just for
+   the one-hot term).
 
 Two generator options are not in the paper and are off by default: ``g_width`` (every stage gets that many
 times the teacher's channels; the first ones are the coupled tensor) and ``g_upsample: bilinear`` (instead of
@@ -21,6 +22,11 @@ nearest between stages). On CIFAR ResNets the exact mirror is already wider than
 generators; on LeNet-5 it has 16 and 6 channels and must resize 10 -> 28 -> 32, where nearest repeats rows
 unevenly. With both (width 4, bilinear) CPNet's mnist5k students went from 95.8 +- 0.8 % to 96.9 +- 0.6 % over
 four seeds (the default pipeline's ``cpnet_wide`` run).
+
+Released-code details followed by default, each with the earlier dfkd behaviour as an option (``g_tap: bn``,
+``xn_momentum: 0``, ``cutmix_mode: batch``, ``augment: {jitter: 0.2, hue: 0, jitter_p: 0.8}``): the stage
+tensors are taken after LeakyReLU with no activation between the first BN and the first block; the L_xn target
+is standardised by batch statistics blended with their EMA (m 0.9); CutMix draws per sample; the jitter above.
 
 Adversarial KL order: the paper writes the adversarial term as NAYER's KL(p_T || p_S) ("teacher_student", the
 default here); the released code computes KL(p_S || p_T), available as the ``adv`` term's option
@@ -41,7 +47,7 @@ from dfkd_common.models.coupled import CoupledGenerator, Stage, teacher_stages
 from dfkd_common.models.hooks import FeatureHooks
 from dfkd_common.params import merge
 from dfkd_common.synthesis.base import SYNTHESIZERS
-from dfkd_common.synthesis.coupling import CutMix, InverseClassifier
+from dfkd_common.synthesis.coupling import CutMix, InverseClassifier, channel_stats
 from dfkd_common.synthesis.losses import Context
 from dfkd_common.synthesis.nayer import NAYER
 
@@ -51,8 +57,12 @@ class CPNet(NAYER):
     name = "cpnet"
     defaults: ClassVar[dict[str, Any]] = merge(NAYER.defaults, {
         "weights": {"bn": 10.0, "oh": 0.5, "adv": 1.33, "align": 1.33, "xn": 1.0},
-        "augment": {"crop_pad": 4, "flip": False, "jitter": 0.2},
+        # the released code's colour jitter: 0.1 brightness/contrast/saturation, hue 0.1, probability 0.4
+        "augment": {"crop_pad": 4, "flip": False, "jitter": 0.1, "hue": 0.1, "jitter_p": 0.4},
         "cutmix": 0.5,
+        "cutmix_mode": "sample",  # a box and lambda per sample (released code); "batch": one per batch
+        "xn_momentum": 0.9,  # L_xn target standardised by batch stats blended with their EMA (released); 0: batch
+        "g_tap": "act",  # stage tensors after LeakyReLU (released code); "bn": BN outputs (dfkd before 0.3)
         "min_stage_size": 2,  # teacher stages smaller than this (LeNet-5's 1x1) are not mirrored
         "g_width": 1,  # generator channels per stage = g_width x the teacher's (1: the paper's exact mirror)
         "g_upsample": "nearest",  # between stages; bilinear avoids nearest's uneven rows at LeNet's 10->28->32
@@ -71,7 +81,9 @@ class CPNet(NAYER):
         align = self.term_options("align")
         self.inverse = InverseClassifier(self.teacher.classifier, float(align["label_smoothing"]),
                                          float(align["min_singular"])).to(self.device)
-        self.cutmix = CutMix(float(self.cfg["cutmix"]), self.gen)
+        self.cutmix = CutMix(float(self.cfg["cutmix"]), self.gen, str(self.cfg["cutmix_mode"]))
+        self.xn_ema: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per coupled stage (mean, var)
+        self.xn_last: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.augment = nn.Sequential(self.augment, self.cutmix)
 
     @functools.cached_property
@@ -84,8 +96,11 @@ class CPNet(NAYER):
         if int(self.cfg["g_width"]) < 1 or self.cfg["g_upsample"] not in ("nearest", "bilinear"):
             raise DfkdError(f"cpnet: g_width must be >= 1 and g_upsample nearest or bilinear, got "
                             f"{self.cfg['g_width']!r} and {self.cfg['g_upsample']!r}")
+        if self.cfg["g_tap"] not in ("act", "bn"):
+            raise DfkdError(f"cpnet: g_tap must be act or bn, got {self.cfg['g_tap']!r}")
         return CoupledGenerator(self.stages, nz, self.info.image_size, self.info.channels,
-                                width=int(self.cfg["g_width"]), upsample=str(self.cfg["g_upsample"]))
+                                width=int(self.cfg["g_width"]), upsample=str(self.cfg["g_upsample"]),
+                                tap=str(self.cfg["g_tap"]))
 
     def generate(self, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         with self.engine.autocast():
@@ -99,8 +114,38 @@ class CPNet(NAYER):
         ctx.extra["cutmix"] = self.cutmix.last
         ctx.extra["inverse_classifier"] = self.inverse
         if phis:
-            ctx.extra["coupling"] = list(zip(extra["stages"], phis, self.stage_bns, strict=True))
+            stats = self.xn_stats(phis)
+            ctx.extra["coupling"] = list(zip(extra["stages"], phis, self.stage_bns, stats, strict=True))
         return ctx
+
+    def xn_stats(self, phis: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Statistics that standardise the L_xn targets: the batch's, blended (1 - m) batch + m EMA with their
+        EMA over earlier rounds when ``xn_momentum`` m > 0 (as L_bn's momentum variant); the EMA takes the last
+        step's batch statistics at the end of each round."""
+        self.xn_last = [channel_stats(p) for p in phis]
+        m = float(self.cfg["xn_momentum"])
+        if m <= 0 or self.xn_ema is None:
+            return self.xn_last
+        return [((1 - m) * bm + m * em, (1 - m) * bv + m * ev)
+                for (bm, bv), (em, ev) in zip(self.xn_last, self.xn_ema, strict=True)]
+
+    def end_round(self) -> None:
+        super().end_round()
+        m = float(self.cfg["xn_momentum"])
+        if m > 0 and self.xn_last is not None:
+            last = [(a.detach(), b.detach()) for a, b in self.xn_last]
+            self.xn_ema = last if self.xn_ema is None else [
+                (m * em + (1 - m) * bm, m * ev + (1 - m) * bv)
+                for (bm, bv), (em, ev) in zip(last, self.xn_ema, strict=True)]
+
+    def state_dict(self) -> dict[str, Any]:
+        ema = [t for pair in self.xn_ema for t in pair] if self.xn_ema is not None else []
+        return {**super().state_dict(), "xn_ema": ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        ema = list(state.get("xn_ema") or [])
+        self.xn_ema = [(ema[i].to(self.device), ema[i + 1].to(self.device)) for i in range(0, len(ema), 2)] or None
 
     @torch.no_grad()
     def teacher_stage_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:

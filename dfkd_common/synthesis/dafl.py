@@ -6,6 +6,12 @@ act*(-|penultimate features|), MNIST weights 1 / 5 / 0.1. The published method t
 G(z) at every generator step; as an *offline* synthesizer we train G for ``g_steps`` per round and then
 sample the round's images into the bank, so the bank follows G's trajectory the way DAFL's student sees it.
 Labels are the teacher's argmax (DAFL has no targets).
+
+The released code's numerics are options (README "DAFL"): ``terms: {ie: {log10: true}}`` (its entropy in log10,
+2.3x weaker than ours at the same weight), ``bn_eps: 0.8`` (its generator's BN), ``lr_g: 0.2`` (its MNIST
+lr_G), ``act_layer: features`` (LeNet-5's 120-d conv-stack output for the activation term) and the student's
+``terms: {kd: {tau: 1}}``. The default pipeline keeps natural log, eps 1e-5, the penultimate features and KD
+at tau 4: the bank there is distilled offline by the same student loop as every other bank.
 """
 
 from __future__ import annotations
@@ -14,7 +20,9 @@ from typing import Any, ClassVar
 
 import torch
 
+from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_generator
+from dfkd_common.models.hooks import FeatureHooks
 from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
 from dfkd_common.synthesis.losses import Context
 
@@ -30,7 +38,10 @@ class DAFL(Synthesizer):
         "lr_g": 0.02,
         "weights": {"oh": 1.0, "ie": 5.0, "act": 0.1},
         "augment": {"crop_pad": 0},
+        "bn_eps": 1e-5,  # the generator's BatchNorm eps (released code: 0.8)
+        "act_layer": None,  # module whose output the act term reads; None = the penultimate features
     }
+    param_types: ClassVar[dict[str, Any]] = {"act_layer": str}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -45,9 +56,23 @@ class DAFL(Synthesizer):
                 head="dafl",
                 mean=info.mean,
                 std=info.std,
+                bn_eps=float(self.cfg["bn_eps"]),
             )
         )
+        layer = self.cfg["act_layer"]
+        if layer and str(layer) not in dict(self.teacher.named_modules()):
+            raise DfkdError(f"dafl: act_layer {layer!r} is not a module of the teacher "
+                            f"({type(self.teacher).__name__})")
+        self.act_hooks = FeatureHooks(self.teacher, [str(layer)]) if layer else None
         self.opt = torch.optim.Adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]))
+
+    def context(self, x: torch.Tensor, y: torch.Tensor | None, student: Any = None) -> Context:
+        """With ``act_layer`` the activation term reads that module's output (DAFL's LeNet-5: the 120-d output
+        of the conv stack, ``features``) instead of the penultimate features."""
+        ctx = super().context(x, y, student)
+        if self.act_hooks is not None:
+            ctx.t_feat = self.act_hooks.features[str(self.cfg["act_layer"])].flatten(1)
+        return ctx
 
     def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
         b, nz = int(self.cfg["batch_size"]), int(self.cfg["nz"])

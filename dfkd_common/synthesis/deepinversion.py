@@ -1,8 +1,10 @@
 """DeepInversion (Yin et al., CVPR 2020): optimise the pixels of each batch directly.
 
 Differs from the generator methods only in what is optimised: a batch of free pixels (parametrised in the
-teacher's normalised space, where one Adam step of lr 0.1 means the same for every dataset, and clipped to
-[0, 1] after every step) under bn*L_bn + oh*CE + tv*TV + l2*||x||^2. Slow but simple and generator-free.
+teacher's normalised space, where one Adam step of lr 0.1 means the same for every dataset, and projected back
+to [0, 1] after every optimiser step, as the reference code clips its variable: a clamp inside the forward pass
+alone gives a pixel outside the range zero gradient, so it would never move again) under
+bn*L_bn + oh*CE + tv*TV + l2*||x||^2. Slow but simple and generator-free.
 The lowest-loss iterate of each round goes to the bank.
 """
 
@@ -35,10 +37,17 @@ class DeepInversion(Synthesizer):
         v = self.noise(b, info.channels, info.image_size, info.image_size).requires_grad_(True)
         opt = torch.optim.Adam([v], lr=float(self.cfg["lr"]), betas=tuple(self.cfg["betas"]))
 
+        lo, hi = (0 - mean) / std, (1 - mean) / std  # [0, 1] in the normalised space, per channel
+
         def step() -> tuple[torch.Tensor, Context]:
-            x = (v * std + mean).clamp(0, 1)
+            x = v * std + mean
             return x, self.context(x, y, student)
 
-        best_x, _, logs = self.optimise(int(self.cfg["g_steps"]), step, opt)
+        @torch.no_grad()
+        def project() -> None:
+            v.copy_(torch.maximum(torch.minimum(v, hi), lo))
+
+        project()  # the random start too
+        best_x, _, logs = self.optimise(int(self.cfg["g_steps"]), step, opt, after_step=project)
         self.end_round()
         return SynthResult(best_x.float().cpu(), y.cpu(), logs)

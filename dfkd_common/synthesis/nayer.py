@@ -6,7 +6,8 @@ What differs from the other generator methods:
   model (:mod:`dfkd_common.embeddings`: local CLIP, the packaged all-MiniLM-L6-v2 by default, seeded random as
   last resort), and the generator sees BatchNorm1d(embedding) passed through a *noisy layer*
   (:class:`~dfkd_common.models.conditional.NoisyEmbeddingInput`), one Linear per chunk of ``noisy_chunk``
-  samples, re-initialised before every batch. Randomness lives in that layer, meaning lives in the embedding.
+  samples to ``noisy_dim`` (1000) outputs, re-initialised N(0, 1) with bias 0 before every batch, as published.
+  Randomness lives in that layer, meaning lives in the embedding.
 * **Schedule**: one round = one batch (the online feed runs ``g_loops`` rounds per epoch, more during warm-up).
   The persistent generator and the fresh noisy layers are optimised together for ``g_steps`` with a fresh Adam
   (lr ``lr_g``, betas 0.5/0.999, as the published code), and the *lowest-loss iterate* of the round goes to the
@@ -49,12 +50,13 @@ class NAYER(Synthesizer):
         "g_life": 10,
         "ngf": 64,
         "noisy_chunk": None,  # samples per noisy layer; None = the number of classes
+        "noisy_dim": 1000,  # the noisy layer's output size (the published default); None = the embedding's
         "bn_momentum": 0.9,
         "weights": {"bn": 10.0, "oh": 0.5, "adv": 1.33},
         "embedding": {"source": "auto", "path": None, "template": DEFAULT_TEMPLATE, "dim": 256},
     }
 
-    param_types: ClassVar[dict[str, type]] = {"noisy_chunk": int}
+    param_types: ClassVar[dict[str, type]] = {"noisy_chunk": int, "noisy_dim": int}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -82,7 +84,9 @@ class NAYER(Synthesizer):
 
     def build_generator(self) -> LabelGenerator:
         chunk = int(self.cfg["noisy_chunk"] or self.info.num_classes)
-        inputs = NoisyEmbeddingInput(self.table, int(self.cfg["batch_size"]), chunk)
+        dim = self.cfg["noisy_dim"]
+        inputs = NoisyEmbeddingInput(self.table, int(self.cfg["batch_size"]), chunk,
+                                     int(dim) if dim is not None else None)
         return self.engine.model(LabelGenerator(inputs, self.make_body(inputs.out_dim)))
 
     def labels(self, n: int, round_index: int) -> torch.Tensor:
