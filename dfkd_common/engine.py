@@ -266,3 +266,27 @@ def atomic_path(final: str | os.PathLike[str], suffix: str = "") -> Iterator[Pat
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+#: the columns of every stage's ``--metrics`` file (what ``dvc metrics show`` / ``dvc exp show`` tabulate)
+HEADLINE = ("test_acc", "x_teacher", "seconds", "images", "images_per_s")
+
+
+def details_path(path: str | os.PathLike[str]) -> Path:
+    """Where the full record of a metrics file goes: ``x.metrics.json`` -> ``x.details.json``."""
+    p = Path(path)
+    base = p.name.removesuffix(".metrics.json") if p.name.endswith(".metrics.json") else p.stem
+    return p.with_name(f"{base}.details.json")
+
+
+def write_metrics(path: str | os.PathLike[str], record: dict[str, Any], **headline: Any) -> None:
+    """The headline figures (at most the :data:`HEADLINE` columns) to ``path``, the full record beside it.
+
+    Why two files: DVC tabulates every key of every metrics file, so per-class counts, loss parts and
+    provenance made ``dvc metrics show`` a 70-column table; the details stay one ``cat`` away.
+    """
+    unknown = set(headline) - set(HEADLINE)
+    if unknown:
+        raise ValueError(f"not headline metrics: {sorted(unknown)}")
+    write_json(details_path(path), record)
+    write_json(path, {k: v for k, v in headline.items() if v is not None})

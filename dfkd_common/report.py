@@ -1,7 +1,14 @@
-"""Student comparison report: the table users paste into papers and the plot they glance at."""
+"""Student comparison report: the table users paste into papers and the figure they glance at.
+
+Users of this field compare methods by accuracy *and* cost (Fast, NAYER and CPNet sell speed), so the figure has
+three panels: each method's final accuracy as a fraction of the teacher's on a zoomed scale (mean and seed spread
+when several runs of one method are given), accuracy against wall time (the bank's synthesis or retrieval plus
+distillation), and the learning curves. Several metrics files with the same ``name`` are seeds of one method.
+"""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -9,19 +16,41 @@ from dfkd_common.engine import atomic_path, write_json
 from dfkd_common.extras import need
 
 
+def group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs by method name, in first-seen order (seeds of one method share a name)."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(str(r.get("name", "?")), []).append(r)
+    return out
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def total_seconds(r: dict[str, Any]) -> float:
+    """Wall time of a student end to end: its bank's stage (if recorded) plus distillation (online: both)."""
+    return float(r.get("seconds") or 0.0) + float(r.get("bank_seconds") or 0.0)
+
+
 def markdown_table(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str:
     lines = [
-        "| student | bank images | final test acc | ratio to teacher | distill time (s) |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| student | runs | bank images | final test acc (%) | x teacher | wall time (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    if teacher:
-        lines.append(f"| teacher ({teacher.get('arch', '')}) | real data | {100 * teacher['test_acc']:.2f} | 1.000 | |")
-    for r in rows:
-        ratio = r.get("ratio_to_teacher")
-        lines.append(
-            f"| {r.get('name', '?')} | {r.get('bank_size', '')} | {100 * r['test_acc']:.2f} | "
-            f"{'' if ratio is None else f'{ratio:.3f}'} | {r.get('seconds', 0):.0f} |"
-        )
+    if teacher and teacher.get("test_acc") is not None:
+        arch = teacher.get("arch", "")
+        lines.append(f"| teacher ({arch}) | | real data | {100 * teacher['test_acc']:.2f} | 1.000 | |")
+    for name, runs in group(rows).items():
+        acc_m, acc_s = spread([100 * r["test_acc"] for r in runs])
+        ratios = [r["ratio_to_teacher"] for r in runs if r.get("ratio_to_teacher") is not None]
+        ratio = ""
+        if ratios:
+            rm, rs = spread(ratios)
+            ratio = f"{rm:.3f}" + (f" +- {rs:.3f}" if len(ratios) > 1 else "")
+        acc = f"{acc_m:.2f}" + (f" +- {acc_s:.2f}" if len(runs) > 1 else "")
+        secs = statistics.fmean(total_seconds(r) for r in runs)
+        lines.append(f"| {name} | {len(runs)} | {runs[0].get('bank_size', '')} | {acc} | {ratio} | {secs:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -31,29 +60,63 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = "# Students (final-epoch accuracy on the real test split)\n\n" + markdown_table(rows, teacher)
+    md = ("# Students (final-epoch accuracy on the real test split; +- is the sd over runs)\n\n"
+          + markdown_table(rows, teacher))
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(md)
     write_json(out_dir / "report.json", {"teacher": teacher, "students": [
         {k: v for k, v in r.items() if k != "history"} for r in rows]})
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    names = [r.get("name", "?") for r in rows]
-    ax1.bar(names, [100 * r["test_acc"] for r in rows], color="tab:blue")
-    if teacher:
-        ax1.axhline(100 * teacher["test_acc"], color="k", ls="--", label="teacher")
-        ax1.legend()
-    ax1.set_ylabel("final test accuracy (%)")
-    ax1.set_ylim(0, 100)
-    ax1.tick_params(axis="x", rotation=30)
-    for r in rows:
-        hist = r.get("history") or []
+
+    groups = group(rows)
+    t_acc = (teacher or {}).get("test_acc")
+    colours = plt.get_cmap("tab10")
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.2))
+    # 1: x teacher, zoomed, per method with its spread
+    names = list(groups)
+    for i, name in enumerate(names):
+        vals = [r["ratio_to_teacher"] if r.get("ratio_to_teacher") is not None else r["test_acc"]
+                for r in groups[name]]
+        m, s = spread(vals)
+        ax1.errorbar([m], [i], xerr=[s], fmt="o", color=colours(i % 10), capsize=4)
+        ax1.scatter(vals, [i] * len(vals), s=12, color=colours(i % 10), alpha=0.5)
+    ax1.set_yticks(range(len(names)), names)
+    ax1.invert_yaxis()
+    if t_acc:
+        ax1.axvline(1.0, color="k", ls="--", lw=1)
+    ax1.set_xlabel("final test accuracy / teacher's" if t_acc else "final test accuracy")
+    ax1.set_title("accuracy (dots: runs; bar: mean +- sd)")
+    ax1.grid(axis="x", alpha=0.3)
+    # 2: accuracy against wall time
+    for i, name in enumerate(names):
+        xs = [total_seconds(r) for r in groups[name]]
+        ys = [100 * r["test_acc"] for r in groups[name]]
+        ax2.scatter(xs, ys, color=colours(i % 10), label=name)
+        ax2.annotate(name, (statistics.fmean(xs), statistics.fmean(ys)), fontsize=8, xytext=(4, 4),
+                     textcoords="offset points")
+    if t_acc:
+        ax2.axhline(100 * t_acc, color="k", ls="--", lw=1, label="teacher")
+    ax2.set_xscale("log")
+    ax2.set_xlabel("wall time: bank + distillation (s, log)")
+    ax2.set_ylabel("final test accuracy (%)")
+    ax2.set_title("accuracy against cost")
+    ax2.grid(alpha=0.3)
+    # 3: learning curves (first run of each method), legend outside the axes
+    for i, name in enumerate(names):
+        hist = groups[name][0].get("history") or []
         if hist:
-            ax2.plot([h["epoch"] for h in hist], [100 * h["test_acc"] for h in hist], label=r.get("name"))
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("test accuracy (%)")
-    ax2.legend(fontsize=8)
+            ax3.plot([h["epoch"] for h in hist], [100 * h["test_acc"] for h in hist], color=colours(i % 10),
+                     label=name, lw=1.2)
+    accs = [100 * h["test_acc"] for r in rows for h in (r.get("history") or [])]
+    if accs:
+        lo = sorted(accs)[len(accs) // 10]  # the first epochs' low values would flatten the rest
+        ax3.set_ylim(max(0.0, lo - 2), 100)
+    ax3.set_xlabel("epoch")
+    ax3.set_ylabel("test accuracy (%)")
+    ax3.set_title("learning curves")
+    ax3.grid(alpha=0.3)
+    ax3.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     with atomic_path(out_dir / "report.png", suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     return md

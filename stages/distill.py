@@ -17,7 +17,7 @@ from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, sa
 from dfkd_common.data import DATASETS, ArraySplit, DatasetInfo, get_dataset
 from dfkd_common.data.datasets import folder_split
 from dfkd_common.distill import BankFeed, DistillConfig, distill
-from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json, write_metrics
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job, JobResume, OutputLock
 from dfkd_common.models import build_model
@@ -148,7 +148,8 @@ def main(
             summary.update({"online": method, "bank_out": str(bank_out), "bank_size": stats["bank_rows"],
                             **{f"online_{k}": v for k, v in stats.items()}})
         if metrics:
-            write_json(metrics, summary)
+            write_metrics(metrics, summary, test_acc=acc, x_teacher=summary["ratio_to_teacher"], seconds=seconds,
+                          images=summary["bank_size"], images_per_s=summary.get("online_images_per_s"))
         if plots:
             write_json(plots, history)
         resume.clear()

@@ -8,7 +8,7 @@ import typer
 
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
-from dfkd_common.engine import Engine, ensure_writable, write_json
+from dfkd_common.engine import Engine, ensure_writable, write_metrics
 from dfkd_common.training import accuracy
 from stages.common import DeviceOpt, console, errors
 
@@ -29,7 +29,7 @@ def main(
     data = get_dataset(dataset or meta.dataset.name).load(split, data_root)
     acc = accuracy(engine.model(model), data, engine)
     if metrics:
-        write_json(metrics, {"test_acc": acc, "dataset": data.info.name, "split": split})
+        write_metrics(metrics, {"test_acc": acc, "dataset": data.info.name, "split": split}, test_acc=acc)
     console.print(f"{checkpoint}: {acc:.4f} on {data.info.name}/{split} ({len(data)} images)")
 
 

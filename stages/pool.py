@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from dfkd_common.data.offline_pool import DEFAULTS, build_offline_pool
-from dfkd_common.engine import ensure_writable, write_json
+from dfkd_common.engine import ensure_writable, write_metrics
 from stages.common import ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
 app = typer.Typer(help="Wild image pools for retrieval (DFND).", no_args_is_help=True)
@@ -27,7 +27,7 @@ def build(
     ensure_writable(out, metrics)
     result = build_offline_pool(out, params)
     if metrics:
-        write_json(metrics, result)
+        write_metrics(metrics, result, images=result["images"])
     counts = ", ".join(f"{k} {v}" for k, v in result["per_source"].items())
     console.print(f"offline pool: {result['images']} images ({counts}) -> {out}")
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
-from dfkd_common.engine import ensure_writable
+from dfkd_common.engine import details_path, ensure_writable
 from dfkd_common.errors import DfkdError
 from dfkd_common.report import write_report
 from stages.common import console, errors
@@ -25,16 +26,30 @@ def main(
     for path in metrics:
         if not path.is_file():
             raise DfkdError(f"metrics file not found: {path}")
-        try:
-            row = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            raise DfkdError(f"{path} is not valid JSON") from None
+        row = {**_read(details_path(path)), **_read(path)} if details_path(path).is_file() else _read(path)
         plots = path.with_name(path.stem.replace("metrics", "plots") + ".json")
         row["history"] = json.loads(plots.read_text()) if plots.is_file() and plots != path else []
+        if row.get("bank") not in (None, "None"):  # the bank's own stage time counts toward the student's cost
+            bank = Path(str(row["bank"]))
+            bank_metrics = bank.with_name(bank.name.removesuffix(".h5") + ".metrics.json")
+            if bank_metrics.is_file():
+                row["bank_seconds"] = _read(bank_metrics).get("seconds")
         rows.append(row)
-    teacher = json.loads(teacher_metrics.read_text()) if teacher_metrics else None
+    teacher = None
+    if teacher_metrics:
+        details = details_path(teacher_metrics)
+        teacher = {**(_read(details) if details.is_file() else {}), **_read(teacher_metrics)}
     md = write_report(rows, out_dir, teacher)
     console.print(md, highlight=False)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DfkdError(f"metrics file not found: {path}")
+    try:
+        return dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError):
+        raise DfkdError(f"{path} is not a JSON object") from None
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from dfkd_common.engine import (
     resolve_amp,
     resolve_device,
     seed_everything,
-    write_json,
+    write_metrics,
 )
 from dfkd_common.errors import DfkdError
 from dfkd_common.retrieval import RetrieveConfig, retrieve
@@ -79,7 +79,8 @@ def main(
                   f"-> {info.channels}x{info.image_size}x{info.image_size}")
     result = retrieve(model, meta, teacher, pool, out, engine, cfg)
     if metrics:
-        write_json(metrics, result)
+        write_metrics(metrics, result, seconds=result.get("total_seconds"), images=result["selected"],
+                      images_per_s=result.get("images_per_s"))
     if result["unreadable"]:
         console.print(f"[yellow]skipped {result['unreadable']} unreadable image file(s)[/]")
     if result["selected"] < cfg.num_select:

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 
 from dfkd_common.checkpoint import load_model
-from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_metrics
 from dfkd_common.synthesis import SYNTHESIZERS
 from dfkd_common.synthesize import RUN_DEFAULTS, run_synthesis
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
@@ -44,7 +44,8 @@ def main(
     model, meta = load_model(teacher, engine.device)
     result = run_synthesis(method, model, meta, teacher, out, params, engine)
     if metrics:
-        write_json(metrics, result)
+        write_metrics(metrics, result, seconds=result["seconds"], images=result["images"],
+                      images_per_s=result["images_per_s"])
     console.print(f"{method}: {result['images']} images in {result['seconds']:.1f}s "
                   f"({result['images_per_s']:.1f} img/s) -> {out}")
 

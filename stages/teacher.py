@@ -16,7 +16,7 @@ from dfkd_common import __version__
 from dfkd_common.augment_ops import augment_config
 from dfkd_common.checkpoint import ModelMeta, file_checksum, now, save_model
 from dfkd_common.data import DatasetInfo, get_dataset
-from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json
+from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_metrics
 from dfkd_common.errors import DfkdError
 from dfkd_common.imports import KEYMAPS, load_weights, read_weights
 from dfkd_common.jobs import OutputLock
@@ -91,8 +91,9 @@ def train(
         meta = ModelMeta(params["arch"], params["arch_kwargs"], info, acc, params, now(), __version__, "teacher")
         save_model(out, model, meta)
         if metrics:
-            write_json(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name,
-                                 "precision": engine.precision, "epochs": len(history), "history": history})
+            write_metrics(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name,
+                                    "precision": engine.precision, "epochs": len(history), "history": history},
+                          test_acc=acc)
         resume.clear()
     console.print(f"teacher test accuracy {acc:.4f} -> {out}")
 
@@ -168,8 +169,8 @@ def import_(
         save_model(out, model.cpu(), ModelMeta(params["arch"], kwargs, info, acc, record, now(), __version__,
                                                "teacher"))
         if metrics:
-            write_json(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name, **record,
-                                 **({"unmeasured_because": why} if acc is None else {})})
+            write_metrics(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name, **record,
+                                    **({"unmeasured_because": why} if acc is None else {})}, test_acc=acc)
     shown = f"test accuracy {acc:.4f}" if acc is not None else f"accuracy unmeasured ({why})"
     console.print(f"imported {params['arch']} teacher for {info.name} ({info.num_classes} classes, "
                   f"{info.channels}x{info.image_size}x{info.image_size}): {shown} -> {out}")

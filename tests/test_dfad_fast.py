@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model
-from dfkd_common.engine import Engine
+from dfkd_common.engine import Engine, details_path
 from dfkd_common.functional import l1_discrepancy
 from dfkd_common.models import build_generator, build_model
 from dfkd_common.online import build_online_feed, recording
@@ -149,7 +149,7 @@ def _e2e(teacher: Path, tmp_path: Path, method: str, profile: dict) -> dict:
         "--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "m.json"), "--device", "cpu",
     ])
     assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "m.json").read_text())
+    metrics = json.loads(details_path(tmp_path / "m.json").read_text())
     metrics["wall"] = time.perf_counter() - t0
     return metrics
 

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from dfkd_common.bank import BankWriter, load_bank
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data.wild import WildPool, convert_channels
-from dfkd_common.engine import Engine
+from dfkd_common.engine import Engine, details_path
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_model
 from dfkd_common.retrieval import balanced_quotas, neg_log_pmax
@@ -129,7 +129,7 @@ def test_planted_confident_images_are_retrieved_first(teacher_ckpt: Path, mnist_
             tmp_path / "planted.h5", "--out", out, "--metrics", metrics, "-n", 40, "--batch-size", 64,
             "--params", tmp_path / "none.yaml", "--set", "flush_every=1")
     assert r.exit_code == 0, r.output
-    m = json.loads(metrics.read_text())
+    m = json.loads(details_path(metrics).read_text())
     assert m["per_source"] == {"distract": 0, "planted": 40}
     bank = load_bank(out)
     assert bank.attrs["kind"] == "retrieved" and len(bank) == 40
@@ -140,7 +140,7 @@ def test_planted_confident_images_are_retrieved_first(teacher_ckpt: Path, mnist_
             tmp_path / "planted.h5", "--out", tmp_path / "rand.h5", "--metrics", metrics, "-n", 40, "--random",
             "--params", tmp_path / "none.yaml")
     assert r.exit_code == 0, r.output
-    m = json.loads(metrics.read_text())
+    m = json.loads(details_path(metrics).read_text())
     assert m["selected"] == 40 and m["per_source"]["distract"] > 30
 
 
@@ -150,7 +150,7 @@ def test_balanced_mode_counts_within_one(teacher_ckpt: Path, mnist_test, tmp_pat
     r = cli("retrieve", "--teacher", teacher_ckpt, "--wild", pool, "--out", tmp_path / "b.h5", "--metrics", metrics,
             "-n", 205, "--balance", "--params", tmp_path / "none.yaml")
     assert r.exit_code == 0, r.output
-    counts = list(json.loads(metrics.read_text())["per_class"].values())
+    counts = list(json.loads(details_path(metrics).read_text())["per_class"].values())
     assert sum(counts) == 205 and max(counts) - min(counts) <= 1
 
 
@@ -205,7 +205,7 @@ def test_unreadable_image_is_skipped_and_counted(teacher_ckpt: Path, mnist_test,
             "--metrics", metrics, "-n", 10, "--params", tmp_path / "none.yaml")
     assert r.exit_code == 0, r.output
     assert "skipped 1 unreadable" in r.output
-    m = json.loads(metrics.read_text())
+    m = json.loads(details_path(metrics).read_text())
     assert m["unreadable"] == 1 and m["selected"] == 6
     assert len(load_bank(tmp_path / "o.h5")) == 6
 
@@ -239,5 +239,5 @@ def test_pool_retrieve_dfnd_distill_beats_chance(teacher_ckpt: Path, tmp_path: P
     r = cli("distill", "--teacher", teacher_ckpt, "--bank", bank, "--out", student, "--set", "weights.na=1",
             "--metrics", metrics, "--epochs", 4, "--params", none, "--device", "cpu")
     assert r.exit_code == 0, r.output
-    acc = json.loads(metrics.read_text())["test_acc"]
+    acc = json.loads(details_path(metrics).read_text())["test_acc"]
     assert acc > 0.6, acc  # chance is 0.1

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from dfkd_common.bank import BankWriter
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
-from dfkd_common.engine import Engine
+from dfkd_common.engine import Engine, details_path
 from dfkd_common.errors import DfkdError
 from dfkd_common.imports import KEYMAPS, fold_conv_bias_into_bn, load_weights, read_weights
 from dfkd_common.models import build_model
@@ -54,7 +54,7 @@ def test_a_plain_state_dict_of_a_trained_teacher_imports_with_identical_logits(t
     x = torch.rand(8, 1, 32, 32)
     assert torch.equal(imported(x), teacher(x))
     assert imeta.accuracy == pytest.approx(meta.accuracy)  # the same accuracy on the same test split
-    assert json.loads((tmp_path / "m.json").read_text())["test_acc"] == pytest.approx(meta.accuracy)
+    assert json.loads(details_path(tmp_path / "m.json").read_text())["test_acc"] == pytest.approx(meta.accuracy)
 
 
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
@@ -217,11 +217,11 @@ def test_distillation_with_a_folder_test_set_and_with_none(teacher_ckpt: Path, t
     r = runner.invoke(app, [*common, "--out", str(tmp_path / "a.safetensors"), "--test", str(folder), "--metrics",
                             str(tmp_path / "a.json")])
     assert r.exit_code == 0, r.output
-    a = json.loads((tmp_path / "a.json").read_text())
+    a = json.loads(details_path(tmp_path / "a.json").read_text())
     assert a["evaluated_on"] == f"test set {folder}" and a["test_acc"] > 0.5  # 250 real digits; chance 0.1
     r = runner.invoke(app, [*common, "--out", str(tmp_path / "b.safetensors"), "--metrics", str(tmp_path / "b.json")])
     assert r.exit_code == 0, r.output
-    b = json.loads((tmp_path / "b.json").read_text())
+    b = json.loads(details_path(tmp_path / "b.json").read_text())
     assert b["evaluated_on"].startswith("agreement with the teacher on 40 bank images held out")
     assert b["test_acc"] > 0.5
 

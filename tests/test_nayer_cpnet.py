@@ -19,7 +19,7 @@ from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model, load_tree, save_tree
 from dfkd_common.data import DatasetInfo
 from dfkd_common.embeddings import class_embeddings, random_embeddings
-from dfkd_common.engine import Engine
+from dfkd_common.engine import Engine, details_path
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_model
 from dfkd_common.models.conditional import LabelGenerator
@@ -374,7 +374,7 @@ def test_online_end_to_end_beats_chance(method: str, teacher_ckpt: Path, tmp_pat
         "--device", "cpu",
     ])
     assert res.exit_code == 0, res.output
-    metrics = yaml.safe_load((tmp_path / "m.json").read_text())
+    metrics = yaml.safe_load(details_path(tmp_path / "m.json").read_text())
     assert metrics["test_acc"] > 0.6, metrics  # chance is 0.1 on the 1,000 real held-out digits
     rounds = np.asarray(load_bank(tmp_path / "bank.h5").rounds)
     assert np.bincount(rounds).tolist() == [40] * (2 * 3 + 4 * 1)  # 3 rounds per warm-up epoch, then 1
