@@ -181,7 +181,7 @@ def distill(
                 row = {"epoch": epoch + 1, "test_acc": acc, "bank_size": n, "student_steps": steps,
                        **{k: v / max(1, steps) for k, v in sums.items()}, **synth_logs}
                 history.append(row)
-                bar.update(task, advance=1, info=f"loss {row['loss']:.3f} acc {acc:.4f} bank {n}")
+                bar.update(task, advance=1, info=f"loss {row.get('loss', float('nan')):.3f} acc {acc:.4f} bank {n}")
                 if on_epoch:
                     on_epoch(row)
                 if resume:

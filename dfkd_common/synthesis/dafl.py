@@ -9,7 +9,7 @@ Labels are the teacher's argmax (DAFL has no targets).
 
 The released code's numerics are options (README "DAFL"): ``terms: {ie: {log10: true}}`` (its entropy in log10,
 2.3x weaker than ours at the same weight), ``bn_eps: 0.8`` (its generator's BN), ``lr_g: 0.2`` (its MNIST
-lr_G), ``act_layer: features`` (LeNet-5's 120-d conv-stack output for the activation term) and the student's
+lr_G), ``act_layer: net.features`` (LeNet-5's 120-d conv-stack output for the activation term) and the student's
 ``terms: {kd: {tau: 1}}``. The default pipeline keeps natural log, eps 1e-5, the penultimate features and KD
 at tau 4: the bank there is distilled offline by the same student loop as every other bank.
 """
@@ -68,7 +68,7 @@ class DAFL(Synthesizer):
 
     def context(self, x: torch.Tensor, y: torch.Tensor | None, student: Any = None) -> Context:
         """With ``act_layer`` the activation term reads that module's output (DAFL's LeNet-5: the 120-d output
-        of the conv stack, ``features``) instead of the penultimate features."""
+        of the conv stack, ``net.features``) instead of the penultimate features."""
         ctx = super().context(x, y, student)
         if self.act_hooks is not None:
             ctx.t_feat = self.act_hooks.features[str(self.cfg["act_layer"])].flatten(1)
