@@ -102,7 +102,37 @@ def stage_outputs(model: nn.Module, channels: int, image_size: int, min_size: in
     return _last_per_resolution(seen, min_size)
 
 
-class BNStatsHook:
+class MomentumStats:
+    """Per-channel (mean, var) blended with an EMA over earlier synthesis rounds: (1 - m) * batch + m * ema.
+
+    The momentum variant of L_bn (Fast/NAYER/CPNet) and CPNet's L_xn targets share it: :meth:`blend` remembers
+    the batch's statistics and returns the blend (the batch's own until an EMA exists, or when m = 0);
+    :meth:`update` folds the last batch into the EMA once per round.
+    """
+
+    def __init__(self, momentum: float = 0.0) -> None:
+        self.momentum = momentum
+        self.ema: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def blend(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.last = (mean.detach(), var.detach())
+        if self.momentum > 0 and self.ema is not None:
+            m = self.momentum
+            return (1 - m) * mean + m * self.ema[0], (1 - m) * var + m * self.ema[1]
+        return mean, var
+
+    def update(self) -> None:
+        if self.last is None:
+            return
+        if self.ema is None:
+            self.ema = self.last
+        else:
+            m = self.momentum
+            self.ema = (m * self.ema[0] + (1 - m) * self.last[0], m * self.ema[1] + (1 - m) * self.last[1])
+
+
+class BNStatsHook(MomentumStats):
     """Measures how far a batch's per-channel statistics at one BatchNorm2d input are from its running ones.
 
     ``loss`` = ||mean - running_mean||_2 + ||var - running_var||_2 (L2 norms, not squared: DeepInversion).
@@ -112,10 +142,8 @@ class BNStatsHook:
     """
 
     def __init__(self, module: nn.BatchNorm2d, momentum: float = 0.0) -> None:
+        super().__init__(momentum)
         self.module = module
-        self.momentum = momentum
-        self.ema: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.last: tuple[torch.Tensor, torch.Tensor] | None = None
         self.loss: torch.Tensor | None = None
         self.enabled = True
         self.handle = module.register_forward_hook(self._hook)
@@ -126,23 +154,13 @@ class BNStatsHook:
         x = inputs[0].float()
         mean = x.mean(dim=(0, 2, 3))
         var = x.permute(1, 0, 2, 3).reshape(x.shape[1], -1).var(dim=1, unbiased=False)
-        self.last = (mean.detach(), var.detach())
-        if self.momentum > 0 and self.ema is not None:
-            m = self.momentum
-            mean = (1 - m) * mean + m * self.ema[0]
-            var = (1 - m) * var + m * self.ema[1]
+        mean, var = self.blend(mean, var)
         rm, rv = self.module.running_mean, self.module.running_var
         assert rm is not None and rv is not None
         self.loss = torch.linalg.vector_norm(mean - rm, 2) + torch.linalg.vector_norm(var - rv, 2)
 
     def update_ema(self) -> None:
-        if self.last is None:
-            return
-        if self.ema is None:
-            self.ema = self.last
-        else:
-            m = self.momentum
-            self.ema = (m * self.ema[0] + (1 - m) * self.last[0], m * self.ema[1] + (1 - m) * self.last[1])
+        self.update()
 
     def remove(self) -> None:
         self.handle.remove()

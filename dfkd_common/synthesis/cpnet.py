@@ -44,7 +44,7 @@ from torch import nn
 
 from dfkd_common.errors import DfkdError
 from dfkd_common.models.coupled import CoupledGenerator, Stage, teacher_stages
-from dfkd_common.models.hooks import FeatureHooks
+from dfkd_common.models.hooks import FeatureHooks, MomentumStats
 from dfkd_common.params import merge
 from dfkd_common.synthesis.base import SYNTHESIZERS
 from dfkd_common.synthesis.coupling import CutMix, InverseClassifier, channel_stats
@@ -82,8 +82,8 @@ class CPNet(NAYER):
         self.inverse = InverseClassifier(self.teacher.classifier, float(align["label_smoothing"]),
                                          float(align["min_singular"])).to(self.device)
         self.cutmix = CutMix(float(self.cfg["cutmix"]), self.gen, str(self.cfg["cutmix_mode"]))
-        self.xn_ema: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per coupled stage (mean, var)
-        self.xn_last: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # per coupled stage: the L_xn targets' statistics and their EMA (the momentum variant of L_bn's)
+        self.xn = [MomentumStats(float(self.cfg["xn_momentum"])) for _ in self.stage_paths]
         self.augment = nn.Sequential(self.augment, self.cutmix)
 
     @functools.cached_property
@@ -122,30 +122,29 @@ class CPNet(NAYER):
         """Statistics that standardise the L_xn targets: the batch's, blended (1 - m) batch + m EMA with their
         EMA over earlier rounds when ``xn_momentum`` m > 0 (as L_bn's momentum variant); the EMA takes the last
         step's batch statistics at the end of each round."""
-        self.xn_last = [channel_stats(p) for p in phis]
-        m = float(self.cfg["xn_momentum"])
-        if m <= 0 or self.xn_ema is None:
-            return self.xn_last
-        return [((1 - m) * bm + m * em, (1 - m) * bv + m * ev)
-                for (bm, bv), (em, ev) in zip(self.xn_last, self.xn_ema, strict=True)]
+        return [s.blend(*channel_stats(p)) for s, p in zip(self.xn, phis, strict=True)]
+
+    @property
+    def xn_ema(self) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """The L_xn statistics' EMA per coupled stage (None before the first round, or with momentum 0)."""
+        emas = [s.ema for s in self.xn]
+        return None if any(e is None for e in emas) else emas  # type: ignore[return-value]
 
     def end_round(self) -> None:
         super().end_round()
-        m = float(self.cfg["xn_momentum"])
-        if m > 0 and self.xn_last is not None:
-            last = [(a.detach(), b.detach()) for a, b in self.xn_last]
-            self.xn_ema = last if self.xn_ema is None else [
-                (m * em + (1 - m) * bm, m * ev + (1 - m) * bv)
-                for (bm, bv), (em, ev) in zip(last, self.xn_ema, strict=True)]
+        if float(self.cfg["xn_momentum"]) > 0:
+            for s in self.xn:
+                s.update()
 
     def state_dict(self) -> dict[str, Any]:
-        ema = [t for pair in self.xn_ema for t in pair] if self.xn_ema is not None else []
-        return {**super().state_dict(), "xn_ema": ema}
+        ema = self.xn_ema
+        return {**super().state_dict(), "xn_ema": [t for pair in ema for t in pair] if ema is not None else []}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         ema = list(state.get("xn_ema") or [])
-        self.xn_ema = [(ema[i].to(self.device), ema[i + 1].to(self.device)) for i in range(0, len(ema), 2)] or None
+        for i, s in enumerate(self.xn):
+            s.ema = (ema[2 * i].to(self.device), ema[2 * i + 1].to(self.device)) if ema else None
 
     @torch.no_grad()
     def teacher_stage_inputs(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dfkd_common import tvguard  # noqa: F401  (torchvision import on CPU torch, before diffusers pulls it in)
 from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
 
