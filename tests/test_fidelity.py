@@ -241,6 +241,11 @@ def test_cpnet_xn_target_statistics_blend_with_their_ema() -> None:
         var, mean = torch.var_mean(phi, dim=(0, 2, 3), keepdim=True, correction=0)
         assert torch.allclose(bm, 0.1 * mean + 0.9 * em, atol=1e-5)
         assert torch.allclose(bv, 0.1 * var + 0.9 * ev, atol=1e-5)
+    from dfkd_common.errors import DfkdError
+
+    for bad in ({"cutmix_mode": "pixel"}, {"g_tap": "relu"}):
+        with pytest.raises(DfkdError, match=next(iter(bad))):
+            build_synthesizer("cpnet", _teacher(info), info, {**cfg, **bad}, ENGINE, 0)
     off = build_synthesizer("cpnet", _teacher(info), info, {**cfg, "xn_momentum": 0.0}, ENGINE, 0)
     off.synthesize(0)
     assert off.xn_ema is None

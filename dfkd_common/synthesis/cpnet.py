@@ -81,6 +81,8 @@ class CPNet(NAYER):
         align = self.term_options("align")
         self.inverse = InverseClassifier(self.teacher.classifier, float(align["label_smoothing"]),
                                          float(align["min_singular"])).to(self.device)
+        if self.cfg["cutmix_mode"] not in ("sample", "batch"):
+            raise DfkdError(f"cpnet: cutmix_mode must be sample or batch, got {self.cfg['cutmix_mode']!r}")
         self.cutmix = CutMix(float(self.cfg["cutmix"]), self.gen, str(self.cfg["cutmix_mode"]))
         # per coupled stage: the L_xn targets' statistics and their EMA (the momentum variant of L_bn's)
         self.xn = [MomentumStats(float(self.cfg["xn_momentum"])) for _ in self.stage_paths]
