@@ -279,7 +279,7 @@ def read_attrs(h5: h5py.File, path: Path) -> dict[str, Any]:
     for k, v in h5.attrs.items():
         if isinstance(v, bytes):
             v = v.decode()
-        if k in ("params", "dataset", "source_names") and isinstance(v, str):
+        if k in ("params", "dataset", "source_names", "augment") and isinstance(v, str):
             try:
                 v = json.loads(v)
             except json.JSONDecodeError:

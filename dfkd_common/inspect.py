@@ -42,6 +42,8 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
         conf = prob.max(1).values
         agree = (logits.argmax(1) == labels).float()
     num_classes = int(ds.get("num_classes") or (int(labels.max()) + 1 if len(bank) else 0))
+    augment = attrs.get("augment") if isinstance(attrs.get("augment"), dict) else None
+    made = {int(r["class"]): r for r in (augment or {}).get("per_class", [])}
     per_class = []
     for c in range(num_classes):
         m = labels == c
@@ -51,6 +53,7 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
             "count": int(m.sum()),
             "agreement": float(agree[m].mean()) if agree is not None and m.any() else None,
             "confidence": float(conf[m].mean()) if conf is not None and m.any() else None,
+            **({"made": made[c]["made"], "keep_rate": made[c]["keep_rate"]} if c in made else {}),
         })
     per_round = []
     for r in torch.unique(bank.rounds).tolist():
@@ -89,6 +92,7 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
         "per_class": per_class,
         "per_round": per_round,
         "per_source": per_source,
+        **({"augment": {k: v for k, v in augment.items() if k != "per_class"}} if augment else {}),
     }
 
 
@@ -122,3 +126,66 @@ def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_inde
     with atomic_path(out, suffix=".png") as tmp:
         img.save(tmp, format="PNG")
     return shown
+
+
+def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None = None, rows: int = 10,
+                    seed: int = 0) -> int:
+    """A PNG of an augmented bank: each row a source image of the parent bank, then its kept variations.
+
+    Sources are drawn with at least one kept variation, cycling through the classes so every class shows. The
+    parent is ``parent`` or the path the bank recorded, and must match the checksum the bank recorded (a grid
+    must never pair variations with the wrong sources). Returns the variations shown.
+    """
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from dfkd_common.engine import atomic_path
+    from dfkd_common.errors import DfkdError
+
+    bank = load_bank(path)
+    if bank.attrs.get("kind") != "augmented" or "parent_index" not in bank.extra:
+        raise DfkdError(f"{path} is not an augmented bank (kind {bank.attrs.get('kind')}): no sources to show")
+    stats = bank.attrs.get("augment") if isinstance(bank.attrs.get("augment"), dict) else {}
+    parent_path = Path(parent or stats.get("parent_path") or "")
+    if not parent_path.is_file():
+        raise DfkdError(f"the parent bank of {path} is not at {parent_path or '(unrecorded)'}: give --parent PATH")
+    if bank.attrs.get("parent_checksum") and file_checksum(parent_path) != bank.attrs["parent_checksum"]:
+        raise DfkdError(f"{parent_path} is not the bank {path} was made from (checksum differs)")
+    src = load_bank(parent_path)
+    k = int(json_params(bank.attrs).get("k", 1))
+    pidx = bank.extra["parent_index"].long()
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list[int]] = {}
+    for p in torch.unique(pidx).tolist():
+        by_class.setdefault(int(bank.labels[pidx == p][0]), []).append(int(p))
+    for v in by_class.values():
+        rng.shuffle(v)
+    order: list[int] = []
+    while len(order) < rows and any(by_class.values()):
+        for c in sorted(by_class):
+            if by_class[c] and len(order) < rows:
+                order.append(by_class[c].pop())
+    c, h, w = src.image_shape
+    blank = torch.full((c, h, w), 0, dtype=torch.uint8)
+    tiles, shown = [], 0
+    for p in order:
+        kept = torch.nonzero(pidx == p).flatten()[:k]
+        tiles.append(src.images[p])
+        tiles.extend(bank.images[int(i)] for i in kept)
+        tiles.extend(blank for _ in range(k - len(kept)))
+        shown += len(kept)
+    if not tiles:
+        raise DfkdError(f"{path} holds no variations")
+    grid = make_grid(torch.stack(tiles), nrow=k + 1, padding=2, pad_value=128)
+    arr = grid.permute(1, 2, 0).numpy()
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
+    scale = max(1, 256 // max(h, w)) // 2
+    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
+    with atomic_path(out, suffix=".png") as tmp:
+        img.save(tmp, format="PNG")
+    return shown
+
+
+def json_params(attrs: dict[str, Any]) -> dict[str, Any]:
+    params = attrs.get("params")
+    return params if isinstance(params, dict) else {}

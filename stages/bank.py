@@ -8,9 +8,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dfkd_common.bank import verify_bank
+from dfkd_common.bank import bank_info, verify_bank
 from dfkd_common.engine import ensure_writable, write_json
-from dfkd_common.inspect import bank_summary, save_grid
+from dfkd_common.inspect import bank_summary, save_grid, save_pairs_grid
 from stages.common import errors
 
 app = typer.Typer(help="Inspect image banks.", no_args_is_help=True)
@@ -32,13 +32,21 @@ def info(
                 "teacher_checksum", "parent_checksum", "agreement", "mean_confidence", "agreement_source"):
         if s.get(key) not in (None, ""):
             head.add_row(key, str(s[key]))
+    if s.get("augment"):
+        a = s["augment"]
+        head.add_row("augmented from", f"{a.get('parent_path')} ({a.get('sources')} of {a.get('parent_rows')} "
+                     f"images varied)")
+        head.add_row("kept", f"{a.get('kept')} of {a.get('made')} variations ({_pct(a.get('keep_rate'))}); "
+                     f"teacher label unchanged for {_pct(a.get('label_agreement'))}")
     out_console.print(head)
+    augmented = any("keep_rate" in row for row in s["per_class"])
     classes = Table(title="per class")
-    for col in ("class", "name", "count", "agreement", "confidence"):
+    for col in ("class", "name", "count", "agreement", "confidence", *(("made", "keep rate") if augmented else ())):
         classes.add_column(col, justify="right")
     for row in s["per_class"]:
+        extra = (str(row.get("made", "-")), _pct(row.get("keep_rate"))) if augmented else ()
         classes.add_row(str(row["class"]), row["name"], str(row["count"]),
-                        _pct(row.get("agreement")), _pct(row.get("confidence")))
+                        _pct(row.get("agreement")), _pct(row.get("confidence")), *extra)
     out_console.print(classes)
     rounds = Table(title="per round")
     for col in ("round", "count", "agreement"):
@@ -88,12 +96,21 @@ def verify(banks: list[Path] = typer.Argument(..., help="bank(s) (.h5) to check"
 def grid(
     bank: Path = typer.Argument(..., help="bank (.h5)"),
     out: Path = typer.Option(..., "--out", help="PNG to write"),
-    per_class: int = typer.Option(10, help="samples per class (one row per class)"),
+    per_class: int = typer.Option(10, help="samples per class (one row per class); augmented banks: rows"),
     round_index: int | None = typer.Option(None, "--round", help="only images of this round"),
+    parent: Path | None = typer.Option(None, "--parent", help="augmented bank: its parent bank, if not where "
+                                       "the bank recorded it"),
+    by_class: bool = typer.Option(False, "--by-class", help="augmented bank: the class grid instead of sources "
+                                  "beside their variations"),
     seed: int = typer.Option(0),
 ) -> None:
-    """A PNG grid: one row per class, ``per_class`` samples each."""
+    """A PNG grid: one row per class, ``per_class`` samples each; for an augmented bank, each row a source image
+    of its parent bank followed by its kept variations."""
     ensure_writable(out)
+    if bank_info(bank)["attrs"].get("kind") == "augmented" and not by_class:
+        n = save_pairs_grid(bank, out, parent, per_class, seed)
+        out_console.print(f"{n} variations beside their sources -> {out}")
+        return
     n = save_grid(bank, out, per_class, round_index, seed)
     out_console.print(f"{n} images -> {out}")
 

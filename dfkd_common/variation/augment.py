@@ -1,0 +1,200 @@
+"""``dfkd augment``'s library: k diffusion variations of every bank image, kept if the teacher still sees the source.
+
+DDA (ACM MM 2024) enlarges a synthetic bank with Stable Diffusion image variations and removes those with
+"excessive deviation in the embedding space". The released code has none of this step, so the choices are ours
+and are params: a variation is kept when the cosine similarity of the teacher's penultimate embedding of the
+variation and of its source is >= ``omega`` (and, with ``same_label``, only if the teacher's label is unchanged);
+it carries its source's label, its source's round, ``parent_index`` (the source's row) and ``score`` (the
+similarity). The bank holds the kept variations only: train on ``--bank PARENT --bank AUGMENTED``.
+
+The image path: bank uint8 -> the model's channels and size (grayscale repeated to RGB, RGB to luminance; resized
+with antialiasing) -> ``vary`` -> back to the bank's channels and size -> quantised to uint8 *before* scoring,
+so a variation's score is the score of the image stored.
+
+One resumable job (:mod:`dfkd_common.jobs`): the state after each ``flush_every`` batches of sources holds the
+cursor and the per-class counters; a kill -9 anywhere loses at most the batches since, which a rerun makes again,
+identically (each variation's noise comes from its own generator seeded by (seed, source row, variation number)),
+so no variation is made twice and none is lost. Published atomically; NaN from the model stops the run with one
+line and leaves the job resumable.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dfkd_common.augment_ops import to_float
+from dfkd_common.bank import Bank, BankHeader
+from dfkd_common.checkpoint import ModelMeta, file_checksum
+from dfkd_common.engine import Engine, progress
+from dfkd_common.errors import DfkdError
+from dfkd_common.jobs import Job
+from dfkd_common.models.hooks import Penultimate
+from dfkd_common.variation.models import VariationModel
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
+
+
+@dataclass
+class AugmentConfig:
+    """What ``dfkd augment`` does; every field is recorded in the bank's params (``variation``: the model's)."""
+
+    k: int = 4  # variations per source image (DDA's demo: 4)
+    omega: float = 0.5  # keep a variation if cos(teacher embedding, its source's) >= omega; in [-1, 1]
+    same_label: bool = False  # also require the teacher's label of the variation to be its source's
+    sources: int = 0  # 0: every image of the bank; N: a seeded random N of them
+    batch_size: int = 64  # source images per batch (the variation model may split its own batches further)
+    flush_every: int = 4  # batches between resumable checkpoints
+    seed: int = 0
+    variation: dict[str, Any] = field(default_factory=dict)  # the variation model's own params
+
+    def __post_init__(self) -> None:
+        self.k, self.sources, self.batch_size = int(self.k), int(self.sources), int(self.batch_size)
+        self.flush_every, self.seed, self.omega = int(self.flush_every), int(self.seed), float(self.omega)
+        if self.k < 1:
+            raise DfkdError(f"augment: k must be >= 1 (variations per image), got {self.k}")
+        if not -1.0 <= self.omega <= 1.0:
+            raise DfkdError(f"augment: omega is a cosine similarity and must be in [-1, 1], got {self.omega}")
+        if self.sources < 0:
+            raise DfkdError(f"augment: sources must be >= 0 (0: all), got {self.sources}")
+        if self.batch_size < 1 or self.flush_every < 1:
+            raise DfkdError("augment: batch_size and flush_every must be >= 1")
+
+
+def convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """Float images in [0, 1] to ``channels`` (1 <-> 3) and ``size`` x ``size`` (antialiased when shrinking)."""
+    c = images.shape[1]
+    if c != channels:
+        if c == 1 and channels == 3:
+            images = images.expand(-1, 3, -1, -1)
+        elif c == 3 and channels == 1:
+            w = torch.tensor(LUMA, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+            images = (images * w).sum(1, keepdim=True)
+        else:
+            raise DfkdError(f"augment: cannot convert {c}-channel images to {channels} channels")
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return images.clamp(0, 1)
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def embed(teacher: torch.nn.Module, images: torch.Tensor, engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's penultimate embedding (flattened, fp32) and logits of uint8 images, on the CPU."""
+    teacher.eval()
+    with Penultimate(teacher) as hook:
+        logits = teacher(engine.images(to_float(images.to(engine.device)))).float()
+        return hook.value.flatten(1).float().cpu(), logits.cpu()
+
+
+def variation_seed(seed: int, row: int, j: int) -> int:
+    """The seed of variation ``j`` of source ``row``: independent of batching, so a resume repeats it exactly."""
+    return int(np.random.SeedSequence([seed, row, j]).generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
+
+
+def pick_sources(n: int, cfg: AugmentConfig) -> np.ndarray:
+    """Rows of the bank to vary, sorted: all, or a seeded random ``cfg.sources`` of them."""
+    if cfg.sources == 0 or cfg.sources >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(cfg.seed).choice(n, size=cfg.sources, replace=False))
+
+
+def augment_bank(
+    teacher: torch.nn.Module, meta: ModelMeta, teacher_path: Path, bank: Bank, model: VariationModel, out: Path,
+    engine: Engine, cfg: AugmentConfig, on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Make, score, filter and publish the augmented bank (see the module docstring); returns its metrics.
+
+    ``on_batch(sources done)`` runs after every batch (tests interrupt a run with it).
+    """
+    info = meta.dataset
+    bank.check_compatible(info.channels, info.image_size, info.num_classes)
+    if len(bank) == 0:
+        raise DfkdError(f"bank {bank.path} is empty: nothing to augment")
+    num_classes = info.num_classes
+    identity = model.identity()
+    parent_sum, teacher_sum = file_checksum(bank.path), file_checksum(teacher_path)
+    key = {"parent": parent_sum, "teacher": teacher_sum, "model": identity,
+           **{k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "flush_every")}}
+    header = BankHeader(channels=info.channels, image_size=info.image_size, kind="augmented", method=model.name,
+                        dataset=info.to_dict(), params={**asdict(cfg), "model": identity}, seed=cfg.seed,
+                        teacher_checksum=teacher_sum, parent_checksum=parent_sum,
+                        optional=("teacher_logits", "parent_index", "score"), num_classes=num_classes)
+    rows = pick_sources(len(bank), cfg)
+    with Job(out, key) as job:
+        if job.state is None:
+            state: dict[str, Any] = {"cursor": 0, "bank_rows": 0, "seconds": 0.0, "agree": 0,
+                                     "made": np.zeros(num_classes, np.int64), "kept": np.zeros(num_classes, np.int64)}
+        else:
+            job.restore_rng()
+            state = dict(job.state)
+        start = int(state["cursor"])
+        job.truncate("bank", int(state["bank_rows"]))
+        made, kept = np.asarray(state["made"]).copy(), np.asarray(state["kept"]).copy()
+        agree, before, t0 = int(state["agree"]), float(state["seconds"]), time.perf_counter()
+        cursor = start
+        with progress() as bar:
+            task = bar.add_task(f"augment ({model.name}, k {cfg.k})", total=len(rows), completed=start,
+                                info=f"resumed at {start}" if start else "")
+            for b, lo in enumerate(range(start, len(rows), cfg.batch_size)):
+                idx = rows[lo : lo + cfg.batch_size]
+                src = bank.images[torch.from_numpy(idx)]
+                src_emb, src_logits = embed(teacher, src, engine)
+                gens = [torch.Generator().manual_seed(variation_seed(cfg.seed, int(i), j))
+                        for i in idx for j in range(cfg.k)]
+                var = model.vary(convert(to_float(src), model.channels, model.size), cfg.k, gens)
+                if not torch.isfinite(var).all():
+                    raise DfkdError(f"augment: the variation model {model.name} produced NaN or inf for source rows "
+                                    f"{int(idx[0])}-{int(idx[-1])}; nothing was written for them (rerun resumes "
+                                    "before them)")
+                var8 = quantise(convert(var.float().cpu(), info.channels, info.image_size))
+                var_emb, var_logits = embed(teacher, var8, engine)
+                score = F.cosine_similarity(var_emb, src_emb.repeat_interleave(cfg.k, 0), dim=1)
+                same = var_logits.argmax(1) == src_logits.argmax(1).repeat_interleave(cfg.k, 0)
+                keep = score >= cfg.omega
+                if cfg.same_label:
+                    keep &= same
+                labels = bank.labels[torch.from_numpy(idx)]
+                cls = torch.where(labels >= 0, labels, src_logits.argmax(1)).repeat_interleave(cfg.k, 0)
+                made += np.bincount(cls.numpy(), minlength=num_classes)[:num_classes]
+                kept += np.bincount(cls[keep].numpy(), minlength=num_classes)[:num_classes]
+                agree += int(same.sum())
+                parent = torch.from_numpy(idx).repeat_interleave(cfg.k, 0)
+                if keep.any():
+                    job.write("bank", **header.columns(
+                        var8[keep], labels.repeat_interleave(cfg.k, 0)[keep],
+                        bank.rounds[torch.from_numpy(idx)].repeat_interleave(cfg.k, 0)[keep],
+                        teacher_logits=var_logits[keep].half(), parent_index=parent[keep], score=score[keep]))
+                cursor = lo + len(idx)
+                if (b + 1) % cfg.flush_every == 0 or cursor == len(rows):
+                    job.checkpoint({"cursor": cursor, "bank_rows": job.rows("bank"), "agree": agree,
+                                    "made": made, "kept": kept, "seconds": before + time.perf_counter() - t0})
+                rate = (cursor - start) * cfg.k / max(time.perf_counter() - t0, 1e-9)
+                bar.update(task, completed=cursor,
+                           info=f"{rate:.1f} variations/s, kept {int(kept.sum())}/{int(made.sum())}")
+                if on_batch:
+                    on_batch(cursor)
+        seconds = before + time.perf_counter() - t0
+        names = list(info.class_names)
+        per_class = [{"class": c, "name": names[c] if c < len(names) else str(c), "made": int(made[c]),
+                      "kept": int(kept[c]), "keep_rate": float(kept[c] / made[c]) if made[c] else None}
+                     for c in range(num_classes)]
+        total_made, total_kept = int(made.sum()), int(kept.sum())
+        stats = {"sources": len(rows), "made": total_made, "kept": total_kept,
+                 "keep_rate": total_kept / max(total_made, 1), "label_agreement": agree / max(total_made, 1),
+                 "per_class": per_class, "parent_path": str(bank.path), "parent_rows": len(bank),
+                 "seconds": seconds, "variations_per_s": total_made / max(seconds, 1e-9)}
+        job.publish_bank(header, {"augment": stats})
+    return {**stats, "model": identity, "omega": cfg.omega, "k": cfg.k, "same_label": cfg.same_label,
+            "images": total_kept, "images_per_s": total_made / max(seconds, 1e-9),
+            "precision": model.precision()}
