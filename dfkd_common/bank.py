@@ -264,6 +264,24 @@ class Bank:
             raise DfkdError(f"bank {self.path.name} has label {int(self.labels.max())} >= {num_classes} classes")
 
 
+def concat_banks(banks: list[Bank]) -> Bank:
+    """Several banks as one training set, in the order given (``dfkd distill --bank A --bank B``).
+
+    The images must have one shape; optional columns are kept where every bank has them; attributes are the
+    first bank's, plus ``merged_from`` (paths), so a student's provenance names every bank it saw.
+    """
+    if len(banks) == 1:
+        return banks[0]
+    shapes = {b.image_shape for b in banks}
+    if len(shapes) != 1:
+        raise DfkdError("banks to train on together must have one image shape, got "
+                        + ", ".join(f"{b.path.name} {'x'.join(map(str, b.image_shape))}" for b in banks))
+    common = set.intersection(*(set(b.extra) for b in banks))
+    return Bank(banks[0].path, torch.cat([b.images for b in banks]), torch.cat([b.labels for b in banks]),
+                torch.cat([b.rounds for b in banks]), {k: torch.cat([b.extra[k] for b in banks]) for k in common},
+                {**banks[0].attrs, "merged_from": [str(b.path) for b in banks]}, all(b.checksummed for b in banks))
+
+
 def _open(path: str | os.PathLike[str]) -> h5py.File:
     path = Path(path)
     if not path.is_file():

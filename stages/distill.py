@@ -12,7 +12,7 @@ import torch
 import typer
 
 from dfkd_common import __version__
-from dfkd_common.bank import Bank, BankHeader, load_bank
+from dfkd_common.bank import Bank, BankHeader, concat_banks, load_bank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
 from dfkd_common.data import DATASETS, ArraySplit, DatasetInfo, get_dataset
 from dfkd_common.data.datasets import folder_split
@@ -56,8 +56,8 @@ def resolve_params(params_file: Path, name: str | None, sets: list[str] | None =
 @errors
 def main(
     teacher: Path = typer.Option(..., "--teacher", help="teacher checkpoint"),
-    bank: Path | None = typer.Option(None, "--bank", help="image bank (.h5) to distill from (--online: optional "
-                                     "initial bank)"),
+    banks: list[Path] | None = typer.Option(None, "--bank", help="image bank (.h5) to distill from (--online: "
+                                            "optional initial bank); repeat to train on several at once"),
     online: str | None = typer.Option(None, "--online", help="keep synthesising with METHOD against the student"),
     bank_out: Path | None = typer.Option(None, "--bank-out", help="with --online: the grown bank to write "
                                          "(default: <out>.bank.h5 beside the student)"),
@@ -88,17 +88,22 @@ def main(
     online_cfg = dict(params.get("online") or {})
     method = online or online_cfg.pop("method", None)
     online_cfg.pop("method", None)
+    bank: Path | None = banks[0] if banks else None
+    bank_desc = (str(bank) if len(banks or []) == 1 else [str(b) for b in banks]) if banks else str(None)
     if bank is None and method is None:
         raise DfkdError("--bank is required (or --online METHOD to synthesise during training)")
     seed_everything(int(params["seed"]))
     engine = Engine.create(device, amp=params["amp"])
     t_model, t_meta = load_model(teacher, engine.device)
     info = t_meta.dataset
-    data = load_bank(bank) if bank is not None else None
-    if data is not None:
-        data.check_compatible(info.channels, info.image_size, info.num_classes)
+    data = None
+    if banks:
+        parts = [load_bank(b) for b in banks]
+        for part in parts:
+            part.check_compatible(info.channels, info.image_size, info.num_classes)
+        data = concat_banks(parts)
         if len(data) == 0 and method is None:
-            raise DfkdError(f"bank {bank} is empty")
+            raise DfkdError(f"bank {bank_desc} is empty")
     test, evaluated_on, data = evaluation_split(params, info, data, t_model, engine, online=method is not None)
     console.print(f"evaluated on {evaluated_on}")
     s_model = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
@@ -109,8 +114,9 @@ def main(
     cfg = DistillConfig.from_params(params, engine.amp)
     if method is not None:
         bank_out = bank_out or out.with_name(f"{out.stem}.bank.h5")
-    key = {**params, "bank": str(bank), "teacher": str(teacher), "online": method, "online_cfg": online_cfg,
+    key = {**params, "bank": bank_desc, "teacher": str(teacher), "online": method, "online_cfg": online_cfg,
            "bank_out": str(bank_out)}
+    names = " + ".join(b.name for b in banks or [])
     with contextlib.ExitStack() as stack:
         stack.enter_context(OutputLock(out))  # a second run on the same student refuses while this one lives
         job: Job | None = None
@@ -119,12 +125,12 @@ def main(
             job = stack.enter_context(Job(bank_out, key))
             feed: BankFeed = online_feed(method, online_cfg, t_model, teacher, info, data, job, params, engine)
             resume: Resume | JobResume = JobResume(job)
-            source = f"online {method}" + (f" + {bank.name} ({len(data)} images)" if bank and data else "")
+            source = f"online {method}" + (f" + {names} ({len(data)} images)" if bank and data else "")
         else:
             assert data is not None and bank is not None
             feed = BankFeed(data.images, data.labels, engine.device)
             resume = Resume.for_output(out, key)
-            source = f"{bank.name} ({len(data)} images)"
+            source = f"{names} ({len(data)} images)"
         console.print(f"distill {params['student']} from {source}, teacher acc {t_meta.accuracy}")
         console.print(f"student: {side.describe()}; {engine.describe()}")
         if isinstance(feed, RecordedFeed):
@@ -133,11 +139,11 @@ def main(
         acc, history = distill(t_model, side, feed, test, cfg, engine, resume)
         seconds = time.perf_counter() - t0
         meta = ModelMeta(params["student"], params["student_kwargs"], info, acc,
-                         {**params, "bank": str(bank)}, now(), __version__, "student")
+                         {**params, "bank": bank_desc}, now(), __version__, "student")
         save_model(out, s_model, meta)
         t_acc = t_meta.accuracy
         summary = {"name": name or params["student"], "test_acc": acc, "teacher_acc": t_acc,
-                   "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": str(bank),
+                   "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": bank_desc,
                    "bank_size": len(data) if data is not None else 0, "epochs": cfg.epochs, "seconds": seconds,
                    "precision": engine.precision, "evaluated_on": evaluated_on,
                    "best_epoch_test_acc (selected on test, for reference only)":

@@ -47,7 +47,7 @@ class AugmentConfig:
     """What ``dfkd augment`` does; every field is recorded in the bank's params (``variation``: the model's)."""
 
     k: int = 4  # variations per source image (DDA's demo: 4)
-    omega: float = 0.5  # keep a variation if cos(teacher embedding, its source's) >= omega; in [-1, 1]
+    omega: float = 0.9  # keep if cos(teacher embedding, its source's) >= omega, in [-1, 1] (README: how chosen)
     same_label: bool = False  # also require the teacher's label of the variation to be its source's
     sources: int = 0  # 0: every image of the bank; N: a seeded random N of them
     batch_size: int = 64  # source images per batch (the variation model may split its own batches further)

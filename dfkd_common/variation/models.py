@@ -147,6 +147,20 @@ def open_variation_model(spec: str, device: torch.device, params: dict[str, Any]
     return cls(source, device, cls.check(params or {}))
 
 
+def quiet_hub_libraries() -> None:
+    """diffusers/transformers log loading chatter and progress bars to stderr; a stage's stderr is for errors."""
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    try:
+        from transformers.utils import logging as tlog
+    except ImportError:  # pragma: no cover - the prior needs diffusers only
+        return
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+
+
 def _load_error(source: str, exc: BaseException) -> DfkdError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return DfkdError(f"cannot load the variation model {source}: {first}")
@@ -167,6 +181,7 @@ class SDEditPrior(VariationModel):
     def __init__(self, source: str, device: torch.device, params: dict[str, Any]) -> None:
         super().__init__(source, device, params)
         need("diffusers", "the sdedit-prior variation model")
+        quiet_hub_libraries()
         from diffusers import DDIMScheduler, DDPMPipeline
 
         strength, steps = float(self.params["strength"]), int(self.params["steps"])
@@ -239,20 +254,21 @@ class SDImageVariations(VariationModel):
         super().__init__(source, device, params)
         need("diffusers", "the sd-image-variations variation model")
         need("transformers", "the sd-image-variations variation model")
+        quiet_hub_libraries()
         from diffusers import StableDiffusionImageVariationPipeline
 
         self.dtype = _torch_dtype(str(self.params["dtype"]), device)
         revision = None if Path(source).is_dir() else self.params["revision"]
         try:
             pipe = StableDiffusionImageVariationPipeline.from_pretrained(
-                source, revision=revision, torch_dtype=self.dtype, safety_checker=None)
+                source, revision=revision, dtype=self.dtype, safety_checker=None)
         except (OSError, ValueError, TypeError, KeyError, ImportError) as exc:
             raise _load_error(source, exc) from None
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(device)
         fe = pipe.feature_extractor
-        crop = fe.crop_size
-        self.encoder_size = int(crop["height"] if isinstance(crop, dict) else crop)
+        crop = fe.crop_size  # a dict, or transformers 5's SizeDict
+        self.encoder_size = int(getattr(crop, "height", None) or crop["height"] if not isinstance(crop, int) else crop)
         self.mean = torch.tensor(fe.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(fe.image_std, device=device).view(1, 3, 1, 1)
         self.channels = 3
