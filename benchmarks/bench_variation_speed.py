@@ -69,7 +69,8 @@ def main() -> None:
             vm = open_variation_model(str(model), device, {"steps": args.steps, "dtype": dt})
             rate, out = timed(vm, x, args.k, args.repeats, device)
             peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-            diff = "" if ref is None else f", mean |diff| vs {args.dtypes.split(',')[0]} {float((out - ref).abs().mean()):.4f}"
+            first = args.dtypes.split(",")[0]
+            diff = "" if ref is None else f", mean |diff| vs {first} {float((out - ref).abs().mean()):.4f}"
             ref = out if ref is None else ref
             print(f"tiny sd-image-variations {dt}: {rate:.1f} variations/s ({args.batch} sources x k {args.k}, "
                   f"{args.steps} steps, {vm.size}px out), peak GPU memory {peak:.0f} MiB{diff}")

@@ -123,9 +123,29 @@ def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_inde
     img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
     scale = max(1, 256 // max(h, w))
     img = img.resize((img.width * scale // 2 or 1, img.height * scale // 2 or 1), Image.NEAREST) if scale > 2 else img
+    names = list(bank.dataset.get("class_names") or [])
+    img = label_rows(img, [names[k] if k < len(names) else str(k) for k in range(num_classes)])
     with atomic_path(out, suffix=".png") as tmp:
         img.save(tmp, format="PNG")
     return shown
+
+
+def label_rows(img: Any, labels: list[str]) -> Any:
+    """The image with a left margin naming each of its equally tall rows (class names on a class grid)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not labels:
+        return img
+    font = ImageFont.load_default()
+    draw = ImageDraw.Draw(img)
+    width = max(int(draw.textlength(t, font=font)) for t in labels) + 8
+    out = Image.new(img.mode, (img.width + width, img.height), 255 if img.mode == "L" else (255, 255, 255))
+    out.paste(img, (width, 0))
+    draw = ImageDraw.Draw(out)
+    row = img.height / len(labels)
+    for i, text in enumerate(labels):
+        draw.text((4, int(i * row + row / 2 - 6)), text, fill=0 if img.mode == "L" else (0, 0, 0), font=font)
+    return out
 
 
 def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None = None, rows: int = 10,
