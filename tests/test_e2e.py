@@ -53,7 +53,8 @@ def test_stages_chain_and_student_beats_chance_on_real_digits(tmp_path: Path, te
 SHRINK: dict[str, Any] = {
     "epochs": 1, "rounds": 1, "g_steps": 2, "batch_size": 32, "kd_steps": 2, "g_loops": 1, "warmup": 0,
     "warmup_epochs": 0, "warmup_loops": 1, "photo_crops": 60, "digits_variants": 1, "noise": 30,
-    "num_select": 64, "iterations": 2, "sample_per_epoch": 16, "student_steps": 1,
+    "num_select": 64, "iterations": 2, "sample_per_epoch": 16, "student_steps": 1, "sources": 8, "k": 1,
+    "steps": 2,
 }
 
 
@@ -68,7 +69,7 @@ def shrink(node: Any) -> Any:
 def test_dvc_repro_runs_the_default_pipeline_and_is_then_up_to_date(tmp_path: Path) -> None:
     work = tmp_path / "study"
     work.mkdir()
-    for name in ("dfkd_common", "stages"):
+    for name in ("dfkd_common", "stages", "priors"):  # priors/: the frozen prior stage's committed output
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
     shutil.copy(ROOT / ".dvcignore", work / ".dvcignore")
@@ -80,7 +81,7 @@ def test_dvc_repro_runs_the_default_pipeline_and_is_then_up_to_date(tmp_path: Pa
     first = run("repro")
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
     report = (work / "artifacts" / "reports" / "report.md").read_text()
-    assert "teacher" in report and "dafl" in report
+    assert "teacher" in report and "dafl" in report and "deepinversion_aug" in report
     second = run("repro")
     assert second.returncode == 0
     assert "Running stage" not in second.stdout, second.stdout

@@ -10,6 +10,7 @@ fails here instead of hours into a GPU run.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,10 @@ from dfkd_common.online.base import RecordedFeed
 from dfkd_common.student import StudentSide, TermSetup
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesize import split_synthesis_params
+from dfkd_common.variation.augment import AugmentConfig
+from dfkd_common.variation.models import VARIATIONS
+from dfkd_common.variation.prior import PriorConfig
+from stages import augment as augment_stage
 from stages import distill as distill_stage
 from stages import retrieve as retrieve_stage
 from stages import synthesize as synthesize_stage
@@ -85,5 +90,13 @@ def test_shipped_params_build(path: Path, tmp_path: Path) -> None:
     for name in [None, *sections(path, "retrieve")]:
         apply_overrides(load_params(path, "retrieve", name), None, defaults=retrieve_stage.DEFAULTS,
                         where="retrieve", types=retrieve_stage.TYPES)
+    for name in [None, *sections(path, "augment")]:  # the model comes from the CLI: the pipeline's is the prior
+        params = apply_overrides(load_params(path, "augment", name), None, defaults=augment_stage.DEFAULTS,
+                                 where="augment", types=augment_stage.TYPES)
+        cfg = AugmentConfig(**{k: params[k] for k in asdict(AugmentConfig())})
+        VARIATIONS.get("sdedit-prior").check(cfg.variation)
+    if "prior" in yaml.safe_load(path.read_text()):
+        PriorConfig(**apply_overrides(load_params(path, "prior"), None, defaults=asdict(PriorConfig()),
+                                      where="prior"))
     if "pool" in yaml.safe_load(path.read_text()):
         apply_overrides(load_params(path, "pool"), None, defaults=POOL_DEFAULTS, where="pool")

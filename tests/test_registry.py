@@ -14,6 +14,7 @@ from dfkd_common.registry import Registry
 from dfkd_common.student import STUDENT_TERMS
 from dfkd_common.synthesis import SYNTHESIZERS, build_synthesizer
 from dfkd_common.synthesis.losses import TERMS
+from dfkd_common.variation.models import VARIATIONS
 
 ZOO = ["lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg11_bn"]
 
@@ -25,9 +26,10 @@ def test_registries_hold_the_documented_names() -> None:
     assert {"bn", "oh", "ie", "act", "tv", "l2", "adv"} <= set(TERMS.names())
     assert {"kd", "ce", "l1", "na"} <= set(STUDENT_TERMS.names())
     assert "dcgan" in GENERATORS
+    assert {"sdedit-prior", "sd-image-variations"} <= set(VARIATIONS.names())
 
 
-@pytest.mark.parametrize("reg", [MODELS, DATASETS, SYNTHESIZERS, TERMS, STUDENT_TERMS, GENERATORS])
+@pytest.mark.parametrize("reg", [MODELS, DATASETS, SYNTHESIZERS, TERMS, STUDENT_TERMS, GENERATORS, VARIATIONS])
 def test_unknown_name_is_a_clear_error(reg: Registry) -> None:
     with pytest.raises(DfkdError, match=r"unknown .*'nope'.*known: "):
         reg.get("nope")

@@ -19,7 +19,7 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.inspect import bank_summary, save_pairs_grid
 from dfkd_common.jobs import work_dir
 from dfkd_common.variation.augment import AugmentConfig, augment_bank, convert, embed, quantise, variation_seed
-from dfkd_common.variation.models import VARIATIONS, SDEditPrior, open_variation_model
+from dfkd_common.variation.models import SDEditPrior, open_variation_model
 from tests.test_cli_errors import assert_one_line_error, dfkd
 
 pytest.importorskip("diffusers")
@@ -61,10 +61,6 @@ def run(teacher_ckpt: Path, bank: Path, model: str | Path, out: Path, **cfg: obj
     c = AugmentConfig(**{"batch_size": 8, "flush_every": 1, **cfg})  # type: ignore[arg-type]
     vm = open_variation_model(str(model), engine.device, variation)
     return augment_bank(teacher, meta, teacher_ckpt, load_bank(bank), vm, out, engine, c, on_batch=on_batch)
-
-
-def test_both_variation_models_are_registered() -> None:
-    assert {"sdedit-prior", "sd-image-variations"} <= set(VARIATIONS.names())
 
 
 def test_model_specs_resolve_by_directory_class_and_refuse_what_they_cannot_load(tmp_path: Path,
