@@ -160,7 +160,8 @@ def distill(
                     limit = 0
                 while steps < limit:
                     for images, labels in feed.batches(bs, gen):
-                        step = make_step(images, labels, side, teacher, aug, engine, cfg.amp, run_teacher, t_hooks)
+                        step = make_step(images, labels, side, teacher, aug, engine, cfg.amp, run_teacher, t_hooks,
+                                         progress=epoch / max(1, cfg.epochs))
                         loss, logs = side.objective(step)
                         check_finite(loss, "student loss")
                         opt.zero_grad(set_to_none=True)
@@ -214,7 +215,8 @@ class TeacherFeatures:
 
 
 def make_step(images: torch.Tensor, labels: torch.Tensor, side: StudentSide, teacher: Classifier, aug: nn.Module,
-              engine: Engine, amp: bool, run_teacher: bool, t_hooks: TeacherFeatures) -> StudentStep:
+              engine: Engine, amp: bool, run_teacher: bool, t_hooks: TeacherFeatures,
+              progress: float = 0.0) -> StudentStep:
     """One step's tensors: ``side.views`` augmented views, the teacher's forward where needed, the student's."""
     if side.views == 1:
         x = engine.images(aug(to_float(images)))
@@ -231,4 +233,4 @@ def make_step(images: torch.Tensor, labels: torch.Tensor, side: StudentSide, tea
         s_logits = side.student(x).float()
     s_feat, s_stages = side.features()
     return StudentStep(x=x, labels=labels, s_logits=s_logits, t_logits=t_logits, s_feat=s_feat, t_feat=t_feat,
-                       s_stages=s_stages, t_stages=t_stages, views=side.views)
+                       s_stages=s_stages, t_stages=t_stages, views=side.views, progress=progress)

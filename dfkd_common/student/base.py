@@ -46,6 +46,7 @@ class StudentStep:
     s_stages: dict[str, torch.Tensor] = field(default_factory=dict)  # stage output by module path
     t_stages: dict[str, torch.Tensor] = field(default_factory=dict)
     views: int = 1
+    progress: float = 0.0  # the epoch's start as a fraction of all epochs (terms on for part of training)
 
 
 @dataclass

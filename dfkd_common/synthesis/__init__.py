@@ -6,6 +6,7 @@ from dfkd_common.synthesis import (  # noqa: F401  (registration side effects)
     dafl,
     deepinversion,
     fast,
+    geninv,
     nayer,
 )
 from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult, build_synthesizer

@@ -26,7 +26,7 @@ from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import Engine, check_finite
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import Classifier
-from dfkd_common.models.hooks import BNStats, Penultimate
+from dfkd_common.models.hooks import BNStats, FeatureHooks, Penultimate, stage_outputs
 from dfkd_common.params import check_params, check_weighted_terms, merge
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis.losses import TERMS, Context, weighted_sum
@@ -56,7 +56,7 @@ class Synthesizer(ABC):
     #: expected types of params whose default is None (see :func:`dfkd_common.params.check_params`)
     param_types: ClassVar[dict[str, Any]] = {}
     #: what the base serves every term: teacher logits and penultimate features, BN hooks, the student's logits
-    BASE_PROVIDES: ClassVar[frozenset[str]] = frozenset({"t_logits", "t_feat", "bn", "s_logits"})
+    BASE_PROVIDES: ClassVar[frozenset[str]] = frozenset({"t_logits", "t_feat", "bn", "s_logits", "stages"})
 
     @classmethod
     def provides(cls) -> frozenset[str]:
@@ -96,6 +96,7 @@ class Synthesizer(ABC):
         self.augment = build_augment(info.image_size, augment_config(self.cfg["augment"]))
         self.gen = torch.Generator().manual_seed(seed)
         self.device = self.engine.device
+        self._stage_paths: dict[int, list[str]] = {}  # stage module paths per network, traced once
 
     def check_terms(self) -> dict[str, float]:
         """Weights and term options: registered names, numbers, known options, needs this method can serve."""
@@ -143,18 +144,48 @@ class Synthesizer(ABC):
         net = student_network(student)
         xa = self.augment(x)
         xa = self.engine.images(xa)
-        with self.engine.autocast():
-            t_logits = self.teacher(xa)
-            s_logits = net(xa) if (net is not None and "s_logits" in self.needs) else None
+        hooks = self.stage_hooks(net)
+        try:
+            with self.engine.autocast():
+                t_logits = self.teacher(xa)
+                run_student = net is not None and ("s_logits" in self.needs or
+                                                   (hooks is not None and hooks[0] is not self.teacher))
+                s_logits = net(xa) if run_student else None
+            stages = [hooks[1].features[p] for p in hooks[2]] if hooks is not None else None
+        finally:
+            if hooks is not None:
+                hooks[1].remove()
         return Context(
             x=x,
             t_logits=t_logits.float(),
             y=y,
-            s_logits=None if s_logits is None else s_logits.float(),
+            s_logits=None if (s_logits is None or "s_logits" not in self.needs) else s_logits.float(),
             t_feat=self.penultimate.value,
             bn=self.bn,
-            extra={"xa": xa},
+            extra={"xa": xa, "stages": stages, "gen": self.gen},
         )
+
+    def stage_hooks(self, net: nn.Module | None) -> tuple[nn.Module, FeatureHooks, list[str]] | None:
+        """Hooks on the stages the ``triplet`` term reads (its ``target``: the student, or the teacher), for one
+        forward; None when no active term needs stages or the target is the absent student."""
+        if "stages" not in self.needs:
+            return None
+        opts = self.term_options("triplet")
+        target = self.teacher if opts["target"] == "teacher" else net
+        if opts["target"] not in ("student", "teacher"):
+            raise DfkdError(f"{self.name}: terms.triplet.target must be student or teacher, not {opts['target']!r}")
+        if target is None:
+            return None
+        key = id(target)
+        if key not in self._stage_paths:
+            stages = stage_outputs(target, self.info.channels, self.info.image_size)
+            try:
+                self._stage_paths[key] = [stages[int(i)].path for i in opts["stages"]]
+            except IndexError:
+                raise DfkdError(f"{self.name}: terms.triplet.stages {opts['stages']} out of range: the "
+                                f"{opts['target']} has {len(stages)} stages") from None
+        paths = self._stage_paths[key]
+        return target, FeatureHooks(target, paths), paths
 
     def loss(self, ctx: Context, weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
         total, logs = weighted_sum(weights if weights is not None else self.weights, ctx, self.cfg["terms"])

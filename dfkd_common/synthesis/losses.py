@@ -9,8 +9,9 @@ only when one of them needs ``s_logits``), and a synthesizer refuses, when it is
 cannot serve (CPNet's ``xn`` on Fast, which has no teacher-coupled generator).
 
 Needs: ``t_logits`` (always there), ``s_logits`` (online, after warm-up; terms return 0 without a student),
-``t_feat`` (the teacher's penultimate features), ``bn`` (the teacher's BN statistics hooks), and what a
-synthesizer adds through ``ctx.extra`` (CPNet: ``coupling``, ``inverse_classifier``, ``cutmix``).
+``t_feat`` (the teacher's penultimate features), ``bn`` (the teacher's BN statistics hooks), ``stages`` (stage maps
+of the network the ``triplet`` term's ``target`` names, in ``ctx.extra["stages"]``), and what a synthesizer adds
+through ``ctx.extra`` (CPNet: ``coupling``, ``inverse_classifier``, ``cutmix``).
 """
 
 from __future__ import annotations
@@ -147,6 +148,33 @@ def adversarial_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     else:
         kl = kl_div(t, s, reduce=False)
     return -(kl * agree).mean()
+
+
+TRIPLET_MODES = ("swap", "code")
+
+
+@term("triplet", needs=("stages",), target="student", stages=[-1], margin=0.2, window=[0.5, 1.0], mode="swap")
+def triplet_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+    """RGAL's synthesis relation term on the stage features of ``target`` (student, or teacher).
+
+    Triplets from the teacher's labels (argmax) with negatives drawn by distance-weighted sampling on the
+    L2-normalised teacher logits inside the focal ``window`` (:mod:`dfkd_common.relation`); features are each
+    chosen stage's map (``stages``: indices into the network's stages, -1 the last), pooled and L2-normalised.
+    ``mode: swap`` (default, the paper's intent): the hinge with positive and negative exchanged, so synthesis
+    pushes same-label images apart and pulls different-label ones together while the student (``striplet``) does
+    the opposite; ``mode: code``: the released code's ordinary triplet loss. 0 without a student (offline, warm-up)
+    when the target is the student.
+    """
+    from dfkd_common.relation import pooled, sample_triplets, triplet_hinge
+
+    if opts["mode"] not in TRIPLET_MODES:
+        raise ValueError(f"triplet: mode must be one of {TRIPLET_MODES}, got {opts['mode']!r}")
+    feats = ctx.extra.get("stages")
+    if not feats:
+        return ctx.t_logits.new_zeros(())
+    lo, hi = (float(v) for v in opts["window"])
+    a, p, n = sample_triplets(ctx.t_logits, ctx.t_logits.argmax(1), ctx.extra.get("gen"), window=(lo, hi))
+    return triplet_hinge([pooled(f) for f in feats], a, p, n, float(opts["margin"]), swap=opts["mode"] == "swap")
 
 
 def weighted_sum(weights: Mapping[str, float], ctx: Context,
