@@ -215,6 +215,7 @@ def test_rgal_synthesis_and_student_step_for_every_cifar_pair(pair: tuple[str, s
 @pytest.mark.slow
 def test_a_small_online_rgal_run_beats_chance_widely_on_real_digits(tmp_path: Path, teacher_ckpt: Path) -> None:
     out = tmp_path / "s.safetensors"
+    (tmp_path / "none.yaml").write_text("{}\n")  # the defaults and the options below only
     proc = subprocess.run(
         [sys.executable, "-m", "stages.cli", "distill", "--online", "rgal", "--teacher", str(teacher_ckpt),
          "--out", str(out), "--metrics", str(tmp_path / "m.json"), "--params", str(tmp_path / "none.yaml"),
