@@ -73,12 +73,21 @@ def sample_triplets(
     logw = logw - torch.where(has, logw.amax(1, keepdim=True), torch.zeros_like(has, dtype=logw.dtype))
     fallback = torch.where(other, torch.zeros_like(logw), neg_inf)  # uniform over every other-label sample
     weights = torch.where(has, logw, fallback).exp()
-    rows = weights[anchors]
-    keep = rows.sum(1) > 0  # an anchor with no other-label sample at all (cannot happen when `other` exists)
-    anchors, positives, rows = anchors[keep], positives[keep], rows[keep]
+    # one independent draw per (anchor, positive) pair: per anchor as many draws (with replacement) as it has
+    # positives, from its row only, instead of materialising a row per pair (26k x 512 for 2 x 256 views)
+    per_anchor = pos_mask.sum(1)
+    start = torch.cumsum(per_anchor, 0) - per_anchor  # pairs are ordered by anchor (nonzero is row-major)
+    rank = torch.arange(len(anchors)) - start[anchors]  # a pair's place among its anchor's positives
+    usable = (per_anchor > 0) & (weights.sum(1) > 0)
+    keep = usable[anchors]
+    anchors, positives, rank = anchors[keep], positives[keep], rank[keep]
     if len(anchors) == 0:
         return empty, empty, empty
-    negatives = torch.multinomial(rows, 1, generator=generator).squeeze(1)
+    rows = usable.nonzero(as_tuple=True)[0]
+    draws = torch.multinomial(weights[rows], int(per_anchor.max()), replacement=True, generator=generator)
+    slot = torch.full((b,), -1, dtype=torch.long)
+    slot[rows] = torch.arange(len(rows))
+    negatives = draws[slot[anchors], rank]
     return anchors, positives, negatives
 
 
@@ -88,13 +97,13 @@ def triplet_hinge(features: list[torch.Tensor], anchors: torch.Tensor, positives
     ref = features[0]
     if len(anchors) == 0:
         return ref.sum() * 0.0  # keeps the graph and dtype; a clean 0, never NaN
-    dev, b = ref.device, ref.shape[0]
-    # rows gathered by one-hot matmuls, not by indexing: the backward of f[idx] scatters with atomic adds whose
-    # order varies between runs on several threads, which made two identical runs differ in the last bits
-    sel = [F.one_hot(i.to(dev), b).float() for i in (anchors, positives, negatives)]
+    dev = ref.device
+    # rows gathered by index_select, whose backward (index_add) sums in a fixed order on the CPU; the backward of
+    # advanced indexing (f[idx]: index_put with accumulate) made two identical runs differ in the last bits
+    idx = [i.to(dev) for i in (anchors, positives, negatives)]
     total = ref.new_zeros(len(anchors), dtype=torch.float32)
     for f in features:
-        fa, fp, fn = (s @ f.float() for s in sel)
+        fa, fp, fn = (f.float().index_select(0, i) for i in idx)
         d_ap = (fa - fp).pow(2).sum(1).add(1e-12).sqrt()
         d_an = (fa - fn).pow(2).sum(1).add(1e-12).sqrt()
         total = total + (F.relu(d_an - d_ap + margin) if swap else F.relu(d_ap - d_an + margin))
