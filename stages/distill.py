@@ -23,6 +23,7 @@ from dfkd_common.jobs import Job, JobResume, OutputLock
 from dfkd_common.models import build_model
 from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
 from dfkd_common.student import StudentSide, TermSetup, check_objective
+from dfkd_common.synthesis import SYNTHESIZERS
 from dfkd_common.training import Resume, predict
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
@@ -46,11 +47,19 @@ TYPES: dict[str, Any] = {"kd_steps": int, "test_dataset": str, "data_root": str,
                          **DistillConfig.CHOICES}
 
 
-def resolve_params(params_file: Path, name: str | None, sets: list[str] | None = None,
+def resolve_params(params_file: Path, name: str | None, sets: list[str] | None = None, online: str | None = None,
                    **cli: Any) -> dict[str, Any]:
-    """The run's params: defaults, ``distill.common`` + ``distill.<name>`` of the file, then the CLI (checked)."""
-    return apply_overrides(load_params(params_file, "distill", name), sets, defaults=DEFAULTS, where="distill",
-                           types=TYPES, **cli)
+    """The run's params: defaults, ``distill.common`` + ``distill.<name>`` of the file, then the CLI (checked).
+
+    An online method may publish its own student objective (RGAL: KD at tau 20 + striplet + cd): it replaces
+    dfkd's defaults, so ``dfkd distill --online rgal`` alone runs the published recipe, and a params section or
+    ``--set`` that gives ``weights`` or ``terms`` replaces it in turn.
+    """
+    file_params = load_params(params_file, "distill", name)
+    method = online or (file_params.get("online") or {}).get("method")
+    cls = SYNTHESIZERS.get(method) if method in SYNTHESIZERS else None
+    defaults = {**DEFAULTS, **(getattr(cls, "student_defaults", None) or {})}
+    return apply_overrides(file_params, sets, defaults=defaults, where="distill", types=TYPES, **cli)
 
 
 @errors
@@ -81,7 +90,7 @@ def main(
     the bank between epochs, or fresh generator batches for DFAD); the grown bank is written to ``--bank-out``.
     Rerunning an interrupted command resumes it (student, optimiser, synthesizer and bank).
     """
-    params = resolve_params(params_file, name, sets, student=student, epochs=epochs, seed=seed,
+    params = resolve_params(params_file, name, sets, online=online, student=student, epochs=epochs, seed=seed,
                             test=str(test) if test else None)
     check_objective(params["weights"], params["terms"])  # term names and options: before any work
     ensure_writable(out, metrics, plots, bank_out)

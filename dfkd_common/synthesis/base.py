@@ -55,6 +55,9 @@ class Synthesizer(ABC):
     }
     #: expected types of params whose default is None (see :func:`dfkd_common.params.check_params`)
     param_types: ClassVar[dict[str, Any]] = {}
+    #: the student objective the method publishes for its online runs (``weights``/``terms`` of ``distill``),
+    #: used by ``dfkd distill --online M`` unless the run's params give their own
+    student_defaults: ClassVar[dict[str, Any]] = {}
     #: what the base serves every term: teacher logits and penultimate features, BN hooks, the student's logits
     BASE_PROVIDES: ClassVar[frozenset[str]] = frozenset({"t_logits", "t_feat", "bn", "s_logits", "stages"})
 

@@ -10,7 +10,8 @@ the synthesizer's own generator, so a resumed run re-creates exactly the generat
 
 ``rgal`` (Liang et al., IJCV 2024): ``geninv`` plus the synthesis relation term ``triplet`` (weight 0.1, swap mode:
 see :mod:`dfkd_common.relation`); its student side is KD at tau 20 + ``striplet`` + ``cd``
-(:mod:`dfkd_common.student.relation`), set in the run's ``distill`` params. The relation terms are ordinary
+(:mod:`dfkd_common.student.relation`), its ``student_defaults``: ``dfkd distill --online rgal`` runs them unless the
+run's ``distill`` params give their own objective. The relation terms are ordinary
 registered terms: any method turns them on by weight (``cpnet_rgal`` in params.yaml).
 """
 
@@ -80,6 +81,8 @@ class RGAL(GenerativeInversion):
         "weights": {"bn": 1.0, "oh": 1.0, "adv": 1.0, "triplet": 0.1},
         "terms": {"triplet": {"target": "student", "stages": [-1], "mode": "swap"}},
     }
+    student_defaults: ClassVar[dict[str, Any]] = {"weights": {"kd": 1.0, "striplet": 0.1, "cd": 0.1},
+                                                  "terms": {"kd": {"tau": 20.0}}}
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
