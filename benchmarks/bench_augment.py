@@ -12,54 +12,33 @@ range of omega the keep rate and the label agreement among the kept (how omega i
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import dfkd_common  # noqa: F401  (torchvision guard first)
-from dfkd_common.augment_ops import to_float
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model
 from dfkd_common.engine import Engine
-from dfkd_common.variation.augment import convert, embed, quantise, variation_seed
+from dfkd_common.variation.augment import vary_and_score
 from dfkd_common.variation.models import open_variation_model
+from dfkd_common.variation.prior import random_prior_like
 
 OMEGAS = (0.0, 0.5, 0.7, 0.8, 0.85, 0.9, 0.95)
-
-
-def random_prior_like(prior: Path, out: Path) -> Path:
-    """A prior of the same architecture and scheduler with freshly initialised weights (seed 0)."""
-    from diffusers import DDPMPipeline, UNet2DModel
-
-    trained = DDPMPipeline.from_pretrained(prior)
-    torch.manual_seed(0)
-    unet = UNet2DModel.from_config(trained.unet.config)
-    DDPMPipeline(unet=unet, scheduler=trained.scheduler).save_pretrained(out)
-    shutil.copy(prior / "dfkd_prior.json", out / "dfkd_prior.json")
-    return out
 
 
 def measure(model_dir: Path, bank_images: torch.Tensor, rows: torch.Tensor, teacher: torch.nn.Module,
             engine: Engine, args: argparse.Namespace) -> dict[str, object]:
     vm = open_variation_model(str(model_dir), engine.device, {"strength": args.strength, "steps": args.steps})
-    src = bank_images[rows]
-    c, size = src.shape[1], src.shape[-1]
-    s_emb, s_logits = embed(teacher, src, engine)
-    gens = [torch.Generator().manual_seed(variation_seed(args.seed, int(r), j)) for r in rows for j in range(args.k)]
     t0 = time.perf_counter()
-    var = vm.vary(convert(to_float(src), vm.channels, vm.size), args.k, gens)
-    seconds = time.perf_counter() - t0
-    v8 = quantise(convert(var.cpu(), c, size))
-    v_emb, v_logits = embed(teacher, v8, engine)
-    cos = F.cosine_similarity(v_emb, s_emb.repeat_interleave(args.k, 0), dim=1)
-    same = v_logits.argmax(1) == s_logits.argmax(1).repeat_interleave(args.k, 0)
+    v = vary_and_score(teacher, vm, bank_images[rows], rows.numpy(), args.k, args.seed, engine)
+    seconds = time.perf_counter() - t0  # the teacher's two scoring passes included, as in dfkd augment
+    cos, same = v.score, v.same
     by_omega = [(w, float((cos >= w).float().mean()), float(same[cos >= w].float().mean()) if (cos >= w).any()
                  else float("nan")) for w in OMEGAS]
-    return {"variations_per_s": len(gens) / seconds, "agreement": float(same.float().mean()),
+    return {"variations_per_s": len(cos) / seconds, "agreement": float(same.float().mean()),
             "cos_mean": float(cos.mean()), "cos_q10": float(cos.quantile(0.1)), "by_omega": by_omega}
 
 

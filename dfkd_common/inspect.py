@@ -99,11 +99,6 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
 def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_index: int | None = None,
               seed: int = 0) -> int:
     """Write a PNG with one row per class of up to ``per_class`` random samples; returns images shown."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from dfkd_common.engine import atomic_path
-
     bank = load_bank(path)
     rng = np.random.default_rng(seed)
     keep = torch.ones(len(bank), dtype=torch.bool)
@@ -118,16 +113,28 @@ def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_inde
         for i in range(per_class):
             tiles.append(bank.images[int(pick[i])] if i < len(pick) else torch.zeros(c, h, w, dtype=torch.uint8))
         shown += len(pick)
-    grid = make_grid(torch.stack(tiles), nrow=per_class, padding=2, pad_value=128)
+    names = list(bank.dataset.get("class_names") or [])
+    write_grid(tiles, per_class, out, [names[k] if k < len(names) else str(k) for k in range(num_classes)])
+    return shown
+
+
+def write_grid(tiles: list[torch.Tensor], nrow: int, out: str | Path, row_labels: list[str] | None = None) -> None:
+    """uint8 (C, H, W) tiles as a PNG grid of ``nrow`` columns, small images enlarged, rows optionally named."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    from dfkd_common.engine import atomic_path
+
+    c, h, w = tiles[0].shape
+    grid = make_grid(torch.stack(tiles), nrow=nrow, padding=2, pad_value=128)
     arr = grid.permute(1, 2, 0).numpy()
     img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
     scale = max(1, 256 // max(h, w))
     img = img.resize((img.width * scale // 2 or 1, img.height * scale // 2 or 1), Image.NEAREST) if scale > 2 else img
-    names = list(bank.dataset.get("class_names") or [])
-    img = label_rows(img, [names[k] if k < len(names) else str(k) for k in range(num_classes)])
+    if row_labels:
+        img = label_rows(img, row_labels)
     with atomic_path(out, suffix=".png") as tmp:
         img.save(tmp, format="PNG")
-    return shown
 
 
 def label_rows(img: Any, labels: list[str]) -> Any:
@@ -156,10 +163,6 @@ def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None
     parent is ``parent`` or the path the bank recorded, and must match the checksum the bank recorded (a grid
     must never pair variations with the wrong sources). Returns the variations shown.
     """
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    from dfkd_common.engine import atomic_path
     from dfkd_common.errors import DfkdError
 
     bank = load_bank(path)
@@ -172,7 +175,7 @@ def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None
     if bank.attrs.get("parent_checksum") and file_checksum(parent_path) != bank.attrs["parent_checksum"]:
         raise DfkdError(f"{parent_path} is not the bank {path} was made from (checksum differs)")
     src = load_bank(parent_path)
-    k = int(json_params(bank.attrs).get("k", 1))
+    k = int((bank.attrs.get("params") or {}).get("k", 1))  # read_attrs decodes params from JSON
     pidx = bank.extra["parent_index"].long()
     rng = np.random.default_rng(seed)
     by_class: dict[int, list[int]] = {}
@@ -196,16 +199,5 @@ def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None
         shown += len(kept)
     if not tiles:
         raise DfkdError(f"{path} holds no variations")
-    grid = make_grid(torch.stack(tiles), nrow=k + 1, padding=2, pad_value=128)
-    arr = grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    scale = max(1, 256 // max(h, w)) // 2
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST) if scale > 1 else img
-    with atomic_path(out, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
+    write_grid(tiles, k + 1, out)
     return shown
-
-
-def json_params(attrs: dict[str, Any]) -> dict[str, Any]:
-    params = attrs.get("params")
-    return params if isinstance(params, dict) else {}

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from dfkd_common.models.generators import DCGenerator
+from dfkd_common.params import merge
 from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
 from dfkd_common.synthesis.losses import Context
 
@@ -77,15 +78,9 @@ class GenerativeInversion(Synthesizer):
 @SYNTHESIZERS.register("rgal")
 class RGAL(GenerativeInversion):
     name = "rgal"
-    defaults: ClassVar[dict[str, Any]] = {
-        "weights": {"bn": 1.0, "oh": 1.0, "adv": 1.0, "triplet": 0.1},
+    defaults: ClassVar[dict[str, Any]] = merge(GenerativeInversion.defaults, {
+        "weights": {"triplet": 0.1},
         "terms": {"triplet": {"target": "student", "stages": [-1], "mode": "swap"}},
-    }
+    })
     student_defaults: ClassVar[dict[str, Any]] = {"weights": {"kd": 1.0, "striplet": 0.1, "cd": 0.1},
                                                   "terms": {"kd": {"tau": 20.0}}}
-
-    @classmethod
-    def param_defaults(cls) -> dict[str, Any]:
-        from dfkd_common.params import merge
-
-        return merge(GenerativeInversion.param_defaults(), cls.defaults)

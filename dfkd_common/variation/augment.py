@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_common.augment_ops import to_float
-from dfkd_common.bank import Bank, BankHeader
+from dfkd_common.bank import Bank, BankHeader, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.engine import Engine, progress
 from dfkd_common.errors import DfkdError
@@ -84,10 +84,6 @@ def convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
     return images.clamp(0, 1)
 
 
-def quantise(images: torch.Tensor) -> torch.Tensor:
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 @torch.no_grad()
 def embed(teacher: torch.nn.Module, images: torch.Tensor, engine: Engine) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's penultimate embedding (flattened, fp32) and logits of uint8 images, on the CPU."""
@@ -100,6 +96,36 @@ def embed(teacher: torch.nn.Module, images: torch.Tensor, engine: Engine) -> tup
 def variation_seed(seed: int, row: int, j: int) -> int:
     """The seed of variation ``j`` of source ``row``: independent of batching, so a resume repeats it exactly."""
     return int(np.random.SeedSequence([seed, row, j]).generate_state(1, np.uint64)[0]) & ((1 << 63) - 1)
+
+
+@dataclass
+class Scored:
+    """One batch's variations as stored (uint8, the bank's shape, source-major) and what the filter sees."""
+
+    images: torch.Tensor
+    score: torch.Tensor  # cos(teacher embedding of the variation, of its source)
+    same: torch.Tensor  # the teacher's label is unchanged
+    logits: torch.Tensor  # the teacher's logits of the variation
+    src_logits: torch.Tensor  # the teacher's logits of each source (one row per source)
+
+
+def vary_and_score(teacher: torch.nn.Module, model: VariationModel, src: torch.Tensor, rows: np.ndarray, k: int,
+                   seed: int, engine: Engine) -> Scored:
+    """k variations of the uint8 ``src`` images (bank rows ``rows``), brought back to the bank's shape, quantised
+    and scored by the teacher: the one path of ``dfkd augment`` and its benchmark. NaN or inf from the model is an
+    error (one line)."""
+    c, size = int(src.shape[1]), int(src.shape[-1])
+    src_emb, src_logits = embed(teacher, src, engine)
+    gens = [torch.Generator().manual_seed(variation_seed(seed, int(i), j)) for i in rows for j in range(k)]
+    var = model.vary(convert(to_float(src), model.channels, model.size), k, gens)
+    if not torch.isfinite(var).all():
+        raise DfkdError(f"augment: the variation model {model.name} produced NaN or inf for source rows "
+                        f"{int(rows[0])}-{int(rows[-1])}; nothing was written for them (rerun resumes before them)")
+    var8 = torch.from_numpy(to_uint8(convert(var.float().cpu(), c, size)))
+    var_emb, var_logits = embed(teacher, var8, engine)
+    score = F.cosine_similarity(var_emb, src_emb.repeat_interleave(k, 0), dim=1)
+    same = var_logits.argmax(1) == src_logits.argmax(1).repeat_interleave(k, 0)
+    return Scored(var8, score, same, var_logits, src_logits)
 
 
 def pick_sources(n: int, cfg: AugmentConfig) -> np.ndarray:
@@ -148,33 +174,22 @@ def augment_bank(
                                 info=f"resumed at {start}" if start else "")
             for b, lo in enumerate(range(start, len(rows), cfg.batch_size)):
                 idx = rows[lo : lo + cfg.batch_size]
-                src = bank.images[torch.from_numpy(idx)]
-                src_emb, src_logits = embed(teacher, src, engine)
-                gens = [torch.Generator().manual_seed(variation_seed(cfg.seed, int(i), j))
-                        for i in idx for j in range(cfg.k)]
-                var = model.vary(convert(to_float(src), model.channels, model.size), cfg.k, gens)
-                if not torch.isfinite(var).all():
-                    raise DfkdError(f"augment: the variation model {model.name} produced NaN or inf for source rows "
-                                    f"{int(idx[0])}-{int(idx[-1])}; nothing was written for them (rerun resumes "
-                                    "before them)")
-                var8 = quantise(convert(var.float().cpu(), info.channels, info.image_size))
-                var_emb, var_logits = embed(teacher, var8, engine)
-                score = F.cosine_similarity(var_emb, src_emb.repeat_interleave(cfg.k, 0), dim=1)
-                same = var_logits.argmax(1) == src_logits.argmax(1).repeat_interleave(cfg.k, 0)
-                keep = score >= cfg.omega
+                at = torch.from_numpy(idx)
+                v = vary_and_score(teacher, model, bank.images[at], idx, cfg.k, cfg.seed, engine)
+                keep = v.score >= cfg.omega
                 if cfg.same_label:
-                    keep &= same
-                labels = bank.labels[torch.from_numpy(idx)]
-                cls = torch.where(labels >= 0, labels, src_logits.argmax(1)).repeat_interleave(cfg.k, 0)
+                    keep &= v.same
+                labels = bank.labels[at]
+                cls = torch.where(labels >= 0, labels, v.src_logits.argmax(1)).repeat_interleave(cfg.k, 0)
                 made += np.bincount(cls.numpy(), minlength=num_classes)[:num_classes]
                 kept += np.bincount(cls[keep].numpy(), minlength=num_classes)[:num_classes]
-                agree += int(same.sum())
-                parent = torch.from_numpy(idx).repeat_interleave(cfg.k, 0)
+                agree += int(v.same.sum())
                 if keep.any():
+                    per_var = {"labels": labels, "rounds": bank.rounds[at], "parents": at}
+                    per_var = {name: t.repeat_interleave(cfg.k, 0)[keep] for name, t in per_var.items()}
                     job.write("bank", **header.columns(
-                        var8[keep], labels.repeat_interleave(cfg.k, 0)[keep],
-                        bank.rounds[torch.from_numpy(idx)].repeat_interleave(cfg.k, 0)[keep],
-                        teacher_logits=var_logits[keep].half(), parent_index=parent[keep], score=score[keep]))
+                        v.images[keep], per_var["labels"], per_var["rounds"], teacher_logits=v.logits[keep].half(),
+                        parent_index=per_var["parents"], score=v.score[keep]))
                 cursor = lo + len(idx)
                 if (b + 1) % cfg.flush_every == 0 or cursor == len(rows):
                     job.checkpoint({"cursor": cursor, "bank_rows": job.rows("bank"), "agree": agree,

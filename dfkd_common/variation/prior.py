@@ -172,3 +172,19 @@ def describe_device(device: torch.device) -> str:
     import platform
 
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def random_prior_like(prior: Path, out: Path, seed: int = 0) -> Path:
+    """A prior of ``prior``'s architecture and scheduler with freshly initialised weights, saved to ``out``: the
+    control that shows what the trained weights add (issue 17's quality bar)."""
+    need("diffusers", "the offline diffusion prior")
+    import shutil
+
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    trained = DDPMPipeline.from_pretrained(prior)
+    torch.manual_seed(seed)
+    DDPMPipeline(unet=UNet2DModel.from_config(trained.unet.config), scheduler=trained.scheduler).save_pretrained(out)
+    if (prior / PRIOR_INFO).is_file():
+        shutil.copy(prior / PRIOR_INFO, out / PRIOR_INFO)
+    return out
