@@ -3,6 +3,7 @@
 from dfkd_common.synthesis import (  # noqa: F401  (registration side effects)
     coupling,
     cpnet,
+    csd,
     dafl,
     deepinversion,
     fast,

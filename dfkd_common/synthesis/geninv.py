@@ -5,8 +5,9 @@ called CMI. Every round re-initialises the DCGAN generator (conv/linear weights 
 N(1, 0.02), beta 0; sigmoid output) and draws a fresh latent z (nz 256), then optimises generator and z together
 with Adam (lr_g 1e-3, betas 0.5/0.999) for ``g_steps``; the lowest-loss iterate of the batch goes to the bank.
 Targets are balanced sampled classes. Loss: bn*L_bn + oh*CE + adv*L_adv (L_adv only against a student). It is
-RGAL's base, the "RGAL without relation terms" ablation, and DDA's CSD base. The initial weights are drawn from
-the synthesizer's own generator, so a resumed run re-creates exactly the generators an uninterrupted one would.
+RGAL's base, the "RGAL without relation terms" ablation, and DDA's CSD base (:mod:`dfkd_common.synthesis.csd`).
+The initial weights are drawn from the synthesizer's own generator, so a resumed run re-creates exactly the
+generators an uninterrupted one would.
 
 ``rgal`` (Liang et al., IJCV 2024): ``geninv`` plus the synthesis relation term ``triplet`` (weight 0.1, swap mode:
 see :mod:`dfkd_common.relation`); its student side is KD at tau 20 + ``striplet`` + ``cd``
@@ -58,6 +59,12 @@ class GenerativeInversion(Synthesizer):
         return self.engine.model(g.to(self.device))
 
     def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
+        result = self.invert(round_index, student)
+        self.end_round()
+        return result
+
+    def invert(self, round_index: int, student: Any = None) -> SynthResult:
+        """One round: a fresh generator and latent optimised for ``g_steps``; the lowest-loss iterate."""
         bs = int(self.cfg["batch_size"])
         y = self.targets(bs, round_index)
         generator = self.build_generator().train()
@@ -71,7 +78,6 @@ class GenerativeInversion(Synthesizer):
             return x, self.context(x, y, student)
 
         best_x, best_loss, logs = self.optimise(int(self.cfg["g_steps"]), step, opt)
-        self.end_round()
         return SynthResult(best_x.clamp(0, 1).cpu(), y.cpu(), {**logs, "best_loss": best_loss})
 
 
