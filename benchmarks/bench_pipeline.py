@@ -51,9 +51,9 @@ def main() -> None:
         s = load(m)
         bank = load(ART / "banks" / f"{name}.metrics.json")
         bank_s = bank.get("seconds")
-        ratio = s.get("ratio_to_teacher")
+        ratio = s.get("x_teacher", s.get("ratio_to_teacher"))
         precision = bank.get("precision") or s.get("online_precision") or ""
-        print(f"| {name} | {s.get('bank_size', '')} | {'' if bank_s is None else f'{bank_s:.0f}'} | "
+        print(f"| {name} | {s.get('images', s.get('bank_size', ''))} | {'' if bank_s is None else f'{bank_s:.0f}'} | "
               f"{s.get('seconds', 0):.0f} | {precision} | {100 * s['test_acc']:.2f} | "
               f"{'' if ratio is None else f'{ratio:.3f}'} |")
     pool = load(ART / "pools" / "offline.metrics.json")

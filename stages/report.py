@@ -29,11 +29,15 @@ def main(
         row = {**_read(details_path(path)), **_read(path)} if details_path(path).is_file() else _read(path)
         plots = path.with_name(path.stem.replace("metrics", "plots") + ".json")
         row["history"] = json.loads(plots.read_text()) if plots.is_file() and plots != path else []
-        if row.get("bank") not in (None, "None"):  # the bank's own stage time counts toward the student's cost
-            bank = Path(str(row["bank"]))
-            bank_metrics = bank.with_name(bank.name.removesuffix(".h5") + ".metrics.json")
-            if bank_metrics.is_file():
-                row["bank_seconds"] = _read(bank_metrics).get("seconds")
+        banks = row.get("bank")
+        if banks not in (None, "None"):  # the banks' own stage times count toward the student's cost
+            times = []
+            for bank in map(Path, banks if isinstance(banks, list) else [str(banks)]):  # several: --bank repeated
+                bank_metrics = bank.with_name(bank.name.removesuffix(".h5") + ".metrics.json")
+                if bank_metrics.is_file():
+                    times.append(float(_read(bank_metrics).get("seconds") or 0.0))
+            if times:
+                row["bank_seconds"] = sum(times)
         rows.append(row)
     teacher = None
     if teacher_metrics:

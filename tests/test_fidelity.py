@@ -175,6 +175,14 @@ PUBLISHED: dict[str, dict[str, Any]] = {
                   "online.augment.jitter": 0.1, "online.augment.hue": 0.1, "online.augment.jitter_p": 0.4,
                   "online.weights.xn": 1.0, "online.weights.adv": 1.33},
     },
+    "cifar10-wrn40_2-wrn16_1": {
+        "common": {"epochs": 200, "batch_size": 128, "lr": 0.1, "terms.kd.tau": 20.0, "online.lr_g": 0.001,
+                   "online.g_loops": 1, "online.batch_size": 256, "online.g_steps": 400},
+        "rgal": {"weights.striplet": 0.1, "weights.cd": 0.1, "online.weights.triplet": 0.1},
+        "dda": {"weights.kd": 1.0, "weights.ce": 1.0, "weights.fea": 30.0, "kd_steps": 2000,
+                "online.batch_size": 400, "online.g_steps": 200, "online.weights.dda": 10.0,
+                "online.weights.adv": 0.0, "online.weights.bn": 1.0, "online.weights.oh": 1.0},
+    },
     "cifar100-wrn40_2-wrn16_2": {
         "common": {"student_warmup": "skip", "eta_min": 0.0002, "terms.kd.tau": 20.0},
         "fast": {"epochs": 220, "online.weights.adv": 1.1, "online.weights.oh": 0.4, "online.reset_l0": 140,
@@ -199,6 +207,16 @@ def test_cifar_studies_carry_the_published_recipes(study: str) -> None:
     for method, table in PUBLISHED[study].items():
         for key, want in table.items():
             assert _get(params[method], key) == want, f"{study} {method}.{key}"
+
+
+def test_the_dda_study_builds_the_published_initial_bank_and_sd_variations() -> None:
+    params = yaml.safe_load((ROOT / "pipelines" / "cifar10-wrn40_2-wrn16_1" / "params.yaml").read_text())
+    init = params["synthesize"]["csd"]
+    assert (init["rounds"], init["batch_size"], init["g_steps"], init["lr_g"]) == (400, 200, 500, 0.001)
+    assert init["weights"]["dda"] == 0.0 and init["weights"]["adv"] == 0.0
+    aug = params["augment"]["common"]
+    assert aug["model"] == "sd-image-variations" and aug["k"] == 4 and aug["sources"] == 0
+    assert params["distill"]["dda_noaug"] == params["distill"]["dda"]
 
 
 def test_dfnd_study_reproduces_the_paper_with_plain_top_k() -> None:

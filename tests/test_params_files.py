@@ -48,7 +48,12 @@ def online_runs(dvc_file: Path) -> dict[str, str]:
     for stage in yaml.safe_load(dvc_file.read_text())["stages"].values():
         if "foreach" in stage and "--online" in stage["do"]["cmd"]:
             each = stage["foreach"]
-            runs.update(each if isinstance(each, dict) else {k: k for k in each})
+            words = stage["do"]["cmd"].split()
+            method = words[words.index("--online") + 1]
+            if method != "${item}":  # one method for every run (dicts of other settings as items: DDA)
+                runs.update(dict.fromkeys(each, method))
+            else:
+                runs.update(each if isinstance(each, dict) else {k: k for k in each})
     return runs
 
 
