@@ -21,6 +21,7 @@ from torch import nn
 
 from dfkd_common.augment_ops import AugmentConfig, augment_config, build_augment, to_float
 from dfkd_common.data import ArraySplit
+from dfkd_common.dist import current
 from dfkd_common.engine import Engine, check_finite, progress
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import FeatureHooks, Penultimate, stage_outputs
@@ -122,6 +123,7 @@ def distill(
     teacher = engine.model(teacher).eval()
     side = engine.model(side)
     student = side.student
+    world = current()
     opt, own = side.optimizers(cfg.optimizer, cfg.lr, cfg.weight_decay)
     # under the published warm-up schedule the student waits while the bank grows, and its cosine starts after
     skip = min(feed.warmup_epochs, cfg.epochs) if cfg.student_warmup == "skip" else 0
@@ -145,6 +147,12 @@ def distill(
         feed.load_state_dict(state["feed"])
         history, start = state["history"], int(state["epoch"])
         resume.restore_rng(state)
+    step_loss = StepLoss(side, teacher, aug, engine, cfg.amp, run_teacher, t_hooks)
+    # several processes: DDP averages the gradients of the student and of every module its terms train
+    # (terms switched off part-way, custom_steps < 1, leave their modules without gradients: DDP must look for them)
+    partial = any(float(t.opts.get("custom_steps", 1.0)) < 1.0 for t in side.terms.values())
+    loss_fn: nn.Module = step_loss if not world.distributed else nn.parallel.DistributedDataParallel(
+        step_loss, find_unused_parameters=partial)
     try:
         with progress() as bar:
             task = bar.add_task("distill", total=cfg.epochs, completed=start, info="")
@@ -156,13 +164,16 @@ def distill(
                 n = len(feed)
                 bs = min(cfg.batch_size, n)
                 limit = cfg.kd_steps if cfg.kd_steps else max(1, n // bs)
-                if epoch < skip:
-                    limit = 0
+                # several ranks: the same shuffled batches on every rank, rank r takes batches r, r + N, ...: each
+                # takes 1/N of the epoch's steps (at least one), a step averages N batches
+                limit = max(1, limit // world.size) if epoch >= skip else 0
+                drawn = 0
                 while steps < limit:
                     for images, labels in feed.batches(bs, gen):
-                        step = make_step(images, labels, side, teacher, aug, engine, cfg.amp, run_teacher, t_hooks,
-                                         progress=epoch / max(1, cfg.epochs))
-                        loss, logs = side.objective(step)
+                        drawn += 1
+                        if (drawn - 1) % world.size != world.rank:
+                            continue
+                        loss, logs = loss_fn(images, labels, epoch / max(1, cfg.epochs))
                         check_finite(loss, "student loss")
                         opt.zero_grad(set_to_none=True)
                         for o in own:
@@ -194,6 +205,23 @@ def distill(
         return accuracy(student, test, engine), history
     finally:
         t_hooks.remove()
+
+
+class StepLoss(nn.Module):
+    """One student step as a module's forward (the step's tensors, then the side's objective), so that DDP can
+    wrap it: the teacher is held outside the module tree (frozen, never synchronised)."""
+
+    def __init__(self, side: StudentSide, teacher: Classifier, aug: nn.Module, engine: Engine, amp: bool,
+                 run_teacher: bool, t_hooks: TeacherFeatures) -> None:
+        super().__init__()
+        self.side = side
+        self._fixed = (teacher, aug, engine, amp, run_teacher, t_hooks)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor,
+                progress: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+        teacher, aug, engine, amp, run_teacher, t_hooks = self._fixed
+        step = make_step(images, labels, self.side, teacher, aug, engine, amp, run_teacher, t_hooks, progress)
+        return self.side.objective(step)
 
 
 class TeacherFeatures:

@@ -16,6 +16,7 @@ import torch
 
 from dfkd_common.bank import BankHeader, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
+from dfkd_common.dist import barrier, current, gather_objects, rank_path
 from dfkd_common.engine import Engine, progress
 from dfkd_common.jobs import Job
 from dfkd_common.models import Classifier
@@ -57,30 +58,56 @@ def run_synthesis(
     info = meta.dataset
     run, cfg = split_synthesis_params(params)
     seed, rounds = int(run["seed"]), int(run["rounds"])
-    synth = build_synthesizer(method, teacher, info, cfg, engine, seed)
+    world = current()
+    # several ranks: rank r makes rounds r, r + N, ... with its own seed (seed + r); rank 0 merges them by round
+    synth = build_synthesizer(method, teacher, info, cfg, engine, seed + world.rank)
+    mine = list(range(world.rank, rounds, world.size))
     teacher_sum = file_checksum(teacher_path)
     header = BankHeader(channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
                         dataset=info.to_dict(), params=synth.cfg | {"rounds": rounds}, seed=seed,
                         teacher_checksum=teacher_sum, optional=("teacher_logits",))
+    key = {"method": method, **params, "teacher": teacher_sum, **({"world": world.size} if world.distributed else {})}
     logs: dict[str, float] = {}
-    with Job(out, {"method": method, **params, "teacher": teacher_sum}) as job:
+    with Job(rank_path(out, world), key) as job:
         start, elapsed = 0, 0.0
         if job.state is not None:
             synth.load_state_dict(job.state["synth"])
             job.restore_rng()
-            start, elapsed = int(job.state["round"]), float(job.state["elapsed"])
+            start, elapsed = int(job.state["done"]), float(job.state["elapsed"])
         with progress() as bar:
-            task = bar.add_task(f"synthesize {method}", total=rounds, completed=start, info="")
-            for r in range(start, rounds):
+            task = bar.add_task(f"synthesize {method}", total=len(mine), completed=start, info="")
+            for i in range(start, len(mine)):
+                r = mine[i]
                 t0 = time.perf_counter()
                 synth.begin_epoch(r)  # offline there are no student epochs: a round stands for one
                 result = synth.synthesize(r)
                 elapsed += time.perf_counter() - t0
                 job.write("bank", **scored_rows(header, teacher, engine, result.images, result.labels, r))
-                job.checkpoint({"synth": synth.state_dict(), "round": r + 1, "elapsed": elapsed})
+                job.checkpoint({"synth": synth.state_dict(), "done": i + 1, "elapsed": elapsed})
                 logs = result.logs
                 bar.update(task, advance=1, info=f"loss {logs.get('loss', float('nan')):.3f} "
                            f"n {job.rows('bank')}")
-        n = job.publish_bank(header, {"synthesis_seconds": elapsed, "precision": engine.precision})
+        table = "bank"
+        if world.distributed:
+            shares = gather_objects((job.read("bank"), elapsed))
+            elapsed = max(e for _, e in shares)  # the run's wall time: its slowest rank
+            if world.main:
+                job.write("merged", **merge_rounds([cols for cols, _ in shares if cols]))
+                table = "merged"
+        n = 0
+        if world.main:
+            attrs = {"synthesis_seconds": elapsed, "precision": engine.precision}
+            n = job.publish_bank(header, {**attrs, "world_size": world.size} if world.distributed else attrs,
+                                 table=table, out=out)
+        barrier()
+        job.done = True  # published by rank 0: every rank's work directory goes
     return {"method": method, "images": n, "rounds": rounds, "seconds": elapsed, "precision": engine.precision,
-            "images_per_s": n / max(elapsed, 1e-9), "final_losses": logs}
+            "images_per_s": n / max(elapsed, 1e-9), "final_losses": logs, "world_size": world.size}
+
+
+def merge_rounds(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Ranks' rows as one table ordered by round (a stable sort: rows keep their order within a round), so the
+    merged bank depends on the seed and the world size only, not on which rank finished first."""
+    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(cols["round"], kind="stable")
+    return {k: v[order] for k, v in cols.items()}

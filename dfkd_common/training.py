@@ -20,6 +20,7 @@ from torch import nn
 from dfkd_common.augment_ops import AugmentConfig, build_augment, to_float
 from dfkd_common.checkpoint import load_tree, save_tree
 from dfkd_common.data import ArraySplit
+from dfkd_common.dist import current
 from dfkd_common.engine import Engine, check_finite, progress, rng_state, set_rng_state
 from dfkd_common.errors import DfkdError
 from dfkd_common.params import params_hash
@@ -126,8 +127,18 @@ def train_supervised(
     seed: int,
     resume: Checkpoints | None = None,
 ) -> tuple[float, list[dict[str, float]]]:
-    """Cross-entropy training with cosine LR; returns final test accuracy and the per-epoch history."""
+    """Cross-entropy training with cosine LR; returns final test accuracy and the per-epoch history.
+
+    Under torchrun (several ranks) the model trains wrapped in DDP: every rank draws the same shuffled batches
+    and takes every N-th of them, so an epoch is 1/N of the steps per rank, each step averaging N batches of
+    ``batch_size`` (per rank; the learning rate is not scaled).
+    """
     model = engine.model(model)
+    world = current()
+    if world.distributed and len(train) // batch_size < world.size:
+        raise DfkdError(f"{world.size} processes need at least {world.size} full batches of {batch_size} per epoch; "
+                        f"the training split has {len(train)} images")
+    net: nn.Module = nn.parallel.DistributedDataParallel(model) if world.distributed else model
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
     aug = build_augment(train.info.image_size, augment)
@@ -148,10 +159,13 @@ def train_supervised(
         for epoch in range(start, epochs):
             model.train()
             total, count = 0.0, 0
-            for idx in epoch_batches(len(train), batch_size, gen):
+            per_rank = max(1, len(train) // batch_size // world.size)
+            for i, idx in enumerate(epoch_batches(len(train), batch_size, gen)):
+                if world.distributed and (i % world.size != world.rank or i >= world.size * per_rank):
+                    continue  # another rank's batch, or a remainder some rank would lack (DDP: equal steps)
                 x = engine.images(aug(to_float(images[idx])))
                 with engine.autocast():
-                    loss = F.cross_entropy(model(x).float(), labels[idx])
+                    loss = F.cross_entropy(net(x).float(), labels[idx])
                 check_finite(loss, "teacher loss")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

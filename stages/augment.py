@@ -10,11 +10,12 @@ import typer
 
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model
+from dfkd_common.dist import main_first
 from dfkd_common.engine import Engine, ensure_writable, seed_everything, write_metrics
 from dfkd_common.errors import DfkdError
 from dfkd_common.variation.augment import AugmentConfig, augment_bank
 from dfkd_common.variation.models import open_variation_model
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, join_world, load_params
 
 DEFAULTS: dict[str, Any] = {
     "model": None,  # NAME, NAME:PATH_OR_HUB_ID or a diffusers pipeline directory (see `dfkd methods`)
@@ -54,19 +55,21 @@ def main(
                         "augment.model in the params file")
     cfg = AugmentConfig(**{key: params[key] for key in asdict(AugmentConfig())})
     ensure_writable(out, metrics)
+    world = join_world()  # under torchrun: source batches split across ranks, merged by rank 0
     seed_everything(cfg.seed)
     engine = Engine.create(device, amp=False, channels_last=False)
     t_model, t_meta = load_model(teacher, engine.device)
     data = load_bank(bank)
     info = t_meta.dataset
     data.check_compatible(info.channels, info.image_size, info.num_classes)
-    vm = open_variation_model(str(params["model"]), engine.device, cfg.variation)
+    with main_first():  # weights fetched into the Hugging Face cache once, not once per rank
+        vm = open_variation_model(str(params["model"]), engine.device, cfg.variation)
     cfg.variation = vm.params
     console.print(f"augment {bank} ({len(data)} images) with {vm.name} ({vm.source}, {vm.channels}x{vm.size}px, "
                   f"{vm.precision()}) on {engine.device}: k {cfg.k}, omega {cfg.omega}"
                   f"{', same label' if cfg.same_label else ''}")
     result = augment_bank(t_model, t_meta, teacher, data, vm, out, engine, cfg)
-    if metrics:
+    if metrics and world.main:
         write_metrics(metrics, result, seconds=result["seconds"], images=result["images"],
                       images_per_s=result["images_per_s"])
     console.print(f"augment: kept {result['kept']} of {result['made']} variations of {result['sources']} images "

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import re
+import signal
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch.distributed
 import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
 
+from dfkd_common.dist import World
+from dfkd_common.dist import current as current_world
+from dfkd_common.dist import init as init_world
 from dfkd_common.errors import DfkdError
+from dfkd_common.jobs import OutputLock
 from dfkd_common.params import check_params, merge
 
+#: what a collective's failure says (gloo's path prefix is stripped from the message shown)
+_COLLECTIVE = re.compile(r"\[[^\]]*(gloo|nccl|c10d)[^\]]*\]\s*", re.IGNORECASE)
 console = Console()  # progress and results: stdout
 err_console = Console(stderr=True)  # errors only, one line each
 F = TypeVar("F", bound=Callable[..., Any])
@@ -56,6 +66,15 @@ def errors(fn: F) -> F:
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             _error(f"{where}{exc.strerror or (str(exc).splitlines() or [type(exc).__name__])[0]}")
+            raise typer.Exit(2) from None
+        except (torch.distributed.DistError, RuntimeError) as exc:
+            # another rank stopped (gloo: "Connection reset by peer", NCCL: a watchdog) or a collective timed out
+            if not isinstance(exc, torch.distributed.DistError) and not (
+                    current_world().distributed and _COLLECTIVE.search(str(exc))):
+                raise
+            _error(f"rank {current_world().rank}: another process of this run failed or stopped answering "
+                   f"({_COLLECTIVE.sub('', (str(exc).splitlines() or ['?'])[0])[:160].strip()}); rerun the same "
+                   "command to resume")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]: rerun the same command to resume")
@@ -115,3 +134,22 @@ def require(params: dict[str, Any], *keys: str) -> None:
     missing = [k for k in keys if params.get(k) in (None, "")]
     if missing:
         raise DfkdError(f"missing parameter(s): {', '.join(missing)} (give them in params.yaml or on the CLI)")
+
+
+def join_world() -> World:
+    """Join the torchrun process group if there is one (see :mod:`dfkd_common.dist`); only rank 0 prints."""
+    world = init_world()
+    console.quiet = not world.main
+    if world.distributed:  # torchrun stops the survivors of a failed rank with SIGTERM: say so in one line
+        signal.signal(signal.SIGTERM, _stopped)
+    return world
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    raise DfkdError(f"rank {init_world().rank} stopped by torchrun: another process of this run failed (torchrun "
+                    "names it below); rerun the same command to resume")
+
+
+def primary_lock(path: Path, world: World) -> contextlib.AbstractContextManager[Any]:
+    """The output's lock, held by rank 0 (the rank that writes it); the other ranks hold nothing."""
+    return OutputLock(path) if world.main else contextlib.nullcontext()

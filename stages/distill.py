@@ -16,16 +16,27 @@ from dfkd_common.bank import Bank, BankHeader, concat_banks, load_bank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
 from dfkd_common.data import DATASETS, ArraySplit, DatasetInfo, get_dataset
 from dfkd_common.data.datasets import folder_split
+from dfkd_common.dist import barrier, main_first, rank_path
 from dfkd_common.distill import BankFeed, DistillConfig, distill
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json, write_metrics
 from dfkd_common.errors import DfkdError
-from dfkd_common.jobs import Job, JobResume, OutputLock
+from dfkd_common.jobs import Job, JobResume
 from dfkd_common.models import build_model
-from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
+from dfkd_common.online import ONLINE, FeedContext, RecordedFeed, build_online_feed
 from dfkd_common.student import StudentSide, TermSetup, check_objective
 from dfkd_common.synthesis import SYNTHESIZERS
 from dfkd_common.training import Resume, predict
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
+from stages.common import (
+    DeviceOpt,
+    ParamsOpt,
+    SetOpt,
+    apply_overrides,
+    console,
+    errors,
+    join_world,
+    load_params,
+    primary_lock,
+)
 
 DEFAULTS: dict[str, Any] = {
     "student": "lenet5_half",
@@ -101,6 +112,10 @@ def main(
     bank_desc = (str(bank) if len(banks or []) == 1 else [str(b) for b in banks]) if banks else str(None)
     if bank is None and method is None:
         raise DfkdError("--bank is required (or --online METHOD to synthesise during training)")
+    world = join_world()
+    if world.distributed and method in ONLINE:
+        raise DfkdError(f"--online {method} under {world.size} processes is not implemented (its generator steps "
+                        "interleave with the student's): run it in one process")
     seed_everything(int(params["seed"]))
     engine = Engine.create(device, amp=params["amp"])
     t_model, t_meta = load_model(teacher, engine.device)
@@ -113,7 +128,8 @@ def main(
         data = concat_banks(parts)
         if len(data) == 0 and method is None:
             raise DfkdError(f"bank {bank_desc} is empty")
-    test, evaluated_on, data = evaluation_split(params, info, data, t_model, engine, online=method is not None)
+    with main_first():  # a test split to download: once
+        test, evaluated_on, data = evaluation_split(params, info, data, t_model, engine, online=method is not None)
     console.print(f"evaluated on {evaluated_on}")
     s_model = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
                           image_size=info.image_size, **params["student_kwargs"])
@@ -124,29 +140,39 @@ def main(
     if method is not None:
         bank_out = bank_out or out.with_name(f"{out.stem}.bank.h5")
     key = {**params, "bank": bank_desc, "teacher": str(teacher), "online": method, "online_cfg": online_cfg,
-           "bank_out": str(bank_out)}
+           "bank_out": str(bank_out), **({"world_size": world.size} if world.distributed else {})}
     names = " + ".join(b.name for b in banks or [])
     with contextlib.ExitStack() as stack:
-        stack.enter_context(OutputLock(out))  # a second run on the same student refuses while this one lives
+        stack.enter_context(primary_lock(out, world))  # a second run on the same student refuses meanwhile
         job: Job | None = None
         if method is not None:
             assert bank_out is not None
-            job = stack.enter_context(Job(bank_out, key))
-            feed: BankFeed = online_feed(method, online_cfg, t_model, teacher, info, data, job, params, engine)
+            # every rank records the whole grown bank in a job of its own (its resume state); rank 0 publishes
+            job = stack.enter_context(Job(rank_path(bank_out, world), key))
+            feed: BankFeed = online_feed(method, online_cfg, t_model, teacher, info, data, job, params, engine,
+                                         seed_offset=world.rank)
             resume: Resume | JobResume = JobResume(job)
             source = f"online {method}" + (f" + {names} ({len(data)} images)" if bank and data else "")
         else:
             assert data is not None and bank is not None
             feed = BankFeed(data.images, data.labels, engine.device)
-            resume = Resume.for_output(out, key)
+            resume = Resume.for_output(rank_path(out, world), key)  # every rank resumes its own state
             source = f"{names} ({len(data)} images)"
         console.print(f"distill {params['student']} from {source}, teacher acc {t_meta.accuracy}")
-        console.print(f"student: {side.describe()}; {engine.describe()}")
+        console.print(f"student: {side.describe()}; {engine.describe()}"
+                      + (f"; {world.size} processes (DDP), {cfg.batch_size} images per rank and step"
+                         if world.distributed else ""))
         if isinstance(feed, RecordedFeed):
             console.print(f"{method} synthesis: {feed.ctx.engine.describe()}")
         t0 = time.perf_counter()
         acc, history = distill(t_model, side, feed, test, cfg, engine, resume)
         seconds = time.perf_counter() - t0
+        if not world.main:  # rank 0 writes the artifacts; the others keep their state until it has
+            barrier()
+            resume.clear()
+            if job is not None:
+                job.done = True  # rank 0 published the bank: this rank's copy of the work goes
+            return
         meta = ModelMeta(params["student"], params["student_kwargs"], info, acc,
                          {**params, "bank": bank_desc}, now(), __version__, "student")
         save_model(out, s_model, meta)
@@ -154,7 +180,7 @@ def main(
         summary = {"name": name or params["student"], "test_acc": acc, "teacher_acc": t_acc,
                    "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": bank_desc,
                    "bank_size": len(data) if data is not None else 0, "epochs": cfg.epochs, "seconds": seconds,
-                   "precision": engine.precision, "evaluated_on": evaluated_on,
+                   "precision": engine.precision, "evaluated_on": evaluated_on, "world_size": world.size,
                    "best_epoch_test_acc (selected on test, for reference only)":
                        max((h["test_acc"] for h in history), default=acc)}
         if isinstance(feed, RecordedFeed) and job is not None:
@@ -167,6 +193,7 @@ def main(
                           images=summary["bank_size"], images_per_s=summary.get("online_images_per_s"))
         if plots:
             write_json(plots, history)
+        barrier()
         resume.clear()
     console.print(f"student {acc:.4f} on {evaluated_on} (teacher {t_acc}) -> {out}")
 
@@ -208,9 +235,10 @@ def evaluation_split(params: dict[str, Any], info: DatasetInfo, data: Bank | Non
 
 def online_feed(
     method: str, cfg: dict[str, Any], t_model: Any, teacher: Path, info: Any, data: Bank | None, job: Job,
-    params: dict[str, Any], engine: Engine,
+    params: dict[str, Any], engine: Engine, seed_offset: int = 0,
 ) -> RecordedFeed:
-    """The online feed recording into ``job`` (its synthesis engine picks its own precision: ``online.amp``)."""
+    """The online feed recording into ``job`` (its synthesis engine picks its own precision: ``online.amp``);
+    its synthesizer is seeded ``seed + seed_offset`` (a rank's own rounds under torchrun)."""
     syn_engine = Engine.create(engine.device, amp=cfg.pop("amp", "auto"), channels_last=engine.channels_last,
                                where="distill: param online.amp")
     header = BankHeader(
@@ -220,8 +248,8 @@ def online_feed(
         parent_checksum=file_checksum(data.path) if data is not None else "",
         optional=("teacher_logits",),
     )
-    ctx = FeedContext(t_model, info, syn_engine, job, header, data, int(params["seed"]), int(params["batch_size"]),
-                      int(params["epochs"]))
+    ctx = FeedContext(t_model, info, syn_engine, job, header, data, int(params["seed"]) + seed_offset,
+                      int(params["batch_size"]), int(params["epochs"]))
     return build_online_feed(method, ctx, cfg)
 
 

@@ -11,7 +11,7 @@ from dfkd_common.checkpoint import load_model
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_metrics
 from dfkd_common.synthesis import SYNTHESIZERS
 from dfkd_common.synthesize import RUN_DEFAULTS, run_synthesis
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, join_world, load_params
 
 
 def resolve_params(params_file: Path, method: str, sets: list[str] | None = None, **cli: Any) -> dict[str, Any]:
@@ -38,12 +38,14 @@ def main(
     """Synthesize a bank with METHOD; rerunning an interrupted command resumes it."""
     params = resolve_params(params_file, method, sets, rounds=rounds, seed=seed)
     ensure_writable(out, metrics)
+    world = join_world()  # under torchrun: rounds split across ranks, merged by rank 0
     seed_everything(int(params["seed"]))
     engine = Engine.create(device, amp=params["amp"], channels_last=bool(params["channels_last"]))
-    console.print(f"synthesize {method}: {engine.describe()}")
+    console.print(f"synthesize {method}: {engine.describe()}"
+                  + (f"; {world.size} processes, each its own rounds" if world.distributed else ""))
     model, meta = load_model(teacher, engine.device)
     result = run_synthesis(method, model, meta, teacher, out, params, engine)
-    if metrics:
+    if metrics and world.main:
         write_metrics(metrics, result, seconds=result["seconds"], images=result["images"],
                       images_per_s=result["images_per_s"])
     console.print(f"{method}: {result['images']} images in {result['seconds']:.1f}s "

@@ -16,13 +16,25 @@ from dfkd_common import __version__
 from dfkd_common.augment_ops import augment_config
 from dfkd_common.checkpoint import ModelMeta, file_checksum, now, save_model
 from dfkd_common.data import DatasetInfo, get_dataset
+from dfkd_common.dist import barrier, main_first, rank_path
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_metrics
 from dfkd_common.errors import DfkdError
 from dfkd_common.imports import KEYMAPS, load_weights, read_weights
 from dfkd_common.jobs import OutputLock
 from dfkd_common.models import build_model
 from dfkd_common.training import Resume, accuracy, train_supervised
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params, require
+from stages.common import (
+    DeviceOpt,
+    ParamsOpt,
+    SetOpt,
+    apply_overrides,
+    console,
+    errors,
+    join_world,
+    load_params,
+    primary_lock,
+    require,
+)
 
 app = typer.Typer(help="Teacher models.", no_args_is_help=True)
 
@@ -70,30 +82,36 @@ def train(
     )
     require(params, "dataset", "arch")
     ensure_writable(out, metrics)
+    world = join_world()
     seed_everything(int(params["seed"]))
     spec = get_dataset(params["dataset"], **params["dataset_kwargs"])
     info = spec.info
     model = build_model(params["arch"], info.num_classes, info.channels, info.mean, info.std,
                         image_size=info.image_size, **params["arch_kwargs"])
-    train_split = spec.load("train", params["data_root"])
-    test_split = spec.load("test", params["data_root"])
+    with main_first():  # one download, not one per rank
+        train_split = spec.load("train", params["data_root"])
+        test_split = spec.load("test", params["data_root"])
     engine = Engine.create(device, amp=params["amp"])
     console.print(f"teacher {params['arch']} on {info.name}: {len(train_split)} train / {len(test_split)} test; "
-                  f"{engine.describe()}")
-    resume = Resume.for_output(out, params)
-    with OutputLock(out):  # a second run on the same output refuses while this one lives
+                  f"{engine.describe()}" + (f"; {world.size} processes (DDP)" if world.distributed else ""))
+    resume = Resume.for_output(rank_path(out, world),
+                               {**params, "world_size": world.size} if world.distributed else params)
+    with primary_lock(out, world):  # a second run on the same output refuses while this one lives
         acc, history = train_supervised(
             model, train_split, test_split,
             epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
             optimizer=params["optimizer"], weight_decay=float(params["weight_decay"]),
             augment=augment_config(params["augment"]), engine=engine, seed=int(params["seed"]), resume=resume,
         )
-        meta = ModelMeta(params["arch"], params["arch_kwargs"], info, acc, params, now(), __version__, "teacher")
-        save_model(out, model, meta)
-        if metrics:
-            write_metrics(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name,
-                                    "precision": engine.precision, "epochs": len(history), "history": history},
-                          test_acc=acc)
+        if world.main:
+            meta = ModelMeta(params["arch"], params["arch_kwargs"], info, acc, params, now(), __version__,
+                             "teacher")
+            save_model(out, model, meta)
+            if metrics:
+                write_metrics(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name,
+                                        "precision": engine.precision, "epochs": len(history), "history": history,
+                                        "world_size": world.size}, test_acc=acc)
+        barrier()  # every rank's state stays until the artifact is written
         resume.clear()
     console.print(f"teacher test accuracy {acc:.4f} -> {out}")
 

@@ -34,6 +34,7 @@ from torch import nn
 
 from dfkd_common.bank import Bank, BankHeader
 from dfkd_common.data import DatasetInfo
+from dfkd_common.dist import current, gather_objects
 from dfkd_common.distill import BankFeed
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
@@ -228,12 +229,16 @@ class OnlineFeed(RecordedFeed):
         logs: dict[str, float] = {}
         t0 = time.perf_counter()
         self.synth.begin_epoch(epoch)
+        world = current()
         with frozen(side):  # the student and the modules its terms train are fixed functions during synthesis
             for _ in range(loops):
-                result = self.synth.synthesize(self.next_round, None if warm else side)
-                self.made += int(result.images.shape[0])
-                self.record(result.images, result.labels, self.next_round)
-                self.next_round += 1
+                # several ranks: each synthesises its own round (its own seed, round index next + rank); all
+                # record every rank's round in rank order, so each trains on the whole bank
+                result = self.synth.synthesize(self.next_round + world.rank, None if warm else side)
+                for images, labels in gather_objects((result.images, result.labels)):
+                    self.made += int(images.shape[0])
+                    self.record(images, labels, self.next_round)
+                    self.next_round += 1
                 logs = result.logs
         self.seconds += time.perf_counter() - t0
         return {f"synth_{k}": v for k, v in logs.items()}
