@@ -33,6 +33,10 @@ from dfkd_common.training import Checkpoints, accuracy, epoch_batches
 class BankFeed:
     """Training images held in memory on the device: uint8 (N, C, H, W) + labels (N,)."""
 
+    #: under torchrun: False = every rank draws the same batches and takes every N-th; True = the feed makes
+    #: each rank's batches itself (DFAD's per-rank generator), so the loop takes all of them
+    per_rank_batches = False
+
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
@@ -171,7 +175,7 @@ def distill(
                 while steps < limit:
                     for images, labels in feed.batches(bs, gen):
                         drawn += 1
-                        if (drawn - 1) % world.size != world.rank:
+                        if not feed.per_rank_batches and (drawn - 1) % world.size != world.rank:
                             continue
                         loss, logs = loss_fn(images, labels, epoch / max(1, cfg.epochs))
                         check_finite(loss, "student loss")

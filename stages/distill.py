@@ -22,7 +22,7 @@ from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everyth
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job, JobResume
 from dfkd_common.models import build_model
-from dfkd_common.online import ONLINE, FeedContext, RecordedFeed, build_online_feed
+from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
 from dfkd_common.student import StudentSide, TermSetup, check_objective
 from dfkd_common.synthesis import SYNTHESIZERS
 from dfkd_common.training import Resume, predict
@@ -113,9 +113,6 @@ def main(
     if bank is None and method is None:
         raise DfkdError("--bank is required (or --online METHOD to synthesise during training)")
     world = join_world()
-    if world.distributed and method in ONLINE:
-        raise DfkdError(f"--online {method} under {world.size} processes is not implemented (its generator steps "
-                        "interleave with the student's): run it in one process")
     seed_everything(int(params["seed"]))
     engine = Engine.create(device, amp=params["amp"])
     t_model, t_meta = load_model(teacher, engine.device)

@@ -242,3 +242,20 @@ def test_two_ranks_augment_every_source_once_in_source_order_and_train_a_teacher
         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "t.json").read_text())["test_acc"] > 0.5
+
+
+def test_two_ranks_distill_online_dfad_each_rank_its_own_generator(
+        tmp_path: Path, teacher_ckpt: Path, params: Path) -> None:
+    out = tmp_path / "dfad.safetensors"
+    proc = subprocess.run(
+        [*_torchrun("--standalone", "--nproc_per_node", "2"), "distill", "--online", "dfad",
+         "--teacher", str(teacher_ckpt), "--out", str(out), "--metrics", str(out.with_suffix(".json")),
+         "--plots", str(out.with_suffix(".plots.json")), "--params", str(params), "--device", "cpu",
+         "--set", "epochs=2", "--set", "batch_size=32", "--set", "weights={kd: 0, l1: 1}",
+         "--set", "online={iterations: 4, student_steps: 2, ngf: 8, nz: 16, record: 5}"],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bank = load_bank(tmp_path / "dfad.bank.h5")
+    assert bank.rounds.tolist() == [0] * 10 + [1] * 10  # each epoch: both ranks' samples of 5
+    assert not torch.equal(bank.images[:5], bank.images[5:10])  # two generators, two seeds
+    assert all(row["student_steps"] == 4 for row in _plots(out))  # 8 steps an epoch, half per rank

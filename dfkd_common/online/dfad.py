@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dfkd_common.dist import gather_objects
 from dfkd_common.engine import check_finite, fused_adam
 from dfkd_common.errors import DfkdError
 from dfkd_common.functional import l1_discrepancy
@@ -49,7 +50,13 @@ from dfkd_common.synthesis.losses import TERMS, Context
 
 @ONLINE.register("dfad")
 class DFADFeed(RecordedFeed):
-    """The generator side of DFAD (see the module docstring). All ``online:`` params configure this feed."""
+    """The generator side of DFAD (see the module docstring). All ``online:`` params configure this feed.
+
+    Under torchrun every rank plays its own generator (seeded ``seed + rank``) against the shared student, so its
+    batches are its own: the loop does not shard them (:attr:`per_rank_batches`).
+    """
+
+    per_rank_batches = True
 
     feed_defaults: ClassVar[dict[str, Any]] = {
         "nz": 100,  # latent size (MNIST 100, CIFAR 256)
@@ -158,9 +165,11 @@ class DFADFeed(RecordedFeed):
 
     @torch.no_grad()
     def record_sample(self, x: torch.Tensor) -> None:
+        """Record the epoch's sample (every rank's, in rank order, under torchrun: each has its own generator)."""
         engine = self.ctx.engine
-        labels = self.teacher(engine.images(x.clamp(0, 1))).argmax(1).cpu()
-        self.record(x.clamp(0, 1).cpu(), labels, self.next_round)
+        for sample in gather_objects(x.clamp(0, 1).cpu()):
+            labels = self.teacher(engine.images(sample.to(self.device))).argmax(1).cpu()
+            self.record(sample, labels, self.next_round)
         self.next_round += 1
         self.epoch_logs["bank_size"] = float(self.job.rows("bank"))
 
