@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from dfkd_common.errors import DfkdError
+
+T = TypeVar("T")
 
 #: how long a collective waits for a rank that stopped answering before it fails (torchrun then reports)
 TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("DFKD_DIST_TIMEOUT_MIN", "10")))
@@ -104,13 +107,11 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not current().distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def rank_share(items: Iterable[T], world: World | None = None) -> Iterator[T]:
+    """This rank's share of a sequence every rank draws alike: items r, r + N, r + 2N, ... (all of them when
+    single). Lazy: nothing past the last item taken is drawn, so an endless stream of passes works."""
+    world = world or current()
+    return itertools.islice(items, world.rank, None, world.size)
 
 
 def rank_path(path: str | os.PathLike[str], world: World | None = None) -> Path:

@@ -12,7 +12,8 @@ The loop is method-agnostic. What varies lives behind two small interfaces:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from dfkd_common.augment_ops import AugmentConfig, augment_config, build_augment, to_float
 from dfkd_common.data import ArraySplit
-from dfkd_common.dist import current
+from dfkd_common.dist import current, rank_share
 from dfkd_common.engine import Engine, check_finite, progress
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import FeatureHooks, Penultimate, stage_outputs
@@ -171,26 +172,24 @@ def distill(
                 # several ranks: the same shuffled batches on every rank, rank r takes batches r, r + N, ...: each
                 # takes 1/N of the epoch's steps (at least one), a step averages N batches
                 limit = max(1, limit // world.size) if epoch >= skip else 0
-                drawn = 0
-                while steps < limit:
-                    for images, labels in feed.batches(bs, gen):
-                        drawn += 1
-                        if not feed.per_rank_batches and (drawn - 1) % world.size != world.rank:
-                            continue
-                        loss, logs = loss_fn(images, labels, epoch / max(1, cfg.epochs))
-                        check_finite(loss, "student loss")
-                        opt.zero_grad(set_to_none=True)
-                        for o in own:
-                            o.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-                        for o in own:
-                            o.step()
-                        for k, v in {"loss": float(loss.detach()), **logs}.items():
-                            sums[k] = sums.get(k, 0.0) + v
-                        steps += 1
-                        if steps >= limit:
-                            break
+                # passes over the feed, one after another, as long as the epoch's steps need them
+                stream: Iterable[tuple[torch.Tensor, torch.Tensor]] = itertools.chain.from_iterable(
+                    feed.batches(bs, gen) for _ in itertools.count())
+                if not feed.per_rank_batches:
+                    stream = rank_share(stream, world)
+                for images, labels in itertools.islice(stream, limit):
+                    loss, logs = loss_fn(images, labels, epoch / max(1, cfg.epochs))
+                    check_finite(loss, "student loss")
+                    opt.zero_grad(set_to_none=True)
+                    for o in own:
+                        o.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    for o in own:
+                        o.step()
+                    for k, v in {"loss": float(loss.detach()), **logs}.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    steps += 1
                 if steps:
                     sched.step()
                 acc = accuracy(student, test, engine)

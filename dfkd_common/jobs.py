@@ -30,7 +30,7 @@ import contextlib
 import fcntl
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import torch
 
 from dfkd_common.bank import BankHeader
 from dfkd_common.checkpoint import load_tree, save_tree
+from dfkd_common.dist import barrier, current, gather_objects
 from dfkd_common.engine import make_parent, rng_state, set_rng_state
 from dfkd_common.errors import DfkdError
 from dfkd_common.params import params_hash
@@ -233,6 +234,32 @@ class Job:
         The work directory is removed when the ``with`` block ends without error.
         """
         n = header.write(out or self.out, self.shards(table), attrs or {})
+        self.done = True
+        return n
+
+
+    def publish_ranks(self, header: BankHeader, attrs: dict[str, Any], order: Callable[[dict[str, np.ndarray]],
+                      np.ndarray], out: str | os.PathLike[str]) -> int:
+        """Publish the ``bank`` tables of every rank of a torchrun run as the one bank ``out``.
+
+        A single process publishes its own table. Several: every rank's rows are gathered, rank 0 sorts them by
+        ``order(columns)`` (stable, so the bank depends on the seed and world size, not on which rank finished
+        first), publishes them with ``world_size`` in the attributes, and every rank's work directory goes once
+        it has. Returns the bank's rows (0 on the other ranks).
+        """
+        world = current()
+        if not world.distributed:
+            return self.publish_bank(header, attrs, out=out)
+        parts = [cols for cols in gather_objects(self.read("bank")) if cols]
+        n, table = 0, "bank"
+        if world.main:
+            if parts:
+                cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+                rows = np.argsort(order(cols), kind="stable")
+                self.write("merged", **{k: v[rows] for k, v in cols.items()})
+                table = "merged"
+            n = self.publish_bank(header, {**attrs, "world_size": world.size}, table=table, out=out)
+        barrier()
         self.done = True
         return n
 

@@ -16,7 +16,7 @@ import torch
 
 from dfkd_common.bank import BankHeader, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
-from dfkd_common.dist import barrier, current, gather_objects, rank_path
+from dfkd_common.dist import current, gather_objects, rank_path, rank_share
 from dfkd_common.engine import Engine, progress
 from dfkd_common.jobs import Job
 from dfkd_common.models import Classifier
@@ -61,7 +61,7 @@ def run_synthesis(
     world = current()
     # several ranks: rank r makes rounds r, r + N, ... with its own seed (seed + r); rank 0 merges them by round
     synth = build_synthesizer(method, teacher, info, cfg, engine, seed + world.rank)
-    mine = list(range(world.rank, rounds, world.size))
+    mine = list(rank_share(range(rounds), world))
     teacher_sum = file_checksum(teacher_path)
     header = BankHeader(channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
                         dataset=info.to_dict(), params=synth.cfg | {"rounds": rounds}, seed=seed,
@@ -73,7 +73,7 @@ def run_synthesis(
         if job.state is not None:
             synth.load_state_dict(job.state["synth"])
             job.restore_rng()
-            start, elapsed = int(job.state["done"]), float(job.state["elapsed"])
+            start, elapsed = int(job.state["round"]), float(job.state["elapsed"])
         with progress() as bar:
             task = bar.add_task(f"synthesize {method}", total=len(mine), completed=start, info="")
             for i in range(start, len(mine)):
@@ -83,31 +83,15 @@ def run_synthesis(
                 result = synth.synthesize(r)
                 elapsed += time.perf_counter() - t0
                 job.write("bank", **scored_rows(header, teacher, engine, result.images, result.labels, r))
-                job.checkpoint({"synth": synth.state_dict(), "done": i + 1, "elapsed": elapsed})
+                # rounds of this rank's share done (one process: the next round, as before torchrun)
+                job.checkpoint({"synth": synth.state_dict(), "round": i + 1, "elapsed": elapsed})
                 logs = result.logs
                 bar.update(task, advance=1, info=f"loss {logs.get('loss', float('nan')):.3f} "
                            f"n {job.rows('bank')}")
-        table = "bank"
         if world.distributed:
-            shares = gather_objects((job.read("bank"), elapsed))
-            elapsed = max(e for _, e in shares)  # the run's wall time: its slowest rank
-            if world.main:
-                job.write("merged", **merge_rounds([cols for cols, _ in shares if cols]))
-                table = "merged"
-        n = 0
-        if world.main:
-            attrs = {"synthesis_seconds": elapsed, "precision": engine.precision}
-            n = job.publish_bank(header, {**attrs, "world_size": world.size} if world.distributed else attrs,
-                                 table=table, out=out)
-        barrier()
-        job.done = True  # published by rank 0: every rank's work directory goes
+            elapsed = max(gather_objects(elapsed))  # the run's wall time: its slowest rank
+        n = job.publish_ranks(header, {"synthesis_seconds": elapsed, "precision": engine.precision},
+                              order=lambda cols: cols["round"], out=out)
     return {"method": method, "images": n, "rounds": rounds, "seconds": elapsed, "precision": engine.precision,
             "images_per_s": n / max(elapsed, 1e-9), "final_losses": logs, "world_size": world.size}
 
-
-def merge_rounds(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Ranks' rows as one table ordered by round (a stable sort: rows keep their order within a round), so the
-    merged bank depends on the seed and the world size only, not on which rank finished first."""
-    cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(cols["round"], kind="stable")
-    return {k: v[order] for k, v in cols.items()}

@@ -7,8 +7,9 @@ DataLoader over PIL images several times and makes runs repeatable from the seed
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from torch import nn
 from dfkd_common.augment_ops import AugmentConfig, build_augment, to_float
 from dfkd_common.checkpoint import load_tree, save_tree
 from dfkd_common.data import ArraySplit
-from dfkd_common.dist import current
+from dfkd_common.dist import current, rank_share
 from dfkd_common.engine import Engine, check_finite, progress, rng_state, set_rng_state
 from dfkd_common.errors import DfkdError
 from dfkd_common.params import params_hash
@@ -138,6 +139,7 @@ def train_supervised(
     if world.distributed and len(train) // batch_size < world.size:
         raise DfkdError(f"{world.size} processes need at least {world.size} full batches of {batch_size} per epoch; "
                         f"the training split has {len(train)} images")
+    per_rank = len(train) // batch_size // world.size
     net: nn.Module = nn.parallel.DistributedDataParallel(model) if world.distributed else model
     opt = make_optimizer(model.parameters(), optimizer, lr, weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
@@ -159,10 +161,10 @@ def train_supervised(
         for epoch in range(start, epochs):
             model.train()
             total, count = 0.0, 0
-            per_rank = max(1, len(train) // batch_size // world.size)
-            for i, idx in enumerate(epoch_batches(len(train), batch_size, gen)):
-                if world.distributed and (i % world.size != world.rank or i >= world.size * per_rank):
-                    continue  # another rank's batch, or a remainder some rank would lack (DDP: equal steps)
+            batches: Iterable[torch.Tensor] = epoch_batches(len(train), batch_size, gen)
+            if world.distributed:  # this rank's batches, none of a remainder some rank would lack (DDP: equal steps)
+                batches = itertools.islice(rank_share(batches, world), per_rank)
+            for idx in batches:
                 x = engine.images(aug(to_float(images[idx])))
                 with engine.autocast():
                     loss = F.cross_entropy(net(x).float(), labels[idx])

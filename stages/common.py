@@ -146,7 +146,7 @@ def join_world() -> World:
 
 
 def _stopped(signum: int, frame: Any) -> None:
-    raise DfkdError(f"rank {init_world().rank} stopped by torchrun: another process of this run failed (torchrun "
+    raise DfkdError(f"rank {current_world().rank} stopped by torchrun: another process of this run failed (torchrun "
                     "names it below); rerun the same command to resume")
 
 

@@ -6,12 +6,7 @@
 # artifacts/teachers/lenet5.safetensors and artifacts/banks/deepinversion.h5 (from `dvc repro`). Results: $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/augment-check}
-mkdir -p "$OUT"
-python3 -V
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-unwheel() { python3 -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" "$@"; }
-[ -d /tmp/extA/diffusers ] || unwheel /tmp/extA .device/wheelsA/*.whl
-export PYTHONPATH=/tmp/extA:$PWD HF_HUB_OFFLINE=1 DFKD_NO_PROGRESS=1
+source benchmarks/device/_env.sh
 python3 -c 'import dfkd_common.tvguard; from diffusers import StableDiffusionImageVariationPipeline; import stages.cli' || exit 3
 start=$(date +%s)
 python3 benchmarks/bench_variation_speed.py --device cuda --dtypes fp32,bf16,fp16 --batch 64 -k 4 --steps 25 \

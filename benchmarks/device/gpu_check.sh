@@ -10,11 +10,6 @@
 # Then (device tool) carry .device and run: OUT=$OUT bash benchmarks/device/gpu_check.sh  (<= 8 minutes).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
-mkdir -p "$OUT"
-python3 -V
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-unwheel() { python3 -c "import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]" "$@"; }
-[ -d /tmp/extA/diffusers ] || unwheel /tmp/extA .device/wheelsA/*.whl
-export PYTHONPATH=/tmp/extA:$PWD HF_HUB_OFFLINE=1 DFKD_NO_PROGRESS=1
+source benchmarks/device/_env.sh
 python3 -c 'import dfkd_common.tvguard, kornia, mlxtend, stages.cli' || exit 3
 python3 benchmarks/gpu_check.py --device cuda --out "$OUT" --budget "${BUDGET:-400}" 2>&1 | tee "$OUT/gpu_check.txt"

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from dfkd_common.augment_ops import to_float
 from dfkd_common.bank import Bank, BankHeader, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
-from dfkd_common.dist import barrier, current, gather_objects, rank_path
+from dfkd_common.dist import current, gather_objects, rank_path, rank_share
 from dfkd_common.engine import Engine, progress
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job
@@ -162,7 +162,7 @@ def augment_bank(
     all_rows = rows
     if world.distributed:  # rank r varies source batches r, r + N, ...; rank 0 merges in source order
         batches = [rows[lo : lo + cfg.batch_size] for lo in range(0, len(rows), cfg.batch_size)]
-        rows = np.concatenate(batches[world.rank :: world.size] or [rows[:0]])
+        rows = np.concatenate(list(rank_share(batches, world)) or [rows[:0]])
         key = {**key, "world": world.size, "rank": world.rank}
     with Job(rank_path(out, world), key) as job:
         if job.state is None:
@@ -207,19 +207,10 @@ def augment_bank(
                 if on_batch:
                     on_batch(cursor)
         seconds = before + time.perf_counter() - t0
-        table = "bank"
-        if world.distributed:
-            shares = gather_objects((job.read("bank"), made, kept, agree, seconds))
-            made, kept = sum(sh[1] for sh in shares), sum(sh[2] for sh in shares)
-            agree, seconds = sum(sh[3] for sh in shares), max(sh[4] for sh in shares)
-            parts = [sh[0] for sh in shares if sh[0]]
-            if world.main and parts:
-                position = np.empty(len(bank), np.int64)
-                position[all_rows] = np.arange(len(all_rows))
-                cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-                order = np.argsort(position[cols["parent_index"]], kind="stable")
-                job.write("merged", **{k: v[order] for k, v in cols.items()})
-                table = "merged"
+        if world.distributed:  # the run's figures: every rank's counts, the slowest rank's time
+            shares = gather_objects((made, kept, agree, seconds))
+            made, kept = sum(sh[0] for sh in shares), sum(sh[1] for sh in shares)
+            agree, seconds = sum(sh[2] for sh in shares), max(sh[3] for sh in shares)
         names = list(info.class_names)
         per_class = [{"class": c, "name": names[c] if c < len(names) else str(c), "made": int(made[c]),
                       "kept": int(kept[c]), "keep_rate": float(kept[c] / made[c]) if made[c] else None}
@@ -229,11 +220,10 @@ def augment_bank(
                  "keep_rate": total_kept / max(total_made, 1), "label_agreement": agree / max(total_made, 1),
                  "per_class": per_class, "parent_path": str(bank.path), "parent_rows": len(bank),
                  "seconds": seconds, "variations_per_s": total_made / max(seconds, 1e-9)}
-        if world.main:
-            job.publish_bank(header, {"augment": {**stats, "world_size": world.size} if world.distributed else stats},
-                             table=table, out=out)
-        barrier()
-        job.done = True  # published by rank 0: every rank's work directory goes
+        position = np.empty(len(bank), np.int64)  # merged in source order
+        position[all_rows] = np.arange(len(all_rows))
+        job.publish_ranks(header, {"augment": {**stats, "world_size": world.size} if world.distributed else stats},
+                          order=lambda cols: position[cols["parent_index"]], out=out)
     return {**stats, "model": identity, "omega": cfg.omega, "k": cfg.k, "same_label": cfg.same_label,
             "images": total_kept, "images_per_s": total_made / max(seconds, 1e-9),
             "precision": model.precision()}
