@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model
 from dfkd_common.engine import Engine, details_path
+from dfkd_common.errors import DfkdError
 from dfkd_common.functional import l1_discrepancy
 from dfkd_common.models import build_generator, build_model
+from dfkd_common.models.hooks import BNStats
 from dfkd_common.online import build_online_feed, recording
 from dfkd_common.student import STUDENT_TERMS, StudentStep
 from dfkd_common.synthesis import build_synthesizer
@@ -74,6 +76,40 @@ def test_dfad_ie_option_balances_the_generators_classes(teacher_ckpt: Path, tmp_
         return float(-(pbar * pbar.clamp_min(1e-8).log()).sum())
 
     assert class_entropy(10.0) > class_entropy(0.0) + 0.1
+
+
+def test_dfad_bn_option_moves_the_generators_bn_statistics_toward_the_teachers(teacher_ckpt: Path,
+                                                                                tmp_path: Path) -> None:
+    """``bn`` adds DeepInversion's prior to the generator loss: G(z)'s statistics at the teacher's BN layers
+    approach the running ones (a sign error, or a prior never added, leaves them as far as without it)."""
+    teacher, meta = load_model(teacher_ckpt)
+    info = meta.dataset
+    z = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    probe = BNStats(teacher)
+
+    def bn_distance(bn: float) -> float:
+        torch.manual_seed(0)
+        with recording(tmp_path / f"bn{bn}.h5", teacher, info, _engine(), "dfad", batch_size=64) as ctx:
+            feed = build_online_feed("dfad", ctx, {"nz": 16, "ngf": 8, "lr_g": 0.01, "record": 0, "bn": bn})
+            feed.before_epoch(0, build_model("lenet5_half", 10, 1, info.mean, info.std))
+            for _ in range(15):
+                feed.generator_step(64)  # type: ignore[attr-defined]
+            probe.enable(True)
+            with torch.no_grad():
+                teacher(feed.generator(z))  # type: ignore[attr-defined]
+            distance = float(probe.loss())
+            probe.enable(False)
+        return distance
+
+    assert bn_distance(1.0) < 0.7 * bn_distance(0.0)
+
+
+def test_dfad_bn_option_needs_a_teacher_with_batchnorm(teacher_ckpt: Path, tmp_path: Path) -> None:
+    info = load_model(teacher_ckpt)[1].dataset
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(info.channels * info.image_size ** 2, 10))
+    with recording(tmp_path / "b.h5", teacher, info, _engine(), "dfad", batch_size=8) as ctx:
+        with pytest.raises(DfkdError, match=r"online\.bn needs BatchNorm2d"):
+            build_online_feed("dfad", ctx, {"nz": 8, "ngf": 4, "bn": 1.0})
 
 
 def test_dfad_batches_alternate_generator_and_student_steps(teacher_ckpt: Path, tmp_path: Path) -> None:
