@@ -9,7 +9,10 @@ The seed study itself is DVC's (README "Seed studies"):
 
 This script only folds `dvc exp show --csv` (one row per experiment, a column per metric) into one line per
 student: which seeds ran, each final test accuracy, mean +- sd, and x teacher. Rows whose method_seed repeats
-(the workspace and a committed baseline) count once.
+(the workspace and a committed baseline) count once. An experiment that re-ran only some stages
+(`dvc exp run ... distill_online@dfad_priors`) carries the baseline's metrics for every other student; a
+student's figure counts for a seed only where its `seconds` differ from the baseline's (a re-run never takes the
+same seconds to the last digit), so such carried-over rows do not pose as seeds.
 """
 
 from __future__ import annotations
@@ -39,19 +42,30 @@ def main() -> None:
         if seed not in ("", "-") and seed not in by_seed and any(r.get(c) not in ("", "-", None) for c in students):
             by_seed[seed] = r
     seeds = sorted(by_seed, key=int)
+    base = rows[0]  # the workspace (dvc exp show lists it first)
     teacher = float(by_seed[seeds[0]][teacher_col]) if teacher_col and seeds else None
     print(f"seeds {', '.join(seeds)}" + (f"; teacher {100 * teacher:.2f} %" if teacher else ""))
-    print("| student | " + " / ".join(f"seed {s}" for s in seeds) + " (%) | mean +- sd (%) | x teacher |")
+    print("| student | final test accuracy per seed (%) | mean +- sd (%) | x teacher |")
     print("| --- | --- | ---: | ---: |")
     for col in students:
         name = col.split("students/")[1].split(".metrics.json")[0]
-        vals = [100 * float(by_seed[s][col]) for s in seeds if by_seed[s].get(col) not in ("", "-", None)]
+        secs = col.replace(":test_acc", ":seconds")
+
+        def ran(row: dict[str, str], col: str = col, secs: str = secs) -> bool:
+            if row.get(col) in ("", "-", None):
+                return False
+            return row is base or row.get(secs) is None or row.get(secs) != base.get(secs)
+
+        ran_seeds = [s for s in seeds if ran(by_seed[s]) or by_seed[s].get(seed_col) == base.get(seed_col)]
+        vals = [100 * float(by_seed[s][col]) for s in ran_seeds]
         if not vals:
             continue
         mean = statistics.fmean(vals)
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
         ratio = f"{mean / (100 * teacher):.3f}" if teacher else ""
-        print(f"| {name} | {' / '.join(f'{v:.1f}' for v in vals)} | {mean:.2f} +- {sd:.2f} | {ratio} |")
+        runs = " / ".join(f"{v:.1f}" for v in vals)
+        which = ("seeds " if len(ran_seeds) > 1 else "seed ") + ", ".join(ran_seeds)
+        print(f"| {name} | {runs} ({which}) | {mean:.2f} +- {sd:.2f} | {ratio} |")
 
 
 if __name__ == "__main__":
