@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from dfkd_common.augment_ops import to_float
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data.datasets import load_split
@@ -28,7 +29,7 @@ def distances(teacher: torch.nn.Module, bn: BNStats, batches: list[torch.Tensor]
     out = []
     for x in batches:
         with torch.no_grad():
-            teacher(x.float() / 255 if x.dtype == torch.uint8 else x.float())
+            teacher(to_float(x))
         out.append(float(bn.loss()))
     return out
 

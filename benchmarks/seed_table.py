@@ -24,6 +24,15 @@ import sys
 from pathlib import Path
 
 
+def ran(row: dict[str, str], base: dict[str, str], col: str, seed_col: str) -> bool:
+    """Whether ``row``'s experiment produced its own figure in ``col``: the workspace's seed always did; another
+    seed did only if the student's seconds differ from the workspace's (else they are the workspace's, carried)."""
+    if row.get(col) in ("", "-", None):
+        return False
+    secs = col.replace(":test_acc", ":seconds")
+    return row.get(seed_col) == base.get(seed_col) or row.get(secs) != base.get(secs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv", type=Path, help="output of `dvc exp show --csv`")
@@ -49,14 +58,7 @@ def main() -> None:
     print("| --- | --- | ---: | ---: |")
     for col in students:
         name = col.split("students/")[1].split(".metrics.json")[0]
-        secs = col.replace(":test_acc", ":seconds")
-
-        def ran(row: dict[str, str], col: str = col, secs: str = secs) -> bool:
-            if row.get(col) in ("", "-", None):
-                return False
-            return row is base or row.get(secs) is None or row.get(secs) != base.get(secs)
-
-        ran_seeds = [s for s in seeds if ran(by_seed[s]) or by_seed[s].get(seed_col) == base.get(seed_col)]
+        ran_seeds = [s for s in seeds if ran(by_seed[s], base, col, seed_col)]
         vals = [100 * float(by_seed[s][col]) for s in ran_seeds]
         if not vals:
             continue
