@@ -14,6 +14,7 @@ import kornia.augmentation as K
 import torch
 from torch import nn
 
+from dfkd_common.geometry import Size, as_hw
 from dfkd_common.params import check_params
 
 
@@ -38,7 +39,7 @@ class Jitter(nn.Module):
         return self.rgb(x) if x.shape[1] == 3 else self.gray(x)
 
 
-def build_augment(image_size: int, cfg: AugmentConfig) -> nn.Module:
+def build_augment(image_size: Size, cfg: AugmentConfig) -> nn.Module:
     """Crop (zero padding), flip and jitter, each with per-sample random parameters.
 
     A plain ``nn.Sequential`` of kornia ops rather than ``K.AugmentationSequential``: the same random draws, the
@@ -47,7 +48,7 @@ def build_augment(image_size: int, cfg: AugmentConfig) -> nn.Module:
     """
     ops: list[nn.Module] = []
     if cfg.crop_pad:
-        ops.append(K.RandomCrop((image_size, image_size), padding=cfg.crop_pad))
+        ops.append(K.RandomCrop(as_hw(image_size), padding=cfg.crop_pad))
     if cfg.flip:
         ops.append(K.RandomHorizontalFlip())
     if cfg.jitter:

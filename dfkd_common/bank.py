@@ -1,18 +1,11 @@
 """ImageBank: the HDF5 artifact every image-producing stage writes and every student stage reads.
 
-Schema version 1 (one file per bank)::
-
-    images          uint8   (N, C, H, W)  chunked ~1 MiB, resizable along N, uncompressed, values 0-255
-    labels          int64   (N,)          synthesis target, or the teacher's label (retrieval); -1 = none
-    round           int32   (N,)          synthesis round/epoch that produced the row
-    teacher_logits  float16 (N, K)        optional
-    parent_index    int64   (N,)          optional: row in the parent bank (augmented banks)
-    score           float32 (N,)          optional: retrieval confidence score / filter similarity
-    source          int16   (N,)          optional: index into attrs["source_names"] (retrieval pools)
-
-    attrs: schema_version, kind (synthetic|retrieved|augmented|merged), method, params (JSON),
-           teacher_checksum, parent_checksum, dataset (JSON DatasetInfo of the teacher), seed,
-           created_at, version, source_names (JSON list, optional)
+The schema (version 2; every field, attribute and version is described once, in ``docs/ARTIFACTS.md``): one file
+per bank with ``images`` uint8 (N, C, H, W), ``round``, the task's target column (classification: ``labels``
+int64 (N,), -1 where a row has none) and optional columns (the teacher's logits, whose per-row shape is the task's;
+``parent_index``, ``score``, ``source``), plus provenance attributes. Which columns a bank has and their shapes
+come from its task (:mod:`dfkd_common.tasks`), never from an assumption about classes. Version-1 banks (dfkd
+0.2-0.6: classification, square images) read as they are.
 
 Images are stored unnormalised so any HDF5 viewer shows them; models normalise their own input. Chunks are
 uncompressed because random reads from gzip chunks are slow, and training reads the whole bank into memory
@@ -45,11 +38,17 @@ import torch
 
 from dfkd_common import __version__
 from dfkd_common.checkpoint import now
+from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import atomic_path
 from dfkd_common.errors import DfkdError
+from dfkd_common.geometry import Size, as_hw, shape_str
+from dfkd_common.tasks import Column, Task, get_task
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this dfkd reads: 1 (dfkd 0.2-0.6), 2 (since 0.7: the task attribute, (H, W) geometry)
+READABLE = (1, 2)
 KINDS = ("synthetic", "retrieved", "augmented", "merged")
+#: the optional per-row columns every task shares; ``teacher_logits`` is optional too, its shape the task's
 OPTIONAL = {
     "teacher_logits": np.float16,
     "parent_index": np.int64,
@@ -83,7 +82,7 @@ class BankHeader:
     """
 
     channels: int
-    image_size: int
+    image_size: Size
     kind: str
     method: str
     dataset: dict[str, Any]
@@ -96,6 +95,7 @@ class BankHeader:
     source_names: list[str] | None = None
 
     def __post_init__(self) -> None:
+        self.image_size = as_hw(self.image_size)
         if self.kind not in KINDS:
             raise ValueError(f"bank kind must be one of {KINDS}")
         for name in self.optional:
@@ -104,11 +104,24 @@ class BankHeader:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return (self.channels, self.image_size, self.image_size)
+        return (self.channels, *self.image_size)
 
     @property
     def classes(self) -> int:
         return self.num_classes if self.num_classes is not None else int(self.dataset["num_classes"])
+
+    @property
+    def task(self) -> Task:
+        return get_task(self.dataset.get("task"))
+
+    def schema(self) -> dict[str, Column]:
+        """Every per-row column this bank holds besides ``images``: its dtype and row shape (from the task)."""
+        task = self.task
+        cols = {task.target: task.target_column(self.classes, self.image_size), "round": Column(np.int32)}
+        for name in self.optional:
+            cols[name] = (task.logits_column(self.classes, self.image_size) if name == "teacher_logits"
+                          else Column(OPTIONAL[name]))
+        return cols
 
     def columns(self, images: torch.Tensor | np.ndarray, labels: Any, round_index: int | Any,
                 **optional: Any) -> dict[str, np.ndarray]:
@@ -120,13 +133,11 @@ class BankHeader:
         missing = set(self.optional) - set(optional)
         if missing:
             raise ValueError(f"rows need {sorted(missing)} for this bank")
-        cols = {"images": imgs, "labels": _np(labels, np.int64, b), "round": _np(round_index, np.int32, b)}
-        for name in self.optional:
-            cols[name] = _np(optional[name], OPTIONAL[name], b)
-        return cols
+        given = {self.task.target: labels, "round": round_index, **optional}
+        return {"images": imgs, **{name: _np(given[name], col.dtype, b) for name, col in self.schema().items()}}
 
     def attrs(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "kind": self.kind, "method": self.method,
+        return {"schema_version": SCHEMA_VERSION, "task": self.task.name, "kind": self.kind, "method": self.method,
                 "params": json.dumps(self.params or {}, sort_keys=True, default=str),
                 "dataset": json.dumps(self.dataset), "seed": self.seed, "teacher_checksum": self.teacher_checksum,
                 "parent_checksum": self.parent_checksum, "created_at": now(), "version": __version__,
@@ -136,20 +147,16 @@ class BankHeader:
               attrs: dict[str, Any] | None = None) -> int:
         """Assemble ``shards`` (from :meth:`columns`) into the bank ``path``, atomically; returns its rows."""
         rows = max(1, (1 << 20) // int(np.prod(self.shape)))
-        k = self.classes
+        schema = self.schema()
         h5 = h5py.File(f"{Path(path).name}.image", "w", driver="core", backing_store=False)
         try:
             _create(h5, "images", (0, *self.shape), np.uint8, (rows, *self.shape))
-            _create(h5, "labels", (0,), np.int64, (4096,))
-            _create(h5, "round", (0,), np.int32, (4096,))
-            for name in self.optional:
-                shape = (0, k) if name == "teacher_logits" else (0,)
-                chunks = (max(1, 4096 // k), k) if name == "teacher_logits" else (4096,)
-                _create(h5, name, shape, OPTIONAL[name], chunks)
+            for name, col in schema.items():
+                _create(h5, name, (0, *col.shape), col.dtype, (col.chunk_rows(), *col.shape))
             n = 0
             for shard in shards:
                 b = int(shard["images"].shape[0])
-                for name in ("images", "labels", "round", *self.optional):
+                for name in ("images", *schema):
                     ds = h5[name]
                     ds.resize(n + b, axis=0)
                     ds[n : n + b] = shard[name]
@@ -249,19 +256,22 @@ class Bank:
         c, h, w = self.images.shape[1:]
         return int(c), int(h), int(w)
 
-    def check_compatible(self, channels: int, image_size: int, num_classes: int, what: str = "teacher") -> None:
-        """Fail clearly when a bank cannot feed a model of that input shape / class count."""
+    @property
+    def task(self) -> Task:
+        return get_task(self.attrs.get("task") or self.dataset.get("task"))
+
+    def check_compatible(self, info: DatasetInfo, what: str = "teacher") -> None:
+        """Fail clearly when a bank cannot feed a model of ``info``'s task, input shape and class count."""
+        if self.task.name != info.task:
+            raise DfkdError(f"bank {self.path.name} holds {self.task.name} targets, the {what} is for {info.task}")
         c, h, w = self.image_shape
-        if (c, h, w) != (channels, image_size, image_size):
-            raise DfkdError(
-                f"bank {self.path.name} has images {c}x{h}x{w}, the {what} expects "
-                f"{channels}x{image_size}x{image_size}"
-            )
+        if (c, h, w) != info.shape:
+            raise DfkdError(f"bank {self.path.name} has images {c}x{h}x{w}, the {what} expects "
+                            f"{shape_str(info.channels, info.image_size)}")
         k = self.dataset.get("num_classes")
-        if k is not None and int(k) != num_classes:
-            raise DfkdError(f"bank {self.path.name} is for {k} classes, the {what} has {num_classes}")
-        if len(self) and int(self.labels.max()) >= num_classes:
-            raise DfkdError(f"bank {self.path.name} has label {int(self.labels.max())} >= {num_classes} classes")
+        if k is not None and int(k) != info.num_classes:
+            raise DfkdError(f"bank {self.path.name} is for {k} classes, the {what} has {info.num_classes}")
+        self.task.check_targets(self.labels, info.num_classes, f"bank {self.path.name}")
 
 
 def concat_banks(banks: list[Bank]) -> Bank:
@@ -304,20 +314,22 @@ def read_attrs(h5: h5py.File, path: Path) -> dict[str, Any]:
                 raise DfkdError(f"{path}: attribute {k} is not valid JSON") from None
         attrs[k] = v.item() if isinstance(v, np.generic) else v
     version = attrs.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise DfkdError(f"{path}: bank schema version {version}, this dfkd reads version {SCHEMA_VERSION}")
+    if version not in READABLE:
+        raise DfkdError(f"{path}: bank schema version {version}; this dfkd ({__version__}) reads versions "
+                        f"{', '.join(map(str, READABLE))} (docs/ARTIFACTS.md)")
+    attrs.setdefault("task", (attrs.get("dataset") or {}).get("task") or "classification")
     return attrs
 
 
-def validate(h5: h5py.File, path: Path) -> int:
-    for name in ("images", "labels", "round"):
+def validate(h5: h5py.File, path: Path, target: str = "labels") -> int:
+    for name in ("images", target, "round"):
         if name not in h5:
             raise DfkdError(f"{path}: bank has no '{name}' dataset")
     images = h5["images"]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise DfkdError(f"{path}: 'images' must be uint8 (N, C, H, W), is {images.dtype} {images.shape}")
     n = images.shape[0]
-    for name in ("labels", "round", *OPTIONAL):
+    for name in (target, "round", *OPTIONAL):
         if name in h5 and h5[name].shape[0] != n:
             raise DfkdError(f"{path}: '{name}' has {h5[name].shape[0]} rows, 'images' has {n}")
     return n
@@ -328,7 +340,7 @@ def bank_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     with _open(path) as h5:
         attrs = read_attrs(h5, path)
-        n = validate(h5, path)
+        n = validate(h5, path, get_task(attrs["task"]).target)
         return {"attrs": attrs, "n": n, "image_shape": tuple(h5["images"].shape[1:]),
                 "fields": sorted(h5.keys()), "checksummed": checksummed(h5)}
 
@@ -359,12 +371,13 @@ def load_bank(path: str | os.PathLike[str], rows: slice | None = None) -> Bank:
     sel = rows if rows is not None else slice(None)
     with _open(path) as h5:
         attrs = read_attrs(h5, path)
-        validate(h5, path)
+        target = get_task(attrs["task"]).target
+        validate(h5, path, target)
         verified = checksummed(h5)
         if not verified:
             note_unverified(path)
         images = torch.from_numpy(_read(h5, "images", sel, path))
-        labels = torch.from_numpy(_read(h5, "labels", sel, path).astype(np.int64))
+        labels = torch.from_numpy(_read(h5, target, sel, path).astype(np.int64))
         rounds = torch.from_numpy(_read(h5, "round", sel, path).astype(np.int32))
         extra = {k: torch.from_numpy(_read(h5, k, sel, path)) for k in OPTIONAL if k in h5}
     return Bank(path, images, labels, rounds, extra, attrs, verified)
@@ -379,15 +392,15 @@ def verify_bank(path: str | os.PathLike[str], block: int = 8192) -> dict[str, An
     path = Path(path)
     with _open(path) as h5:
         attrs = read_attrs(h5, path)
-        n = validate(h5, path)
+        n = validate(h5, path, get_task(attrs["task"]).target)
         names = sorted(h5.keys())
         for name in names:
             for i in range(0, max(n, 1), block):
                 _read(h5, name, slice(i, i + block), path)
         k = (attrs.get("dataset") or {}).get("num_classes")
+        task = get_task(attrs["task"])
         if k and n:
-            top = max(int(_read(h5, "labels", slice(i, i + block), path).max(initial=-1))
-                      for i in range(0, n, block))
-            if top >= int(k):
-                raise DfkdError(f"{path}: label {top} is outside the bank's {k} classes")
+            for i in range(0, n, block):
+                targets = torch.from_numpy(_read(h5, task.target, slice(i, i + block), path).astype(np.int64))
+                task.check_targets(targets, int(k), str(path))
         return {"rows": n, "datasets": names, "checksummed": checksummed(h5)}

@@ -1,9 +1,13 @@
 """Model checkpoints (safetensors + metadata) and resumable training state, never pickles.
 
 A model checkpoint is one ``.safetensors`` file. Its header metadata holds ``dfkd`` -> JSON with the schema
-version, architecture name and kwargs, dataset info (classes, input shape, normalisation), measured test
-accuracy, the params that produced it, creation time and package version, so :func:`load_model` rebuilds the
-model from the file alone. Loading runs no pickled code, so a checkpoint someone sent you is safe to open.
+version, the artifact's kind (teacher, student; open to others), its task, the model reference and options
+(``arch``: a model source and a network, :mod:`dfkd_common.models.sources`), dataset info (classes, input shape
+(H, W), normalisation), the task's metrics measured on the real test split, the params that produced it, creation
+time and package version, so :func:`load_model` rebuilds the model from the file alone (every field:
+``docs/ARTIFACTS.md``). Loading runs no pickled code, so a checkpoint someone sent you is safe to open.
+Checkpoints of schema version 1 (dfkd 0.2-0.6: ``accuracy`` and ``role`` instead of ``metrics`` and ``kind``) load
+as they are.
 
 Resumable state (optimizers, schedulers, generator, RNG states, counters) uses the same container through
 :func:`save_tree`/:func:`load_tree`: tensors go into safetensors, everything else into JSON metadata. Both are
@@ -35,9 +39,12 @@ from safetensors.torch import save
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import atomic_path
 from dfkd_common.errors import DfkdError
-from dfkd_common.models import Classifier, build_model
+from dfkd_common.models import Classifier, build_for, resolve
+from dfkd_common.tasks import Task, get_task
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: versions this dfkd reads: 1 (dfkd 0.2-0.6), 2 (since 0.7: kind, task, metrics, model source)
+READABLE = (1, 2)
 DIGESTS = "tensors_sha256"  # metadata key: {tensor name: sha256 hex}
 
 
@@ -74,30 +81,53 @@ def check_digests(path: Path, tensors: dict[str, torch.Tensor], expected: dict[s
 
 @dataclass
 class ModelMeta:
-    arch: str
+    """A model artifact's metadata (schema: ``docs/ARTIFACTS.md``).
+
+    ``metrics`` are the task's metrics on the real test split (``{}``: unmeasured); a number given there is taken
+    as the task's headline metric. ``kind`` is open: teacher and student today, a quantized model later.
+    """
+
+    arch: str  # model reference: a zoo name, or source:name (torchvision:resnet18)
     arch_kwargs: dict[str, Any]
     dataset: DatasetInfo
-    accuracy: float | None
+    metrics: dict[str, float]
     params: dict[str, Any]
     created_at: str
     version: str
-    role: str  # teacher | student
+    kind: str  # teacher | student | ...
     digests: dict[str, str] | None = None  # tensor name -> sha256, filled by save_model; None: written before 0.2
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = {}
+        elif not isinstance(self.metrics, dict):
+            self.metrics = {self.task.headline: float(self.metrics)}
+
+    @property
+    def task(self) -> Task:
+        return get_task(self.dataset.task)
+
+    @property
+    def headline(self) -> float | None:
+        """The task's headline metric on the real test split (classification: test accuracy), if measured."""
+        return self.metrics.get(self.task.headline)
 
     def to_json(self) -> str:
         return json.dumps(
             {
                 "schema_version": SCHEMA_VERSION,
+                "kind": self.kind,
+                "task": self.dataset.task,
                 "arch": self.arch,
+                "source": resolve(self.arch)[0].name,
                 "arch_kwargs": self.arch_kwargs,
                 "dataset": self.dataset.to_dict(),
-                "input_shape": [self.dataset.channels, self.dataset.image_size, self.dataset.image_size],
+                "input_shape": list(self.dataset.shape),
                 "num_classes": self.dataset.num_classes,
-                "accuracy": self.accuracy,
+                "metrics": self.metrics,
                 "params": self.params,
                 "created_at": self.created_at,
                 "version": self.version,
-                "role": self.role,
                 DIGESTS: self.digests,
             }
         )
@@ -105,17 +135,25 @@ class ModelMeta:
     @classmethod
     def from_json(cls, text: str) -> ModelMeta:
         d = json.loads(text)
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise DfkdError(f"checkpoint schema version {d.get('schema_version')} (expected {SCHEMA_VERSION})")
+        version = d.get("schema_version")
+        if version not in READABLE:
+            raise DfkdError(f"checkpoint schema version {version}; this dfkd reads versions "
+                            f"{', '.join(map(str, READABLE))} (docs/ARTIFACTS.md)")
+        dataset = DatasetInfo.from_dict(d["dataset"])
+        if version == 1:  # dfkd 0.2-0.6: classification, accuracy and role
+            metrics = {} if d.get("accuracy") is None else {"test_acc": float(d["accuracy"])}
+            kind = d.get("role", "")
+        else:
+            metrics, kind = dict(d.get("metrics") or {}), d.get("kind", "")
         return cls(
             arch=d["arch"],
             arch_kwargs=d.get("arch_kwargs", {}),
-            dataset=DatasetInfo.from_dict(d["dataset"]),
-            accuracy=d.get("accuracy"),
+            dataset=dataset,
+            metrics=metrics,
             params=d.get("params", {}),
             created_at=d.get("created_at", ""),
             version=d.get("version", ""),
-            role=d.get("role", ""),
+            kind=kind,
             digests=d.get(DIGESTS),
         )
 
@@ -164,9 +202,7 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Classifier, ModelMeta]:
     """Rebuild a model from its checkpoint alone; eval mode."""
     meta = read_meta(path)
-    ds = meta.dataset
-    model = build_model(meta.arch, ds.num_classes, ds.channels, ds.mean, ds.std, image_size=ds.image_size,
-                        **meta.arch_kwargs)
+    model = build_for(meta.arch, meta.dataset, meta.arch_kwargs)
     from safetensors.torch import load_file
 
     try:

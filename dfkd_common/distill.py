@@ -24,10 +24,12 @@ from dfkd_common.augment_ops import AugmentConfig, augment_config, build_augment
 from dfkd_common.data import ArraySplit
 from dfkd_common.dist import current, rank_share
 from dfkd_common.engine import Engine, check_finite, progress
+from dfkd_common.geometry import Size
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import FeatureHooks, Penultimate, stage_outputs
 from dfkd_common.student import StudentSide, StudentStep
-from dfkd_common.training import Checkpoints, accuracy, epoch_batches
+from dfkd_common.tasks import get_task
+from dfkd_common.training import Checkpoints, epoch_batches, evaluate
 
 
 # --------------------------------------------------------------------------------------------- feeds
@@ -117,8 +119,8 @@ def distill(
     engine: Engine,
     resume: Checkpoints | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> tuple[float, list[dict[str, float]]]:
-    """Train ``side.student`` to imitate ``teacher`` on ``feed``; returns final test accuracy and history.
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Train ``side.student`` to imitate ``teacher`` on ``feed``; returns the final test metrics and history.
 
     Each step computes what the side's terms need, once: ``side.views`` independently augmented views of the
     batch, the teacher's forward (no grad) where a term needs its logits or features, the student's forward,
@@ -135,6 +137,7 @@ def distill(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, cfg.epochs - skip), eta_min=cfg.eta_min)
     aug = build_augment(test.info.image_size, cfg.augment)
     gen = torch.Generator().manual_seed(cfg.seed)
+    headline = get_task(test.info.task).headline
     needs = side.needs
     run_teacher = bool(needs & {"t_logits", "t_feat", "t_stages"})
     t_hooks = TeacherFeatures(teacher, needs, test.info.channels, test.info.image_size)
@@ -160,7 +163,7 @@ def distill(
         step_loss, find_unused_parameters=partial)
     try:
         with progress() as bar:
-            task = bar.add_task("distill", total=cfg.epochs, completed=start, info="")
+            tid = bar.add_task("distill", total=cfg.epochs, completed=start, info="")
             for epoch in range(start, cfg.epochs):
                 synth_logs = feed.before_epoch(epoch, side)
                 side.train()
@@ -192,11 +195,12 @@ def distill(
                     steps += 1
                 if steps:
                     sched.step()
-                acc = accuracy(student, test, engine)
-                row = {"epoch": epoch + 1, "test_acc": acc, "bank_size": n, "student_steps": steps,
+                scores = evaluate(student, test, engine)
+                row = {"epoch": epoch + 1, **scores, "bank_size": n, "student_steps": steps,
                        **{k: v / max(1, steps) for k, v in sums.items()}, **synth_logs}
                 history.append(row)
-                bar.update(task, advance=1, info=f"loss {row.get('loss', float('nan')):.3f} acc {acc:.4f} bank {n}")
+                bar.update(tid, advance=1, info=f"loss {row.get('loss', float('nan')):.3f} {headline} "
+                           f"{scores[headline]:.4f} bank {n}")
                 if on_epoch:
                     on_epoch(row)
                 if resume:
@@ -205,7 +209,7 @@ def distill(
                                  "sched": sched.state_dict(), "gen": gen.get_state(),
                                  "feed": feed.state_dict(), "history": history, "epoch": epoch + 1})
         feed.finish()
-        return accuracy(student, test, engine), history
+        return evaluate(student, test, engine), history
     finally:
         t_hooks.remove()
 
@@ -230,7 +234,7 @@ class StepLoss(nn.Module):
 class TeacherFeatures:
     """The teacher's penultimate and stage features, hooked only when a student term needs them."""
 
-    def __init__(self, teacher: Classifier, needs: frozenset[str], channels: int, image_size: int) -> None:
+    def __init__(self, teacher: Classifier, needs: frozenset[str], channels: int, image_size: Size) -> None:
         self.penultimate = Penultimate(teacher) if "t_feat" in needs else None
         self.stages = (FeatureHooks(teacher, [s.path for s in stage_outputs(teacher, channels, image_size)])
                        if "t_stages" in needs else None)

@@ -268,8 +268,16 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-#: the columns of every stage's ``--metrics`` file (what ``dvc metrics show`` / ``dvc exp show`` tabulate)
-HEADLINE = ("test_acc", "x_teacher", "seconds", "images", "images_per_s")
+#: the columns of every stage's ``--metrics`` file (what ``dvc metrics show`` / ``dvc exp show`` tabulate) besides
+#: the task's own metrics (classification: ``test_acc``); ``x_teacher`` is the headline metric over the teacher's
+COMMON_HEADLINE = ("x_teacher", "seconds", "images", "images_per_s")
+
+
+def headline_keys(task: str = "classification") -> tuple[str, ...]:
+    """Every key a metrics file may hold for a run of ``task``: its metrics first, then :data:`COMMON_HEADLINE`."""
+    from dfkd_common.tasks import get_task
+
+    return (*get_task(task).metric_names, *COMMON_HEADLINE)
 
 
 def details_path(path: str | os.PathLike[str]) -> Path:
@@ -279,13 +287,14 @@ def details_path(path: str | os.PathLike[str]) -> Path:
     return p.with_name(f"{base}.details.json")
 
 
-def write_metrics(path: str | os.PathLike[str], record: dict[str, Any], **headline: Any) -> None:
-    """The headline figures (at most the :data:`HEADLINE` columns) to ``path``, the full record beside it.
+def write_metrics(path: str | os.PathLike[str], record: dict[str, Any], task: str = "classification",
+                  **headline: Any) -> None:
+    """The headline figures (at most :func:`headline_keys` of ``task``) to ``path``, the full record beside it.
 
     Why two files: DVC tabulates every key of every metrics file, so per-class counts, loss parts and
     provenance made ``dvc metrics show`` a 70-column table; the details stay one ``cat`` away.
     """
-    unknown = set(headline) - set(HEADLINE)
+    unknown = set(headline) - set(headline_keys(task))
     if unknown:
         raise ValueError(f"not headline metrics: {sorted(unknown)}")
     write_json(details_path(path), record)

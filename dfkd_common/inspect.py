@@ -28,7 +28,7 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
     if teacher is not None:
         engine = Engine.create("auto", amp=False, channels_last=False)
         model, meta = load_model(teacher, engine.device)
-        bank.check_compatible(meta.dataset.channels, meta.dataset.image_size, meta.dataset.num_classes)
+        bank.check_compatible(meta.dataset)
         logits = predict(model, bank.images, engine)
         source = "teacher " + str(teacher)
         names = names or list(meta.dataset.class_names)
@@ -40,7 +40,7 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
     if logits is not None and len(bank):
         prob = torch.softmax(logits, 1)
         conf = prob.max(1).values
-        agree = (logits.argmax(1) == labels).float()
+        agree = (bank.task.predict(logits) == labels).float()
     num_classes = int(ds.get("num_classes") or (int(labels.max()) + 1 if len(bank) else 0))
     augment = attrs.get("augment") if isinstance(attrs.get("augment"), dict) else None
     made = {int(r["class"]): r for r in (augment or {}).get("per_class", [])}
@@ -75,6 +75,7 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
     return {
         "path": str(path),
         "kind": attrs.get("kind"),
+        "task": bank.task.name,
         "method": attrs.get("method"),
         "size": len(bank),
         "image_shape": list(bank.image_shape),

@@ -4,6 +4,9 @@ Users of this field compare methods by accuracy *and* cost (Fast, NAYER and CPNe
 three panels: each method's final accuracy as a fraction of the teacher's on a zoomed scale (mean and seed spread
 when several runs of one method are given), accuracy against wall time (the bank's synthesis or retrieval plus
 distillation), and the learning curves. Several metrics files with the same ``name`` are seeds of one method.
+
+The figure compared is the task's headline metric (classification: test accuracy), read from each metrics file's
+``task`` (files written before tasks existed: classification); students of different tasks are not compared.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from dfkd_common.engine import atomic_path, write_json
+from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
+from dfkd_common.tasks import Task, get_task
 
 
 def group(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -33,16 +38,26 @@ def total_seconds(r: dict[str, Any]) -> float:
     return float(r.get("seconds") or 0.0) + float(r.get("bank_seconds") or 0.0)
 
 
+def rows_task(rows: list[dict[str, Any]]) -> Task:
+    """The one task every row's metrics file names (classification where none is named)."""
+    names = {str(r.get("task") or "classification") for r in rows} or {"classification"}
+    if len(names) > 1:
+        raise DfkdError(f"students of different tasks cannot be compared in one report: {', '.join(sorted(names))}")
+    return get_task(names.pop())
+
+
 def markdown_table(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -> str:
+    task = rows_task(rows)
+    key = task.headline
     lines = [
-        "| student | runs | bank images | final test acc (%) | x teacher | wall time (s) |",
+        f"| student | runs | bank images | final {task.headline_label} (%) | x teacher | wall time (s) |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    if teacher and teacher.get("test_acc") is not None:
+    if teacher and teacher.get(key) is not None:
         arch = teacher.get("arch", "")
-        lines.append(f"| teacher ({arch}) | | real data | {100 * teacher['test_acc']:.2f} | 1.000 | |")
+        lines.append(f"| teacher ({arch}) | | real data | {100 * teacher[key]:.2f} | 1.000 | |")
     for name, runs in group(rows).items():
-        acc_m, acc_s = spread([100 * r["test_acc"] for r in runs])
+        acc_m, acc_s = spread([100 * r[key] for r in runs])
         ratios = [r["ratio_to_teacher"] for r in runs if r.get("ratio_to_teacher") is not None]
         ratio = ""
         if ratios:
@@ -60,7 +75,9 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = ("# Students (final-epoch accuracy on the real test split; +- is the sd over runs)\n\n"
+    task = rows_task(rows)
+    key = task.headline
+    md = (f"# Students (final-epoch {task.headline_label} on the real test split; +- is the sd over runs)\n\n"
           + markdown_table(rows, teacher))
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(md)
@@ -68,13 +85,13 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
         {k: v for k, v in r.items() if k != "history"} for r in rows]})
 
     groups = group(rows)
-    t_acc = (teacher or {}).get("test_acc")
+    t_acc = (teacher or {}).get(key)
     colours = plt.get_cmap("tab10")
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.2))
     # 1: x teacher, zoomed, per method with its spread
     names = list(groups)
     for i, name in enumerate(names):
-        vals = [r["ratio_to_teacher"] if r.get("ratio_to_teacher") is not None else r["test_acc"]
+        vals = [r["ratio_to_teacher"] if r.get("ratio_to_teacher") is not None else r[key]
                 for r in groups[name]]
         m, s = spread(vals)
         ax1.errorbar([m], [i], xerr=[s], fmt="o", color=colours(i % 10), capsize=4)
@@ -83,13 +100,13 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
     ax1.invert_yaxis()
     if t_acc:
         ax1.axvline(1.0, color="k", ls="--", lw=1)
-    ax1.set_xlabel("final test accuracy / teacher's" if t_acc else "final test accuracy")
-    ax1.set_title("accuracy (dots: runs; bar: mean +- sd)")
+    ax1.set_xlabel(f"final {task.headline_label} / teacher's" if t_acc else f"final {task.headline_label}")
+    ax1.set_title(f"{task.headline_label} (dots: runs; bar: mean +- sd)")
     ax1.grid(axis="x", alpha=0.3)
     # 2: accuracy against wall time
     for i, name in enumerate(names):
         xs = [total_seconds(r) for r in groups[name]]
-        ys = [100 * r["test_acc"] for r in groups[name]]
+        ys = [100 * r[key] for r in groups[name]]
         ax2.scatter(xs, ys, color=colours(i % 10), label=name)
         ax2.annotate(name, (statistics.fmean(xs), statistics.fmean(ys)), fontsize=8, xytext=(4, 4),
                      textcoords="offset points")
@@ -97,21 +114,21 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
         ax2.axhline(100 * t_acc, color="k", ls="--", lw=1, label="teacher")
     ax2.set_xscale("log")
     ax2.set_xlabel("wall time: bank + distillation (s, log)")
-    ax2.set_ylabel("final test accuracy (%)")
-    ax2.set_title("accuracy against cost")
+    ax2.set_ylabel(f"final {task.headline_label} (%)")
+    ax2.set_title(f"{task.headline_label} against cost")
     ax2.grid(alpha=0.3)
     # 3: learning curves (first run of each method), legend outside the axes
     for i, name in enumerate(names):
         hist = groups[name][0].get("history") or []
         if hist:
-            ax3.plot([h["epoch"] for h in hist], [100 * h["test_acc"] for h in hist], color=colours(i % 10),
+            ax3.plot([h["epoch"] for h in hist], [100 * h[key] for h in hist], color=colours(i % 10),
                      label=name, lw=1.2)
-    accs = [100 * h["test_acc"] for r in rows for h in (r.get("history") or [])]
+    accs = [100 * h[key] for r in rows for h in (r.get("history") or [])]
     if accs:
         lo = sorted(accs)[len(accs) // 10]  # the first epochs' low values would flatten the rest
         ax3.set_ylim(max(0.0, lo - 2), 100)
     ax3.set_xlabel("epoch")
-    ax3.set_ylabel("test accuracy (%)")
+    ax3.set_ylabel(f"{task.headline_label} (%)")
     ax3.set_title("learning curves")
     ax3.grid(alpha=0.3)
     ax3.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))

@@ -25,6 +25,7 @@ from dfkd_common.dist import current, rank_share
 from dfkd_common.engine import Engine, check_finite, progress, rng_state, set_rng_state
 from dfkd_common.errors import DfkdError
 from dfkd_common.params import params_hash
+from dfkd_common.tasks import get_task
 
 
 def epoch_batches(n: int, batch_size: int, gen: torch.Generator, drop_last: bool = True) -> Iterator[torch.Tensor]:
@@ -51,10 +52,11 @@ def predict(
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def accuracy(model: nn.Module, split: ArraySplit, engine: Engine, batch_size: int = 1000) -> float:
-    """Top-1 accuracy (fp32) on a labelled split: the honest figure every report uses."""
+def evaluate(model: nn.Module, split: ArraySplit, engine: Engine, batch_size: int = 1000) -> dict[str, float]:
+    """The task's metrics (fp32) of ``model`` on a labelled split (classification: ``test_acc``): the honest
+    figures every metrics file, checkpoint and report uses."""
     logits = predict(model, split.images, engine, batch_size)
-    return float((logits.argmax(1) == split.labels).float().mean())
+    return get_task(split.info.task).metrics(logits, split.labels)
 
 
 class Checkpoints(Protocol):
@@ -127,8 +129,8 @@ def train_supervised(
     engine: Engine,
     seed: int,
     resume: Checkpoints | None = None,
-) -> tuple[float, list[dict[str, float]]]:
-    """Cross-entropy training with cosine LR; returns final test accuracy and the per-epoch history.
+) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Cross-entropy training with cosine LR; returns the final test metrics and the per-epoch history.
 
     Under torchrun (several ranks) the model trains wrapped in DDP: every rank draws the same shuffled batches
     and takes every N-th of them, so an epoch is 1/N of the steps per rank, each step averaging N batches of
@@ -145,6 +147,7 @@ def train_supervised(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
     aug = build_augment(train.info.image_size, augment)
     gen = torch.Generator().manual_seed(seed)
+    headline = get_task(test.info.task).headline
     images, labels = train.images.to(engine.device), train.labels.to(engine.device)
     history: list[dict[str, float]] = []
     start = 0
@@ -157,7 +160,7 @@ def train_supervised(
         history, start = state["history"], int(state["epoch"])
         resume.restore_rng(state)
     with progress() as bar:
-        task = bar.add_task("teacher", total=epochs, completed=start, info="")
+        tid = bar.add_task("teacher", total=epochs, completed=start, info="")
         for epoch in range(start, epochs):
             model.train()
             total, count = 0.0, 0
@@ -174,10 +177,10 @@ def train_supervised(
                 opt.step()
                 total, count = total + float(loss.detach()) * len(idx), count + len(idx)
             sched.step()
-            acc = accuracy(model, test, engine)
-            history.append({"epoch": epoch + 1, "loss": total / max(1, count), "test_acc": acc})
-            bar.update(task, advance=1, info=f"loss {total / max(1, count):.3f} acc {acc:.4f}")
+            scores = evaluate(model, test, engine)
+            history.append({"epoch": epoch + 1, "loss": total / max(1, count), **scores})
+            bar.update(tid, advance=1, info=f"loss {total / max(1, count):.3f} {headline} {scores[headline]:.4f}")
             if resume:
                 resume.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                              "gen": gen.get_state(), "history": history, "epoch": epoch + 1})
-    return accuracy(model, test, engine), history
+    return evaluate(model, test, engine), history

@@ -8,15 +8,21 @@ That also breaks transformers' CLIP image classes and diffusers' pipelines, whic
 :func:`ensure_torchvision` tries to load the extension the way torchvision would; only when that fails does it
 define the operators' *schemas* (no kernels) so the import succeeds. Detection, transforms, datasets and models
 then work; calling a compiled op such as ``nms`` raises ``NotImplementedError``, which is honest. Where the
-extension loads (a matching CPU or CUDA pair), this module does nothing. It must run before anything imports
-torchvision, so ``dfkd_common/__init__.py``, the CLI and ``tests/conftest.py`` import it first.
+extension loads (a matching CPU or CUDA pair), this module does nothing.
+
+It must run before anything imports torchvision, yet importing dfkd must not import torch (``dfkd --help`` starts
+without it): :func:`install`, called by ``dfkd_common/__init__.py``, puts a finder at the front of
+``sys.meta_path`` that runs :func:`ensure_torchvision` the moment anything first imports torchvision (ours,
+transformers', diffusers'), then steps aside and lets the normal import proceed.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 # Schemas as torchvision's C++ registers them (torchvision/csrc/ops/*.cpp, TORCH_LIBRARY_FRAGMENT).
 _SCHEMAS = (
@@ -101,4 +107,22 @@ def _define_schemas() -> bool:
     return defined
 
 
-ensure_torchvision()
+class _Guard(importlib.abc.MetaPathFinder):
+    """Runs :func:`ensure_torchvision` before the first import of torchvision, once; finds nothing itself."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        if fullname == "torchvision":
+            uninstall()
+            ensure_torchvision()
+        return None
+
+
+def install() -> None:
+    """Guard the first import of torchvision (idempotent); if it is already imported, there is nothing to do."""
+    if "torchvision" in sys.modules or any(isinstance(f, _Guard) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _Guard())
+
+
+def uninstall() -> None:
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _Guard)]

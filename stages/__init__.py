@@ -1,3 +1,3 @@
-"""Thin typer commands over :mod:`dfkd_common`, one module per pipeline stage."""
+"""Thin typer commands over :mod:`dfkd_common`, one module per pipeline stage (imported when their command runs)."""
 
-from dfkd_common import tvguard as _tvguard  # noqa: F401  (before anything imports torchvision)
+import dfkd_common as _dfkd_common  # noqa: F401  (installs the torchvision guard before any stage imports torchvision)

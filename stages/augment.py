@@ -61,7 +61,7 @@ def main(
     t_model, t_meta = load_model(teacher, engine.device)
     data = load_bank(bank)
     info = t_meta.dataset
-    data.check_compatible(info.channels, info.image_size, info.num_classes)
+    data.check_compatible(info)
     with main_first():  # weights fetched into the Hugging Face cache once, not once per rank
         vm = open_variation_model(str(params["model"]), engine.device, cfg.variation)
     cfg.variation = vm.params

@@ -13,7 +13,7 @@ from dfkd_common.engine import ensure_writable, write_json
 from dfkd_common.inspect import bank_summary, save_grid, save_pairs_grid
 from stages.common import errors
 
-app = typer.Typer(help="Inspect image banks.", no_args_is_help=True)
+app = typer.Typer(help="Inspect image banks.", no_args_is_help=True, add_completion=False)
 out_console = Console()
 
 
@@ -28,7 +28,7 @@ def info(
     ensure_writable(json_out)
     s = bank_summary(bank, teacher)
     head = Table(title=f"bank {bank}", show_header=False)
-    for key in ("kind", "method", "size", "image_shape", "seed", "created_at", "version", "integrity",
+    for key in ("kind", "task", "method", "size", "image_shape", "seed", "created_at", "version", "integrity",
                 "teacher_checksum", "parent_checksum", "agreement", "mean_confidence", "agreement_source"):
         if s.get(key) not in (None, ""):
             head.add_row(key, str(s[key]))

@@ -1,50 +1,92 @@
-"""The ``dfkd`` console script: one sub-command per pipeline stage."""
+"""The ``dfkd`` console script: one sub-command per pipeline stage, each imported only when it runs.
+
+Why lazy: a stage module imports torch and its method's code; ``dfkd --help``, ``dfkd --version`` and ``dfkd
+methods`` need none of it, and a stage run under DVC should load (and depend on) only its own stage's code. The
+commands, their modules and their one-line help are declared in :data:`dfkd_common.index.COMMANDS`;
+:class:`LazyGroup` lists them from there and imports a stage module when its command is invoked (or asked for its
+own ``--help``).
+"""
 
 from __future__ import annotations
 
-import typer
+import importlib
+from typing import Any
 
-from stages import augment, bank, distill, evaluate, export, report, synthesize, teacher
-from stages import pool as pool_stage
-from stages import prior as prior_stage
-from stages import retrieve as retrieve_stage
+import click
+import typer
+from typer.core import TyperGroup
+
+from dfkd_common import __version__
+from dfkd_common.index import COMMANDS, INDEX, TITLES, online_methods
+
+
+class LazyGroup(TyperGroup):
+    """A typer group whose sub-commands come from :data:`COMMANDS` and are imported on first use."""
+
+    _listing = False  # True while the top-level help is drawn: stand-in commands carry the declared help
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return [*COMMANDS, *super().list_commands(ctx)]
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return super().get_command(ctx, name)
+        module, attr, help_text = COMMANDS[name]
+        if self._listing:
+            return click.Command(name, help=help_text, short_help=help_text)
+        if name not in self.commands:
+            self.commands[name] = _load(name, getattr(importlib.import_module(module), attr))
+        return self.commands[name]
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_help(ctx, formatter)
+        finally:
+            self._listing = False
+
+
+def _load(name: str, obj: Any) -> click.Command:
+    """A stage's typer app (a group of sub-commands) or command function as a click command named ``name``."""
+    if isinstance(obj, typer.Typer):
+        cmd = typer.main.get_command(obj)
+    else:
+        single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        single.command(name)(obj)
+        cmd = typer.main.get_command(single)
+    cmd.name = name
+    return cmd
+
 
 app = typer.Typer(
+    cls=LazyGroup,
     help="dfkd: data-free knowledge distillation. Stages: teacher (train | import) -> synthesize | retrieve -> "
          "augment -> distill -> report, export.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-app.add_typer(teacher.app, name="teacher")
-app.add_typer(bank.app, name="bank")
-app.command("synthesize")(synthesize.main)
-app.add_typer(pool_stage.app, name="pool")
-app.add_typer(prior_stage.app, name="prior")
-app.command("retrieve")(retrieve_stage.main)
-app.command("augment")(augment.main)
-app.command("distill")(distill.main)
-app.command("evaluate")(evaluate.main)
-app.command("report")(report.main)
-app.command("export")(export.main)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"dfkd {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print dfkd's version and exit.")) -> None:
+    """dfkd: data-free knowledge distillation."""
 
 
 @app.command("methods")
 def methods() -> None:
-    """List every registry: datasets, models, generators, synthesis methods and terms, student terms, online
-    methods."""
-    from dfkd_common.data import DATASETS
-    from dfkd_common.models import GENERATORS, MODELS
-    from dfkd_common.online import online_methods
-    from dfkd_common.student import STUDENT_TERMS
-    from dfkd_common.synthesis import SYNTHESIZERS
-    from dfkd_common.synthesis.losses import TERMS
-    from dfkd_common.variation.models import VARIATIONS
+    """List every registry: tasks, model sources, datasets, models, methods, terms, variation models.
 
-    for title, names in (("datasets", DATASETS.names()), ("models", MODELS.names()),
-                         ("generators", GENERATORS.names()), ("synthesis methods", SYNTHESIZERS.names()),
-                         ("synthesis loss terms", TERMS.names()), ("student terms", STUDENT_TERMS.names()),
-                         ("online methods", online_methods()), ("variation models", VARIATIONS.names())):
+    Read from the declared index (:mod:`dfkd_common.index`), so nothing is imported."""
+    for kind, title in TITLES.items():
+        names = online_methods() if kind == "online method" else sorted(INDEX[kind])
         typer.echo(f"{title}: {', '.join(names)}")
 
 

@@ -21,10 +21,11 @@ from dfkd_common.distill import BankFeed, DistillConfig, distill
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json, write_metrics
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job, JobResume
-from dfkd_common.models import build_model
+from dfkd_common.models import build_for
 from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
 from dfkd_common.student import StudentSide, TermSetup, check_objective
 from dfkd_common.synthesis import SYNTHESIZERS
+from dfkd_common.tasks import get_task
 from dfkd_common.training import Resume, predict
 from stages.common import (
     DeviceOpt,
@@ -121,18 +122,20 @@ def main(
     if banks:
         parts = [load_bank(b) for b in banks]
         for part in parts:
-            part.check_compatible(info.channels, info.image_size, info.num_classes)
+            part.check_compatible(info)
         data = concat_banks(parts)
         if len(data) == 0 and method is None:
             raise DfkdError(f"bank {bank_desc} is empty")
     with main_first():  # a test split to download: once
         test, evaluated_on, data = evaluation_split(params, info, data, t_model, engine, online=method is not None)
     console.print(f"evaluated on {evaluated_on}")
-    s_model = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
-                          image_size=info.image_size, **params["student_kwargs"])
+    s_model = build_for(params["student"], info, params["student_kwargs"])
     # the teacher checkpoint's measured accuracy, for terms that need it (na: the Q diagonal)
     side = StudentSide(s_model, params["weights"], params["terms"],
-                       TermSetup(t_model, s_model, info.channels, info.image_size, t_meta.accuracy))
+                       TermSetup(t_model, s_model, info.channels, info.image_size, t_meta.metrics.get("test_acc"),
+                                 info.task))
+    task = t_meta.task
+    headline = task.headline
     cfg = DistillConfig.from_params(params, engine.amp)
     if method is not None:
         bank_out = bank_out or out.with_name(f"{out.stem}.bank.h5")
@@ -155,14 +158,15 @@ def main(
             feed = BankFeed(data.images, data.labels, engine.device)
             resume = Resume.for_output(rank_path(out, world), key)  # every rank resumes its own state
             source = f"{names} ({len(data)} images)"
-        console.print(f"distill {params['student']} from {source}, teacher acc {t_meta.accuracy}")
+        console.print(f"distill {params['student']} from {source}, teacher {task.headline_label} {t_meta.headline}")
         console.print(f"student: {side.describe()}; {engine.describe()}"
                       + (f"; {world.size} processes (DDP), {cfg.batch_size} images per rank and step"
                          if world.distributed else ""))
         if isinstance(feed, RecordedFeed):
             console.print(f"{method} synthesis: {feed.ctx.engine.describe()}")
         t0 = time.perf_counter()
-        acc, history = distill(t_model, side, feed, test, cfg, engine, resume)
+        scores, history = distill(t_model, side, feed, test, cfg, engine, resume)
+        acc = scores[headline]
         seconds = time.perf_counter() - t0
         if not world.main:  # rank 0 writes the artifacts; the others keep their state until it has
             barrier()
@@ -170,24 +174,26 @@ def main(
             if job is not None:
                 job.done = True  # rank 0 published the bank: this rank's copy of the work goes
             return
-        meta = ModelMeta(params["student"], params["student_kwargs"], info, acc,
+        meta = ModelMeta(params["student"], params["student_kwargs"], info, scores,
                          {**params, "bank": bank_desc}, now(), __version__, "student")
         save_model(out, s_model, meta)
-        t_acc = t_meta.accuracy
-        summary = {"name": name or params["student"], "test_acc": acc, "teacher_acc": t_acc,
+        t_acc = t_meta.headline
+        summary = {"name": name or params["student"], "task": task.name, **scores,
+                   f"teacher_{headline.removeprefix('test_')}": t_acc,
                    "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": bank_desc,
                    "bank_size": len(data) if data is not None else 0, "epochs": cfg.epochs, "seconds": seconds,
                    "precision": engine.precision, "evaluated_on": evaluated_on, "world_size": world.size,
-                   "best_epoch_test_acc (selected on test, for reference only)":
-                       max((h["test_acc"] for h in history), default=acc)}
+                   f"best_epoch_{headline} (selected on test, for reference only)":
+                       max((h[headline] for h in history), default=acc)}
         if isinstance(feed, RecordedFeed) and job is not None:
             stats = feed.stats()
             job.publish_bank(feed.ctx.header, stats)
             summary.update({"online": method, "bank_out": str(bank_out), "bank_size": stats["bank_rows"],
                             **{f"online_{k}": v for k, v in stats.items()}})
         if metrics:
-            write_metrics(metrics, summary, test_acc=acc, x_teacher=summary["ratio_to_teacher"], seconds=seconds,
-                          images=summary["bank_size"], images_per_s=summary.get("online_images_per_s"))
+            write_metrics(metrics, summary, task=task.name, **scores, x_teacher=summary["ratio_to_teacher"],
+                          seconds=seconds, images=summary["bank_size"],
+                          images_per_s=summary.get("online_images_per_s"))
         if plots:
             write_json(plots, history)
         barrier()
@@ -205,7 +211,7 @@ def evaluation_split(params: dict[str, Any], info: DatasetInfo, data: Bank | Non
         path = Path(params["test"])
         if path.suffix == ".h5":
             bank = load_bank(path)
-            bank.check_compatible(info.channels, info.image_size, info.num_classes, what="model")
+            bank.check_compatible(info, what="model")
             keep = bank.labels >= 0
             if not bool(keep.any()):
                 raise DfkdError(f"test set {path}: the bank has no labels")
@@ -222,7 +228,7 @@ def evaluation_split(params: dict[str, Any], info: DatasetInfo, data: Bank | Non
     held = max(1, min(round(n * float(params["holdout"])), n - 1))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(params["seed"])))
     out, keep = perm[:held].sort().values, perm[held:].sort().values
-    labels = predict(teacher, data.images[out], engine).argmax(1)
+    labels = get_task(info.task).predict(predict(teacher, data.images[out], engine))
     split = ArraySplit(data.images[out], labels, info)
     train = Bank(data.path, data.images[keep], data.labels[keep], data.rounds[keep],
                  {k: v[keep] for k, v in data.extra.items()}, data.attrs, data.checksummed)

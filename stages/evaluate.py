@@ -1,4 +1,4 @@
-"""``dfkd evaluate``: accuracy of a checkpoint on a real test split."""
+"""``dfkd evaluate``: a checkpoint's metrics (its task's: classification's accuracy) on a real test split."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine, ensure_writable, write_metrics
-from dfkd_common.training import accuracy
+from dfkd_common.training import evaluate
 from stages.common import DeviceOpt, console, errors
 
 
@@ -22,15 +22,17 @@ def main(
     metrics: Path | None = typer.Option(None, "--metrics"),
     device: str = DeviceOpt,
 ) -> None:
-    """Print (and optionally write) top-1 accuracy."""
+    """Print (and optionally write) the checkpoint's metrics on SPLIT of its dataset (or --dataset)."""
     ensure_writable(metrics)
     engine = Engine.create(device, amp=False)
     model, meta = load_model(checkpoint, engine.device)
     data = get_dataset(dataset or meta.dataset.name).load(split, data_root)
-    acc = accuracy(engine.model(model), data, engine)
+    scores = evaluate(engine.model(model), data, engine)
+    task = meta.task
     if metrics:
-        write_metrics(metrics, {"test_acc": acc, "dataset": data.info.name, "split": split}, test_acc=acc)
-    console.print(f"{checkpoint}: {acc:.4f} on {data.info.name}/{split} ({len(data)} images)")
+        write_metrics(metrics, {"task": task.name, **scores, "dataset": data.info.name, "split": split},
+                      task=task.name, **scores)
+    console.print(f"{checkpoint}: {scores[task.headline]:.4f} on {data.info.name}/{split} ({len(data)} images)")
 
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ import torch
 import typer
 
 from dfkd_common.checkpoint import load_model
+from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import atomic_path, ensure_writable
 from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
-from dfkd_common.models import Classifier, build_model
+from dfkd_common.geometry import shape_str
+from dfkd_common.models import Classifier, build_for
 from stages.common import console, errors
 
 FORMATS = ("onnx", "torchscript", "state_dict")
@@ -62,18 +64,18 @@ def export_torchscript(model: Classifier, x: torch.Tensor, out: Path, tolerance:
     return diff
 
 
-def export_state_dict(model: Classifier, arch: str, arch_kwargs: dict, info: dict, x: torch.Tensor, out: Path,
-                      tolerance: float) -> float:
+def export_state_dict(model: Classifier, arch: str, arch_kwargs: dict, info: DatasetInfo, x: torch.Tensor,
+                      out: Path, tolerance: float) -> float:
     with atomic_path(out, suffix=".pt") as tmp:
         torch.save({k: v.detach().cpu() for k, v in model.net.state_dict().items()}, tmp)
         state = torch.load(tmp, map_location="cpu", weights_only=True)
-        fresh = build_model(arch, info["num_classes"], info["channels"], info["mean"], info["std"], **arch_kwargs)
+        fresh = build_for(arch, info, arch_kwargs)
         fresh.net.load_state_dict(state)
         with torch.no_grad():
             diff = _check("state_dict", model(x), fresh.eval()(x), tolerance)
-    sidecar = {"arch": arch, "arch_kwargs": arch_kwargs, "input": [info["channels"], info["image_size"],
-               info["image_size"]], "num_classes": info["num_classes"], "class_names": info["class_names"],
-               "mean": info["mean"], "std": info["std"],
+    sidecar = {"arch": arch, "arch_kwargs": arch_kwargs, "task": info.task, "input": list(info.shape),
+               "num_classes": info.num_classes, "class_names": list(info.class_names),
+               "mean": list(info.mean), "std": list(info.std),
                "note": "weights of the network alone: normalise images in [0, 1] with (x - mean) / std first"}
     with atomic_path(out.with_name(out.name + ".json")) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
@@ -96,14 +98,14 @@ def main(
     ensure_writable(out)
     model, meta = load_model(checkpoint, "cpu")
     info = meta.dataset
-    x = torch.rand(batch, info.channels, info.image_size, info.image_size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(batch, *info.shape, generator=torch.Generator().manual_seed(0))
     if fmt == "onnx":
         diff = export_onnx(model, x, out, tolerance, opset)
     elif fmt == "torchscript":
         diff = export_torchscript(model, x, out, tolerance)
     else:
-        diff = export_state_dict(model, meta.arch, dict(meta.arch_kwargs), info.to_dict(), x, out, tolerance)
-    console.print(f"{checkpoint} -> {out} ({fmt}; input {info.channels}x{info.image_size}x{info.image_size} in "
+        diff = export_state_dict(model, meta.arch, dict(meta.arch_kwargs), info, x, out, tolerance)
+    console.print(f"{checkpoint} -> {out} ({fmt}; input {shape_str(info.channels, info.image_size)} in "
                   f"[0, 1]; outputs match the model's to {diff:.2g})")
 
 

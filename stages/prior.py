@@ -19,7 +19,7 @@ from dfkd_common.engine import ensure_writable, resolve_device
 from dfkd_common.variation.prior import PriorConfig, train_prior
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
-app = typer.Typer(help="The offline diffusion prior for dfkd augment.", no_args_is_help=True)
+app = typer.Typer(help="The offline diffusion prior for dfkd augment.", no_args_is_help=True, add_completion=False)
 
 
 @app.command("train")

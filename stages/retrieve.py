@@ -20,6 +20,7 @@ from dfkd_common.engine import (
     write_metrics,
 )
 from dfkd_common.errors import DfkdError
+from dfkd_common.geometry import shape_str
 from dfkd_common.retrieval import RetrieveConfig, retrieve
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
 
@@ -76,7 +77,7 @@ def main(
     info = meta.dataset
     pool = WildPool.open([str(s) for s in specs], info.channels, info.image_size, params["data_root"])
     console.print(f"retrieve from {len(pool)} wild images ({', '.join(s.spec for s in pool.sources)}) "
-                  f"-> {info.channels}x{info.image_size}x{info.image_size}")
+                  f"-> {shape_str(info.channels, info.image_size)}")
     result = retrieve(model, meta, teacher, pool, out, engine, cfg)
     if metrics:
         write_metrics(metrics, result, seconds=result.get("total_seconds"), images=result["selected"],

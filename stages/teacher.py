@@ -19,10 +19,12 @@ from dfkd_common.data import DatasetInfo, get_dataset
 from dfkd_common.dist import barrier, main_first, rank_path
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_metrics
 from dfkd_common.errors import DfkdError
+from dfkd_common.geometry import shape_str
 from dfkd_common.imports import KEYMAPS, load_weights, read_weights
 from dfkd_common.jobs import OutputLock
-from dfkd_common.models import build_model
-from dfkd_common.training import Resume, accuracy, train_supervised
+from dfkd_common.models import build_for
+from dfkd_common.tasks import get_task
+from dfkd_common.training import Resume, evaluate, train_supervised
 from stages.common import (
     DeviceOpt,
     ParamsOpt,
@@ -36,7 +38,7 @@ from stages.common import (
     require,
 )
 
-app = typer.Typer(help="Teacher models.", no_args_is_help=True)
+app = typer.Typer(help="Teacher models.", no_args_is_help=True, add_completion=False)
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "mnist5k",
@@ -86,8 +88,7 @@ def train(
     seed_everything(int(params["seed"]))
     spec = get_dataset(params["dataset"], **params["dataset_kwargs"])
     info = spec.info
-    model = build_model(params["arch"], info.num_classes, info.channels, info.mean, info.std,
-                        image_size=info.image_size, **params["arch_kwargs"])
+    model = build_for(params["arch"], info, params["arch_kwargs"])
     with main_first():  # one download, not one per rank
         train_split = spec.load("train", params["data_root"])
         test_split = spec.load("test", params["data_root"])
@@ -97,23 +98,24 @@ def train(
     resume = Resume.for_output(rank_path(out, world),
                                {**params, "world_size": world.size} if world.distributed else params)
     with primary_lock(out, world):  # a second run on the same output refuses while this one lives
-        acc, history = train_supervised(
+        scores, history = train_supervised(
             model, train_split, test_split,
             epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
             optimizer=params["optimizer"], weight_decay=float(params["weight_decay"]),
             augment=augment_config(params["augment"]), engine=engine, seed=int(params["seed"]), resume=resume,
         )
         if world.main:
-            meta = ModelMeta(params["arch"], params["arch_kwargs"], info, acc, params, now(), __version__,
+            meta = ModelMeta(params["arch"], params["arch_kwargs"], info, scores, params, now(), __version__,
                              "teacher")
             save_model(out, model, meta)
             if metrics:
-                write_metrics(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name,
+                write_metrics(metrics, {"task": info.task, **scores, "arch": params["arch"], "dataset": info.name,
                                         "precision": engine.precision, "epochs": len(history), "history": history,
-                                        "world_size": world.size}, test_acc=acc)
+                                        "world_size": world.size}, task=info.task, **scores)
         barrier()  # every rank's state stays until the artifact is written
         resume.clear()
-    console.print(f"teacher test accuracy {acc:.4f} -> {out}")
+    task = get_task(info.task)
+    console.print(f"teacher {task.headline_label} {scores[task.headline]:.4f} -> {out}")
 
 
 def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
@@ -165,33 +167,37 @@ def import_(
     info = imported_info(spec.info if spec else None, params["arch"], keymap, image_size, channels, classes,
                          _floats(mean, "mean"), _floats(std, "std"), class_names)
     kwargs = {**(keymap.arch_kwargs.get(params["arch"], {}) if keymap else {}), **params["arch_kwargs"]}
-    model = build_model(params["arch"], info.num_classes, info.channels, info.mean, info.std,
-                        image_size=info.image_size, **kwargs)
+    model = build_for(params["arch"], info, kwargs)
     state = read_weights(params["weights"])
     if keymap is not None:
         state = keymap.convert(params["arch"], state)
     load_weights(model.net, state, str(params["weights"]))
     engine = Engine.create(device, amp=False)
-    acc, why = None, ""
+    scores: dict[str, float] = {}
+    why = ""
     if spec is not None:
         try:
             test = spec.load("test", params["data_root"])
-            acc = accuracy(engine.model(model), test, engine)
+            scores = evaluate(engine.model(model), test, engine)
         except (DfkdError, OSError, RuntimeError) as exc:  # e.g. a dataset that must be downloaded, offline
             why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
     else:
         why = "no registered dataset with a test split"
     record = {"imported_from": str(params["weights"]), "keys": params["keys"],
               "weights_sha256": file_checksum(params["weights"]), "arch_kwargs": kwargs}
+    meta = ModelMeta(params["arch"], kwargs, info, scores, record, now(), __version__, "teacher")
+    task = meta.task
     with OutputLock(out):
-        save_model(out, model.cpu(), ModelMeta(params["arch"], kwargs, info, acc, record, now(), __version__,
-                                               "teacher"))
+        save_model(out, model.cpu(), meta)
         if metrics:
-            write_metrics(metrics, {"test_acc": acc, "arch": params["arch"], "dataset": info.name, **record,
-                                    **({"unmeasured_because": why} if acc is None else {})}, test_acc=acc)
-    shown = f"test accuracy {acc:.4f}" if acc is not None else f"accuracy unmeasured ({why})"
+            unmeasured = dict.fromkeys(task.metric_names) if not scores else {}
+            write_metrics(metrics, {"task": info.task, **unmeasured, **scores, "arch": params["arch"],
+                                    "dataset": info.name, **record, **({"unmeasured_because": why} if why else {})},
+                          task=info.task, **scores)
+    shown = (f"{task.headline_label} {scores[task.headline]:.4f}" if scores
+             else f"{task.headline_label} unmeasured ({why})")
     console.print(f"imported {params['arch']} teacher for {info.name} ({info.num_classes} classes, "
-                  f"{info.channels}x{info.image_size}x{info.image_size}): {shown} -> {out}")
+                  f"{shape_str(info.channels, info.image_size)}): {shown} -> {out}")
 
 
 def imported_info(registered: DatasetInfo | None, arch: str, keymap: Any, image_size: int | None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -40,7 +41,8 @@ def test_bank_round_trip(tmp_path: Path) -> None:
     assert bank.labels.tolist() == [1, 2, 3, 4, 5]
     assert bank.extra["score"].tolist() == [0, 1, 2, 3, 4]
     assert bank.extra["teacher_logits"].dtype == torch.float16
-    assert bank.attrs["schema_version"] == 1 and bank.attrs["kind"] == "retrieved"
+    assert bank.attrs["schema_version"] == 2 and bank.attrs["kind"] == "retrieved"
+    assert bank.attrs["task"] == "classification"
     assert bank.attrs["teacher_checksum"] == "abc" and bank.attrs["dataset"]["num_classes"] == 10
     assert "committed" not in bank.attrs
     with h5py.File(path) as h5:  # stored unnormalised, chunked, uncompressed, resizable
@@ -73,8 +75,8 @@ def test_wrong_schema_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "b.h5"
     write_bank(path)
     with h5py.File(path, "a") as h5:
-        h5.attrs["schema_version"] = 2
-    with pytest.raises(DfkdError, match="schema version 2"):
+        h5.attrs["schema_version"] = 3  # a version this dfkd does not know: one line that says so
+    with pytest.raises(DfkdError, match=r"schema version 3; this dfkd .* reads versions 1, 2"):
         load_bank(path)
 
 
@@ -103,11 +105,13 @@ def test_bank_compatibility_with_teacher(tmp_path: Path) -> None:
     path = tmp_path / "b.h5"
     write_bank(path)
     bank = load_bank(path)
-    bank.check_compatible(1, 32, 10)
+    bank.check_compatible(INFO)
     with pytest.raises(DfkdError, match=r"1x32x32.*3x32x32"):
-        bank.check_compatible(3, 32, 10)
+        bank.check_compatible(dataclasses.replace(INFO, channels=3))
+    with pytest.raises(DfkdError, match=r"1x32x32.*1x32x48"):  # geometry is (H, W): a wider input is refused
+        bank.check_compatible(dataclasses.replace(INFO, image_size=(32, 48)))
     with pytest.raises(DfkdError, match=r"10 classes.*100"):
-        bank.check_compatible(1, 32, 100)
+        bank.check_compatible(dataclasses.replace(INFO, num_classes=100))
 
 
 def test_checkpoint_rebuilds_model_from_file_alone(tmp_path: Path) -> None:
@@ -117,7 +121,7 @@ def test_checkpoint_rebuilds_model_from_file_alone(tmp_path: Path) -> None:
     loaded, meta2 = load_model(tmp_path / "m.safetensors")
     x = torch.rand(3, 1, 32, 32)
     assert torch.allclose(loaded(x), model(x))
-    assert meta2.arch == "lenet5_half" and meta2.accuracy == 0.5 and meta2.dataset == INFO
+    assert meta2.arch == "lenet5_half" and meta2.headline == 0.5 and meta2.dataset == INFO
     assert meta2.params == {"lr": 0.1}
     md = json.loads(__import__("safetensors").safe_open(str(tmp_path / "m.safetensors"), "pt").metadata()["dfkd"])
     assert md["input_shape"] == [1, 32, 32] and md["num_classes"] == 10 and md["version"] == __version__

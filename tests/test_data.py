@@ -32,7 +32,8 @@ def test_digits_resized_with_mnist_framing() -> None:
 
 def test_info_knows_shape_classes_and_normalisation() -> None:
     info = get_dataset("cifar10").info
-    assert (info.channels, info.image_size, info.num_classes) == (3, 32, 10)
+    assert (info.channels, info.image_size, info.num_classes) == (3, (32, 32), 10)
+    assert info.shape == (3, 32, 32) and info.task == "classification"
     assert len(info.mean) == 3 and info.class_names[0] == "airplane"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_dfad_bn_option_moves_the_generators_bn_statistics_toward_the_teachers(t
 
 def test_dfad_bn_option_needs_a_teacher_with_batchnorm(teacher_ckpt: Path, tmp_path: Path) -> None:
     info = load_model(teacher_ckpt)[1].dataset
-    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(info.channels * info.image_size ** 2, 10))
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(math.prod(info.shape), 10))
     with recording(tmp_path / "b.h5", teacher, info, _engine(), "dfad", batch_size=8) as ctx:
         with pytest.raises(DfkdError, match=r"online\.bn needs BatchNorm2d"):
             build_online_feed("dfad", ctx, {"nz": 8, "ngf": 4, "bn": 1.0})

@@ -58,10 +58,10 @@ def test_transition_matrix_rows_sum_to_one_with_fixed_diagonal() -> None:
 def test_dfnd_terms_train_theta_with_its_own_adam(teacher_ckpt: Path) -> None:
     teacher, meta = load_model(teacher_ckpt)
     student = build_model("lenet5_half", 10, 1, meta.dataset.mean, meta.dataset.std)
-    setup = TermSetup(teacher, student, 1, 32, meta.accuracy)
+    setup = TermSetup(teacher, student, 1, 32, meta.headline)
     side = StudentSide(student, {"kd": 1.0, "na": 1.0}, {"kd": {"tau": 4.0}}, setup)
     na = side.terms["na"]
-    assert na.acc == pytest.approx(meta.accuracy)
+    assert na.acc == pytest.approx(meta.headline)
     opt, own = side.optimizers("sgd", 0.05, 5e-4)
     assert len(own) == 1 and own[0].param_groups[0]["lr"] == pytest.approx(1e-3)
     assert all(id(p) != id(na.theta) for g in opt.param_groups for p in g["params"])  # not in the student's SGD

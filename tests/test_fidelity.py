@@ -15,7 +15,7 @@ from torch import nn
 from dfkd_common.augment_ops import AugmentConfig
 from dfkd_common.data import DatasetInfo
 from dfkd_common.distill import BankFeed, DistillConfig, distill
-from dfkd_common.engine import HEADLINE, Engine, details_path, write_metrics
+from dfkd_common.engine import Engine, details_path, headline_keys, write_metrics
 from dfkd_common.models import build_model
 from dfkd_common.models.coupled import CoupledGenerator, teacher_stages
 from dfkd_common.report import markdown_table
@@ -296,7 +296,7 @@ def test_metrics_files_hold_only_the_headline_and_the_details_sit_beside(tmp_pat
     write_metrics(path, {"test_acc": 0.9, "per_class": {"0": 3}, "name": "fast"}, test_acc=0.9, x_teacher=0.95)
     import json
 
-    assert set(json.loads(path.read_text())) <= set(HEADLINE)
+    assert set(json.loads(path.read_text())) <= set(headline_keys())
     assert details_path(path).name == "fast.details.json"
     assert json.loads(details_path(path).read_text())["per_class"] == {"0": 3}
     with pytest.raises(ValueError):

@@ -53,8 +53,8 @@ def test_a_plain_state_dict_of_a_trained_teacher_imports_with_identical_logits(t
     imported, imeta = load_model(out)
     x = torch.rand(8, 1, 32, 32)
     assert torch.equal(imported(x), teacher(x))
-    assert imeta.accuracy == pytest.approx(meta.accuracy)  # the same accuracy on the same test split
-    assert json.loads(details_path(tmp_path / "m.json").read_text())["test_acc"] == pytest.approx(meta.accuracy)
+    assert imeta.headline == pytest.approx(meta.headline)  # the same accuracy on the same test split
+    assert json.loads(details_path(tmp_path / "m.json").read_text())["test_acc"] == pytest.approx(meta.headline)
 
 
 def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
@@ -140,7 +140,7 @@ def test_a_cmi_import_takes_the_authors_normalisation(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "accuracy unmeasured" in proc.stdout  # CIFAR-10 cannot be downloaded here: recorded, not an error
     _, meta = load_model(tmp_path / "t.safetensors")
-    assert meta.dataset.std == (0.2023, 0.1994, 0.2010) and meta.accuracy is None
+    assert meta.dataset.std == (0.2023, 0.1994, 0.2010) and meta.headline is None
     assert meta.params["keys"] == "cmi" and len(meta.params["weights_sha256"]) == 64
 
 
@@ -166,7 +166,7 @@ def test_a_torchvision_resnet18_imports_at_224_and_runs_deepinversion(tmp_path: 
                "--out", tmp_path / "t.safetensors", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     teacher, meta = load_model(tmp_path / "t.safetensors")
-    assert (meta.dataset.image_size, meta.dataset.num_classes) == (224, 1000)
+    assert (meta.dataset.image_size, meta.dataset.num_classes) == ((224, 224), 1000)
     x = torch.rand(2, 3, 224, 224)
     mean, std = torch.tensor(meta.dataset.mean).view(1, 3, 1, 1), torch.tensor(meta.dataset.std).view(1, 3, 1, 1)
     with torch.no_grad():

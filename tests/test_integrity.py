@@ -186,7 +186,7 @@ def dataset_shapes(tmp_path: Path) -> dict[str, tuple[int, int, int]]:
             info = get_dataset(name, root=tmp_path).info
         else:
             info = get_dataset(name).info
-        shapes[name] = (info.channels, info.image_size, info.num_classes)
+        shapes[name] = (info.channels, info.image_size[0], info.num_classes)
     return shapes
 
 

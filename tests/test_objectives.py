@@ -52,7 +52,7 @@ def test_ce_term_pulls_the_labelled_class_up_and_ignores_unlabelled_rows() -> No
 
 
 def test_kd_term_is_zero_at_the_teacher_and_descends_toward_it() -> None:
-    kd = STUDENT_TERMS.get("kd")({"tau": 4.0}, None)  # type: ignore[arg-type]
+    kd = STUDENT_TERMS.get("kd")({"tau": 4.0}, TermSetup(None, None, 1, 32))  # type: ignore[arg-type]
     t = torch.randn(8, 10)
     assert float(kd(StudentStep(torch.zeros(8), torch.zeros(8), t.clone(), t))) < 1e-6
     s = torch.randn(8, 10, requires_grad=True)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
+from dfkd_common.geometry import Size, as_hw
 from dfkd_common.registry import Registry
 
 DEFAULT_ROOT = Path.home() / ".cache" / "dfkd" / "data"
@@ -44,21 +45,36 @@ DIGIT_NAMES = tuple(str(i) for i in range(10))
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model or bank needs to know about a dataset, stored in checkpoint and bank metadata."""
+    """What a model or bank needs to know about a dataset, stored in checkpoint and bank metadata.
+
+    ``image_size`` is (H, W) (an int given here means a square); ``task`` names the registered task whose targets
+    the dataset holds (:mod:`dfkd_common.tasks`). Both are read back from files written before they existed: an
+    int size, and no task (classification).
+    """
 
     name: str
     channels: int
-    image_size: int
+    image_size: tuple[int, int]
     num_classes: int
     class_names: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    task: str = "classification"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "image_size", as_hw(self.image_size))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one input image."""
+        return (self.channels, *self.image_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "task": self.task,
             "channels": self.channels,
-            "image_size": self.image_size,
+            "image_size": list(self.image_size),
             "num_classes": self.num_classes,
             "class_names": list(self.class_names),
             "mean": list(self.mean),
@@ -70,11 +86,12 @@ class DatasetInfo:
         return cls(
             name=d["name"],
             channels=int(d["channels"]),
-            image_size=int(d["image_size"]),
+            image_size=as_hw(d["image_size"]),
             num_classes=int(d["num_classes"]),
             class_names=tuple(d["class_names"]),
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
+            task=str(d.get("task") or "classification"),
         )
 
 
@@ -127,11 +144,12 @@ def load_split(name: str, split: str, root: str | Path | None = None, **kwargs: 
     return get_dataset(name, **kwargs).load(split, root)
 
 
-def resize_uint8(images: torch.Tensor, size: int, pad: int = 0) -> torch.Tensor:
+def resize_uint8(images: torch.Tensor, size: Size, pad: int = 0) -> torch.Tensor:
     """Bilinear (antialiased) resize of a uint8 batch to ``size`` and optional zero padding, kept uint8."""
     x = images.float()
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    hw = as_hw(size)
+    if tuple(x.shape[-2:]) != hw:
+        x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
     if pad:
         x = F.pad(x, (pad, pad, pad, pad))
     return x.round().clamp(0, 255).to(torch.uint8)
@@ -273,7 +291,7 @@ def svhn() -> DatasetSpec:
 @DATASETS.register("imagefolder")
 def imagefolder(
     root: str | Path,
-    image_size: int = 32,
+    image_size: Size = 32,
     channels: int = 3,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
@@ -303,18 +321,20 @@ def imagefolder(
         ds = ImageFolder(str(root / split), loader=lambda p: _pil_load(p, mode, image_size))
         if tuple(ds.classes) != classes:
             raise DfkdError(f"imagefolder: {root / split} has classes {ds.classes}, train has {classes}")
-        imgs = [torch.from_numpy(np.array(img)).reshape(image_size, image_size, channels) for img, _ in ds]
+        h, w = as_hw(image_size)
+        imgs = [torch.from_numpy(np.array(img)).reshape(h, w, channels) for img, _ in ds]
         images = torch.stack(imgs).permute(0, 3, 1, 2).contiguous()
         return images, torch.as_tensor(ds.targets, dtype=torch.int64)
 
     return DatasetSpec(info, load)
 
 
-def _pil_load(path: str, mode: str, size: int) -> Any:
+def _pil_load(path: str, mode: str, size: Size) -> Any:
     from PIL import Image
 
+    h, w = as_hw(size)
     with Image.open(path) as im:
-        return im.convert(mode).resize((size, size), Image.BILINEAR)
+        return im.convert(mode).resize((w, h), Image.BILINEAR)
 
 
 def folder_split(root: str | Path, info: DatasetInfo) -> ArraySplit:
@@ -341,7 +361,7 @@ def folder_split(root: str | Path, info: DatasetInfo) -> ArraySplit:
                 img = _pil_load(str(path), mode, info.image_size)
             except OSError:
                 continue  # not an image
-            images.append(torch.from_numpy(np.array(img)).reshape(info.image_size, info.image_size, info.channels))
+            images.append(torch.from_numpy(np.array(img)).reshape(*info.image_size, info.channels))
             labels.append(index[f])
     if not images:
         raise DfkdError(f"test set {root}: no readable images in its class folders")

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dfkd_common.data.datasets import DATASETS, get_dataset, resize_uint8
 from dfkd_common.errors import DfkdError
+from dfkd_common.geometry import Size, as_hw, shape_str
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 CONVERTIBLE = (1, 3, 4)  # source channel counts we can turn into 1 or 3
@@ -76,7 +77,7 @@ def convert_channels(x: torch.Tensor, target: int) -> torch.Tensor:
     raise DfkdError(f"cannot convert {c}-channel images to {target} channels")
 
 
-def to_target(x: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+def to_target(x: torch.Tensor, channels: int, size: Size) -> torch.Tensor:
     return resize_uint8(convert_channels(x, channels), size)
 
 
@@ -92,10 +93,10 @@ class WildSource:
     def __len__(self) -> int:
         return self.size
 
-    def check(self, channels: int, image_size: int) -> None:
+    def check(self, channels: int, image_size: Size) -> None:
         """Validate convertibility before any work (sources that know their channels override)."""
 
-    def read(self, rows: np.ndarray, channels: int, image_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def read(self, rows: np.ndarray, channels: int, image_size: Size) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         raise NotImplementedError  # pragma: no cover
 
     def fingerprint(self) -> str:
@@ -122,18 +123,19 @@ class FolderSource(WildSource):
                             f"(looked for {', '.join(IMAGE_EXTENSIONS)} at any depth)")
         return cls(spec=f"folder:{root}", size=len(files), names=[f"folder:{root.name}"], root=root, files=files)
 
-    def read(self, rows: np.ndarray, channels: int, image_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def read(self, rows: np.ndarray, channels: int, image_size: Size) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         from PIL import Image
 
         mode = "L" if channels == 1 else "RGB"
-        out = torch.zeros(len(rows), channels, image_size, image_size, dtype=torch.uint8)
+        h, w = as_hw(image_size)
+        out = torch.zeros(len(rows), channels, h, w, dtype=torch.uint8)
         ok = np.zeros(len(rows), dtype=bool)
         for j, r in enumerate(rows):
             try:
                 with Image.open(self.files[int(r)]) as im:
-                    im.draft(mode, (image_size, image_size))  # JPEG: decode at a reduced scale, much faster
-                    im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)
-                    arr = np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels)
+                    im.draft(mode, (w, h))  # JPEG: decode at a reduced scale, much faster
+                    im = im.convert(mode).resize((w, h), Image.BILINEAR)
+                    arr = np.asarray(im, dtype=np.uint8).reshape(h, w, channels)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
                 continue
             out[j] = torch.from_numpy(arr.transpose(2, 0, 1).copy())
@@ -158,10 +160,10 @@ class DatasetSource(WildSource):
         images = torch.cat([spec.load(s, root).images for s in splits])
         return cls(spec=f"dataset:{name}:{split}", size=len(images), names=[f"dataset:{name}"], images=images)
 
-    def check(self, channels: int, image_size: int) -> None:
+    def check(self, channels: int, image_size: Size) -> None:
         check_channels(int(self.images.shape[1]), channels, self.spec)
 
-    def read(self, rows: np.ndarray, channels: int, image_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def read(self, rows: np.ndarray, channels: int, image_size: Size) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         x = to_target(self.images[torch.from_numpy(rows)], channels, image_size)
         return x, np.ones(len(rows), dtype=bool), np.zeros(len(rows), dtype=np.int64)
 
@@ -184,7 +186,7 @@ class BankSource(WildSource):
         return cls(spec=f"bank:{path}", size=int(info["n"]), names=names if has_source else [f"bank:{path.stem}"],
                    path=path, channels=int(info["image_shape"][0]), has_source=has_source)
 
-    def check(self, channels: int, image_size: int) -> None:
+    def check(self, channels: int, image_size: Size) -> None:
         check_channels(self.channels, channels, self.spec)
 
     def _file(self) -> h5py.File:
@@ -193,7 +195,7 @@ class BankSource(WildSource):
             self._pid = os.getpid()
         return self._h5
 
-    def read(self, rows: np.ndarray, channels: int, image_size: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    def read(self, rows: np.ndarray, channels: int, image_size: Size) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
         h5 = self._file()
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         contiguous = hi - lo == len(rows)
@@ -237,7 +239,7 @@ def open_source(spec: str, data_root: str | None = None) -> WildSource:
 class WildPool:
     """Several sources behind one global row index, read in batches converted to ``channels`` x ``size``."""
 
-    def __init__(self, sources: list[WildSource], channels: int, image_size: int) -> None:
+    def __init__(self, sources: list[WildSource], channels: int, image_size: Size) -> None:
         if not sources:
             raise DfkdError("no wild sources given")
         if channels not in TARGETS:
@@ -246,7 +248,7 @@ class WildPool:
             s.check(channels, image_size)
         self.sources = sources
         self.channels = channels
-        self.image_size = image_size
+        self.image_size = as_hw(image_size)
         self.offsets = np.cumsum([0] + [len(s) for s in sources])
         # global source names: each source's sub-names, de-duplicated across sources, in first-seen order
         self.names: list[str] = []
@@ -262,17 +264,17 @@ class WildPool:
             raise DfkdError("the wild pool is empty")
 
     @classmethod
-    def open(cls, specs: list[str], channels: int, image_size: int, data_root: str | None = None) -> WildPool:
+    def open(cls, specs: list[str], channels: int, image_size: Size, data_root: str | None = None) -> WildPool:
         return cls([open_source(s, data_root) for s in specs], channels, image_size)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def fingerprint(self) -> str:
-        return "|".join(s.fingerprint() for s in self.sources) + f"|{self.channels}x{self.image_size}"
+        return "|".join(s.fingerprint() for s in self.sources) + f"|{shape_str(self.channels, self.image_size)}"
 
     def read(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Rows (sorted global indices) -> images uint8 (b, C, S, S), index, ok, source (global ids)."""
+        """Rows (sorted global indices) -> images uint8 (b, C, H, W), index, ok, source (global ids)."""
         rows = np.asarray(rows, dtype=np.int64)
         parts = np.searchsorted(self.offsets, rows, side="right") - 1
         images, oks, srcs = [], [], []

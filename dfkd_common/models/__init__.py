@@ -1,7 +1,10 @@
-"""Model zoo and generators, registered by name."""
+"""Networks: the zoo, model sources (a reference -> a network), generators and feature hooks.
 
-from dfkd_common.models import coupled as _coupled  # noqa: F401  (registers the 'coupled' generator)
+Registered components are imported when named (:data:`dfkd_common.index.INDEX`).
+"""
+
 from dfkd_common.models.generators import GENERATORS, build_generator
-from dfkd_common.models.zoo import MODELS, Classifier, build_model
+from dfkd_common.models.sources import SOURCES, build_for, build_model, resolve
+from dfkd_common.models.zoo import MODELS, Classifier
 
-__all__ = ["GENERATORS", "MODELS", "Classifier", "build_generator", "build_model"]
+__all__ = ["GENERATORS", "MODELS", "SOURCES", "Classifier", "build_for", "build_generator", "build_model", "resolve"]

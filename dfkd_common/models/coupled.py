@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_common.errors import DfkdError
+from dfkd_common.geometry import Size, as_hw
 from dfkd_common.models.generators import GENERATORS
 from dfkd_common.models.hooks import Stage, bn_stages
 
 
-def teacher_stages(model: nn.Module, channels: int, image_size: int, min_size: int = 2) -> list[Stage]:
+def teacher_stages(model: nn.Module, channels: int, image_size: Size, min_size: int = 2) -> list[Stage]:
     """Stage boundaries of ``model`` in forward order (largest resolution first): the last BN input at each
     resolution (:func:`~dfkd_common.models.hooks.bn_stages`), those smaller than ``min_size`` left out."""
     stages = bn_stages(model, channels, image_size, min_size)
@@ -61,7 +62,7 @@ class CoupledGenerator(nn.Module):
         self,
         stages: list[Stage],
         nz: int,
-        image_size: int,
+        image_size: Size,
         channels: int,
         slope: float = 0.2,
         width: int = 1,
@@ -73,7 +74,7 @@ class CoupledGenerator(nn.Module):
             raise ValueError("width must be >= 1")
         self.stages = list(reversed(stages))  # deepest (smallest) first
         first = self.stages[0]
-        self.image_size = image_size
+        self.image_size = as_hw(image_size)
         self.width = int(width)
         w = self.width
         self.l1 = nn.Linear(nz, w * first.channels * first.height * first.width)
@@ -119,14 +120,14 @@ class CoupledGenerator(nn.Module):
                 g = F.leaky_relu(g, self.slope)
             outs.append(self._coupled(g, stage))
         h = g if act and len(self.stages) > 1 else F.leaky_relu(g, self.slope)
-        h = self._resize(h, self.image_size, self.image_size)
+        h = self._resize(h, *self.image_size)
         x = torch.sigmoid(self.out(h))
         return (x, outs) if return_stages else x
 
 
 @GENERATORS.register("coupled")
 def coupled(
-    teacher: nn.Module, nz: int, image_size: int, channels: int, min_size: int = 2, **kwargs: Any
+    teacher: nn.Module, nz: int, image_size: Size, channels: int, min_size: int = 2, **kwargs: Any
 ) -> nn.Module:
     """Build the mirror of ``teacher`` (see module docstring)."""
     return CoupledGenerator(teacher_stages(teacher, channels, image_size, min_size), nz, image_size, channels,

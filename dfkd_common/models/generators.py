@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from dfkd_common.errors import DfkdError
+from dfkd_common.geometry import Size, as_hw, shape_str
 from dfkd_common.registry import Registry
 
 GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator")
@@ -49,7 +50,7 @@ class OutputHead(nn.Module):
 
 
 class DCGenerator(nn.Module):
-    """DAFL/DFAD/Fast generator: Linear -> 128 x s/4 x s/4 -> (up x2, conv, BN, LeakyReLU) x 2 -> conv C.
+    """DAFL/DFAD/Fast generator: Linear -> 128 x H/4 x W/4 -> (up x2, conv, BN, LeakyReLU) x 2 -> conv C.
 
     ``bn_eps``: DAFL's released generator uses BatchNorm eps 0.8 (which damps the normalisation of small-variance
     channels); PyTorch's 1e-5 is the default.
@@ -59,7 +60,7 @@ class DCGenerator(nn.Module):
         self,
         nz: int = 100,
         ngf: int = 64,
-        image_size: int = 32,
+        image_size: Size = 32,
         channels: int = 1,
         head: str = "sigmoid",
         mean: Sequence[float] = (0.0,),
@@ -67,13 +68,14 @@ class DCGenerator(nn.Module):
         bn_eps: float = 1e-5,
     ) -> None:
         super().__init__()
-        if image_size % 4 or not 8 <= image_size <= MAX_SIZE:
+        h, w = as_hw(image_size)
+        if any(s % 4 or not 8 <= s <= MAX_SIZE for s in (h, w)):
             raise DfkdError(f"the DCGAN generator (DAFL, DFAD, Fast, NAYER) makes {MAX_SIZE}px images at most, in "
-                            f"multiples of 4; {image_size}x{image_size} is outside that (DeepInversion works at "
+                            f"multiples of 4; {shape_str(channels, (h, w))} is outside that (DeepInversion works at "
                             "any resolution)")
         self.nz = nz
-        self.init_size = image_size // 4
-        self.l1 = nn.Linear(nz, 2 * ngf * self.init_size**2)
+        self.init_size = (h // 4, w // 4)
+        self.l1 = nn.Linear(nz, 2 * ngf * self.init_size[0] * self.init_size[1])
         self.conv_blocks = nn.Sequential(
             nn.BatchNorm2d(2 * ngf, eps=bn_eps),
             nn.Upsample(scale_factor=2),
@@ -89,7 +91,7 @@ class DCGenerator(nn.Module):
         self.head = OutputHead(head, channels, mean, std)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.l1(z).view(z.shape[0], -1, self.init_size, self.init_size)
+        x = self.l1(z).view(z.shape[0], -1, *self.init_size)
         return self.head(self.conv_blocks(x))
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd_common.geometry import Size, as_hw
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -40,7 +42,7 @@ class Traced:
 
 
 @torch.no_grad()
-def trace(model: nn.Module, channels: int, image_size: int) -> list[Traced]:
+def trace(model: nn.Module, channels: int, image_size: Size) -> list[Traced]:
     """Every module's call in one eval-mode forward of zeros, in the order the calls finish."""
     calls: list[Traced] = []
     handles = []
@@ -61,7 +63,7 @@ def trace(model: nn.Module, channels: int, image_size: int) -> list[Traced]:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
         model.eval()
-        model(torch.zeros(1, channels, image_size, image_size, device=device))
+        model(torch.zeros(1, channels, *as_hw(image_size), device=device))
     finally:
         model.train(was_training)
         for h in handles:
@@ -80,14 +82,14 @@ def _last_per_resolution(items: list[Stage], min_size: int) -> list[Stage]:
     return [last[k] for k in order if min(k) >= min_size]
 
 
-def bn_stages(model: nn.Module, channels: int, image_size: int, min_size: int = 1) -> list[Stage]:
+def bn_stages(model: nn.Module, channels: int, image_size: Size, min_size: int = 1) -> list[Stage]:
     """For each spatial resolution (largest first), the last BatchNorm2d to run there and the input it sees."""
     seen = [Stage(c.path, *c.input) for c in trace(model, channels, image_size)
             if issubclass(c.kind, nn.BatchNorm2d) and c.input is not None]
     return _last_per_resolution(seen, min_size)
 
 
-def stage_outputs(model: nn.Module, channels: int, image_size: int, min_size: int = 1) -> list[Stage]:
+def stage_outputs(model: nn.Module, channels: int, image_size: Size, min_size: int = 1) -> list[Stage]:
     """For each spatial resolution (largest first), the map a stage makes there: the output of the last *block*
     (a module with children) to finish at that resolution, else of the last layer.
 

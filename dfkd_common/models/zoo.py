@@ -6,7 +6,8 @@ them itself. A checkpoint therefore carries its normalisation, and synthesis nev
 
 Penultimate features and intermediate stages are reached by forward hooks addressed by module path
 (:mod:`dfkd_common.models.hooks`), never by a custom ``forward``: the last ``nn.Linear`` in module order is
-the classifier, and its input is the penultimate feature.
+the classifier, and its input is the penultimate feature. Networks are built from a model reference by
+:mod:`dfkd_common.models.sources` (the zoo here is one source; torchvision is another).
 
 ``lenet5`` follows DAFL/DFAD's LeNet-5 (conv 1->6->16->120, 5x5 kernels, 32x32 input, fc 120->84->C) with one
 deliberate addition, on by default: a BatchNorm2d after each convolution. BN running statistics are the
@@ -14,21 +15,21 @@ main prior of DeepInversion, Fast, NAYER and CPNet (L_bn); a BN-free teacher wou
 match. ``batchnorm=False`` gives the exact published network (DAFL and DFAD do not need BN). Smaller inputs are
 padded to 32x32 the way LeCun fed it 28x28 MNIST (replicating the border, which is background on digits).
 
-:func:`build_model` with ``image_size`` checks the architecture against the input shape with one forward pass of
-zeros (no random draw: it must not move any seeded stream), so a model that cannot take a dataset's images is one
-error line naming both before any work starts, not a conv2d traceback mid-run.
+:func:`check_input` checks an architecture against the input shape with one forward pass of zeros (no random draw:
+it must not move any seeded stream), so a model that cannot take a dataset's images is one error line naming both
+before any work starts, not a conv2d traceback mid-run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dfkd_common.errors import DfkdError
+from dfkd_common.geometry import Size, as_hw, shape_str
 from dfkd_common.registry import Registry
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
@@ -62,56 +63,14 @@ class Classifier(nn.Module):
         return self.classifier.out_features
 
 
-def build_model(
-    arch: str,
-    num_classes: int,
-    in_channels: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    image_size: int | None = None,
-    **kwargs: Any,
-) -> Classifier:
-    """Build a registered architecture wrapped with its normalisation (checked against ``image_size`` if given).
-
-    ``torchvision:NAME`` builds torchvision's classification model NAME (random weights, ``num_classes``
-    outputs; ``arch_kwargs`` go to its constructor), e.g. an ImageNet ResNet-18 to import a teacher into.
-    """
-    try:
-        if arch.startswith(TORCHVISION):
-            net = torchvision_model(arch[len(TORCHVISION):], num_classes, in_channels, **kwargs)
-        else:
-            net = MODELS.get(arch)(num_classes=num_classes, in_channels=in_channels, **kwargs)
-    except TypeError as exc:  # an arch_kwargs key the architecture does not take
-        raise DfkdError(f"model {arch}: {exc}") from None
-    model = Classifier(net, mean, std)
-    if image_size is not None:
-        check_input(model, arch, in_channels, image_size)
-    return model
-
-
-TORCHVISION = "torchvision:"
-
-
-def torchvision_model(name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
-    """torchvision's classification model ``name`` with random weights (weights come from the import)."""
-    from torchvision import models as tv_models
-
-    if name not in tv_models.list_models(module=tv_models):
-        raise DfkdError(f"torchvision has no classification model {name!r} (e.g. resnet18, resnet50, "
-                        "mobilenet_v2, vgg11_bn)")
-    if in_channels != 3:
-        raise DfkdError(f"torchvision:{name} takes 3-channel images, not {in_channels}")
-    return tv_models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
-
-
 @torch.no_grad()
-def check_input(model: Classifier, arch: str, channels: int, image_size: int) -> None:
+def check_input(model: Classifier, arch: str, channels: int, image_size: Size) -> None:
     """One eval-mode forward of zeros: raise :class:`DfkdError` when ``model`` cannot take this input shape."""
     was_training = model.training
     model.eval()
-    shape = f"{channels}x{image_size}x{image_size}"
+    shape = shape_str(channels, image_size)
     try:
-        out = model(torch.zeros(2, channels, image_size, image_size))
+        out = model(torch.zeros(2, channels, *as_hw(image_size)))
     except RuntimeError as exc:
         reason = (str(exc).strip().splitlines() or ["shape mismatch"])[0]
         raise DfkdError(f"model {arch} cannot take {shape} inputs ({reason})") from None

@@ -1,6 +1,6 @@
-"""Online distillation feeds (``dfkd distill --online M``). Importing this package registers every module here."""
+"""Online distillation feeds (``dfkd distill --online M``); feeds of their own (DFAD) are modules imported when
+named (:data:`dfkd_common.index.INDEX`)."""
 
-from dfkd_common.online import dfad  # noqa: F401  (registers the dfad feed and the l1 student loss)
 from dfkd_common.online.base import (
     ONLINE,
     FeedContext,

@@ -109,7 +109,7 @@ class RecordedFeed(BankFeed):
     feed_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, ctx: FeedContext, cfg: dict[str, Any]) -> None:
-        super().__init__(torch.zeros(0, ctx.info.channels, ctx.info.image_size, ctx.info.image_size,
+        super().__init__(torch.zeros(0, *ctx.info.shape,
                                      dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), ctx.engine.device)
         self.ctx = ctx
         self.cfg = cfg
@@ -262,6 +262,7 @@ ONLINE: Registry[type[RecordedFeed]] = Registry("online method")
 
 
 def online_methods() -> list[str]:
+    """Every name ``--online`` takes: a feed of its own (DFAD) or a synthesizer in the loop."""
     return sorted(set(ONLINE.names()) | set(SYNTHESIZERS.names()))
 
 

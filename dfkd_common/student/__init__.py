@@ -1,7 +1,6 @@
-"""The student side: registered terms (one module each; importing this package registers them in
-:data:`STUDENT_TERMS`) and :class:`StudentSide`, the student plus what its terms train."""
+"""The student side: :class:`StudentSide` (the student plus what its terms train) and the term registry
+:data:`STUDENT_TERMS`; each term is its own module, imported when named (:data:`dfkd_common.index.INDEX`)."""
 
-from dfkd_common.student import ce, dda, kd, l1, noise_adaptation, relation  # noqa: F401  (registration side effects)
 from dfkd_common.student.base import NEEDS, STUDENT_TERMS, StudentStep, StudentTerm, TermSetup, register
 from dfkd_common.student.side import StudentSide, check_objective
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dfkd_common.geometry import Size
 from dfkd_common.models import Classifier
 from dfkd_common.params import check_params
 from dfkd_common.registry import Registry
@@ -51,13 +52,15 @@ class StudentStep:
 
 @dataclass
 class TermSetup:
-    """What a term may need when it is built: the networks (e.g. their stage shapes) and the teacher's accuracy."""
+    """What a term may need when it is built: the networks (e.g. their stage shapes), the teacher's accuracy and
+    the task (whose KD reduction the ``kd`` term uses)."""
 
     teacher: Classifier
     student: Classifier
     channels: int
-    image_size: int
+    image_size: Size
     teacher_accuracy: float | None = None  # measured on the teacher's test split (its checkpoint), if known
+    task: str = "classification"
 
 
 class StudentTerm(nn.Module):

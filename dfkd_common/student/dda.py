@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd_common.errors import DfkdError
+from dfkd_common.geometry import as_hw
 from dfkd_common.models.hooks import Penultimate, stage_outputs
 from dfkd_common.rotation import RotationHead, rotations
 from dfkd_common.student.base import StudentStep, StudentTerm, TermSetup, register
@@ -78,7 +79,7 @@ class RotationTerm(StudentTerm):
         with Penultimate(student) as hook, torch.no_grad():
             was = student.training
             student.eval()
-            student(torch.zeros(1, setup.channels, setup.image_size, setup.image_size,
+            student(torch.zeros(1, setup.channels, *as_hw(setup.image_size),
                                 device=next(student.parameters()).device))
             student.train(was)
             dim = hook.value.flatten(1).shape[1]

@@ -30,6 +30,7 @@ from dfkd_common.models.hooks import BNStats, FeatureHooks, Penultimate, stage_o
 from dfkd_common.params import check_params, check_weighted_terms, merge
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis.losses import TERMS, Context, weighted_sum
+from dfkd_common.tasks import get_task
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Synthesizer(ABC):
         self.needs = frozenset().union(*(TERMS.get(k).needs for k, v in self.weights.items() if v))
         self.engine = engine or Engine.create()
         self.info = info
+        self.task = get_task(info.task)
         self.teacher = self.engine.model(teacher).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -130,10 +132,8 @@ class Synthesizer(ABC):
                 self.bn.enable(False)
 
     def targets(self, n: int, round_index: int) -> torch.Tensor:
-        """Balanced class targets: each class n/K times (remainder rotates with the round), shuffled."""
-        k = self.info.num_classes
-        y = (torch.arange(n) + round_index * n) % k
-        return y[torch.randperm(n, generator=self.gen)].to(self.device)
+        """The round's targets, drawn by the task (classification: balanced classes, shuffled)."""
+        return self.task.draw_targets(n, round_index, self.info.num_classes, self.gen).to(self.device)
 
     def noise(self, *shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen).to(self.device)

@@ -34,7 +34,7 @@ class DeepInversion(Synthesizer):
         mean = self.teacher.mean.to(self.device)
         std = self.teacher.std.to(self.device)
         y = self.targets(b, round_index)
-        v = self.noise(b, info.channels, info.image_size, info.image_size).requires_grad_(True)
+        v = self.noise(b, *info.shape).requires_grad_(True)
         opt = torch.optim.Adam([v], lr=float(self.cfg["lr"]), betas=tuple(self.cfg["betas"]))
 
         lo, hi = (0 - mean) / std, (1 - mean) / std  # [0, 1] in the normalised space, per channel

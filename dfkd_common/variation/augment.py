@@ -145,7 +145,7 @@ def augment_bank(
     ``on_batch(sources done)`` runs after every batch (tests interrupt a run with it).
     """
     info = meta.dataset
-    bank.check_compatible(info.channels, info.image_size, info.num_classes)
+    bank.check_compatible(info)
     if len(bank) == 0:
         raise DfkdError(f"bank {bank.path} is empty: nothing to augment")
     num_classes = info.num_classes

@@ -1,0 +1,29 @@
+"""Image geometry: sizes are (H, W) everywhere; an int is accepted where a caller means a square.
+
+Why one helper: datasets, banks, checkpoints, generators, augmentation and hooks all take an image size. They
+used to take one int (square images only); a segmentation canvas or a user's own network need not be square, so
+each of them normalises what it is given through :func:`as_hw` and formats shapes through :func:`shape_str`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+#: an image size: (H, W), or an int for a square
+Size = int | Sequence[int]
+
+
+def as_hw(size: Size) -> tuple[int, int]:
+    """(H, W) of ``size``: an int ``s`` is (s, s); a pair is taken as (H, W)."""
+    if isinstance(size, int):
+        return int(size), int(size)
+    values = tuple(int(v) for v in size)
+    if len(values) != 2:
+        raise ValueError(f"an image size is an int or (height, width), got {size!r}")
+    return values  # type: ignore[return-value]
+
+
+def shape_str(channels: int, size: Size) -> str:
+    """``CxHxW``, as every message and table prints an input shape."""
+    h, w = as_hw(size)
+    return f"{channels}x{h}x{w}"
