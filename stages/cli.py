@@ -49,7 +49,7 @@ class LazyGroup(TyperGroup):
 def _load(name: str, obj: Any) -> click.Command:
     """A stage's typer app (a group of sub-commands) or command function as a click command named ``name``."""
     if isinstance(obj, typer.Typer):
-        cmd = typer.main.get_command(obj)
+        cmd = typer.main.get_group(obj)  # a group even with one sub-command (`dfkd pool build`)
     else:
         single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
         single.command(name)(obj)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "DFKD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
@@ -50,41 +49,39 @@ def test_stages_chain_and_student_beats_chance_on_real_digits(tmp_path: Path, te
     assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "report.png").exists()
 
 
-SHRINK: dict[str, Any] = {
-    "epochs": 1, "rounds": 1, "g_steps": 2, "batch_size": 32, "kd_steps": 2, "g_loops": 1, "warmup": 0,
-    "warmup_epochs": 0, "warmup_loops": 1, "photo_crops": 60, "digits_variants": 1, "noise": 30,
-    "num_select": 64, "iterations": 2, "sample_per_epoch": 16, "student_steps": 1, "sources": 8, "k": 1,
-    "steps": 2,
-}
-
-
-def shrink(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: (min(v, SHRINK[k]) if k in SHRINK and isinstance(v, (int, float)) and not isinstance(v, bool)
-                    else shrink(v)) for k, v in node.items()}
-    return node
+def _dvc_deps() -> Any:
+    """scripts/dvc_deps.py, the tool that measures what each stage imports (loaded by path: scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("dvc_deps", ROOT / "scripts" / "dvc_deps.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
-def test_dvc_repro_runs_the_default_pipeline_and_is_then_up_to_date(tmp_path: Path) -> None:
+def test_dvc_repro_runs_the_default_pipeline_and_each_stage_depends_on_exactly_its_code(tmp_path: Path) -> None:
+    """The default pipeline, shrunk (a few rounds, one epoch), through its own dvc.yaml; every process records the
+    project modules it imported. Then: each stage's code deps are exactly those (dvc.yaml misses none, lists none
+    it does not run), a second repro does nothing, and an edit of CPNet's module changes the deps of CPNet's
+    stages and of no other."""
+    tool = _dvc_deps()
     work = tmp_path / "study"
-    work.mkdir()
-    for name in ("dfkd_common", "stages", "priors"):  # priors/: the frozen prior stage's committed output
-        shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
-    shutil.copy(ROOT / ".dvcignore", work / ".dvcignore")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    (work / "params.yaml").write_text(yaml.safe_dump(shrink(params)))
-    run = lambda *a: subprocess.run(["dvc", *a], cwd=work, env=ENV, capture_output=True, text=True,  # noqa: E731
-                                    timeout=1800)
-    assert run("init", "--no-scm", "-q").returncode == 0
-    first = run("repro")
+    measured, first = tool.measure(work)
     assert first.returncode == 0, first.stderr[-3000:] + first.stdout[-3000:]
     report = (work / "artifacts" / "reports" / "report.md").read_text()
     assert "teacher" in report and "dafl" in report and "deepinversion_aug" in report
-    second = run("repro")
+    problems = tool.drift(work, measured)
+    assert not problems, "dvc.yaml's code deps drifted (python scripts/dvc_deps.py --write):\n" + "\n".join(problems)
+    second = tool.dvc(work, "repro")
     assert second.returncode == 0
     assert "Running stage" not in second.stdout, second.stdout
+    cpnet = work / "dfkd_common" / "synthesis" / "cpnet.py"
+    cpnet.write_text(cpnet.read_text() + "\n# an edit\n")
+    status = tool.dvc(work, "status", "--json")
+    changed = set(json.loads(status.stdout or "{}"))
+    runs_cpnet = {name for name, files in measured.items() if "dfkd_common/synthesis/cpnet.py" in files}
+    assert runs_cpnet == {"distill_cpnet@cpnet", "distill_cpnet@cpnet_wide", "distill_cpnet_rgal"}
+    assert changed == runs_cpnet, status.stdout
 
 
 def test_teacher_training_reaches_a_real_accuracy_floor(teacher_ckpt: Path) -> None:

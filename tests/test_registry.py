@@ -1,6 +1,12 @@
-"""Registries: every registered component builds, and unknown names fail with the list of known ones."""
+"""Registries: the declared index matches what the modules register, every registered component builds, unknown
+names fail with the list of known ones, and the console script starts without torch."""
 
 from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,13 +14,20 @@ import torch
 from dfkd_common.data import DATASETS, DatasetInfo
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
-from dfkd_common.models import GENERATORS, MODELS, build_generator, build_model
+from dfkd_common.imports import KEYMAPS
+from dfkd_common.index import COMMANDS, INDEX
+from dfkd_common.models import GENERATORS, MODELS, SOURCES, build_generator, build_model
 from dfkd_common.models.hooks import BNStats, Penultimate
+from dfkd_common.online import ONLINE
 from dfkd_common.registry import Registry
 from dfkd_common.student import STUDENT_TERMS
 from dfkd_common.synthesis import SYNTHESIZERS, build_synthesizer
 from dfkd_common.synthesis.losses import TERMS
+from dfkd_common.tasks import TASKS
 from dfkd_common.variation.models import VARIATIONS
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL = [TASKS, SOURCES, DATASETS, MODELS, GENERATORS, SYNTHESIZERS, TERMS, STUDENT_TERMS, ONLINE, VARIATIONS, KEYMAPS]
 
 ZOO = ["lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg11_bn"]
 
@@ -29,10 +42,61 @@ def test_registries_hold_the_documented_names() -> None:
     assert {"sdedit-prior", "sd-image-variations"} <= set(VARIATIONS.names())
 
 
-@pytest.mark.parametrize("reg", [MODELS, DATASETS, SYNTHESIZERS, TERMS, STUDENT_TERMS, GENERATORS, VARIATIONS])
+@pytest.mark.parametrize("reg", ALL, ids=lambda r: r.kind)
 def test_unknown_name_is_a_clear_error(reg: Registry) -> None:
     with pytest.raises(DfkdError, match=r"unknown .*'nope'.*known: "):
         reg.get("nope")
+
+
+def test_every_registry_is_in_the_index() -> None:
+    assert {reg.kind for reg in ALL} == set(INDEX)
+
+
+@pytest.mark.parametrize("reg", ALL, ids=lambda r: r.kind)
+def test_the_index_names_exactly_what_each_module_registers(reg: Registry) -> None:
+    """Lazy loading imports the module the index names for a name: it must be the module that registers it, and a
+    module must not register a name the index lacks (``dfkd methods`` lists the index, not the modules)."""
+    reg.load_all()
+    unindexed = sorted(set(reg._items) - set(reg.index))
+    assert not unindexed, f"{reg.kind}: registered but not in dfkd_common/index.py: {unindexed}"
+    wrong = {name: (reg.origin(name), module) for name, module in reg.index.items() if reg.origin(name) != module}
+    assert not wrong, f"{reg.kind}: (registered by, index says) {wrong}"
+
+
+def test_a_name_imports_its_module_only_when_asked_for() -> None:
+    code = ("import sys\n"
+            "from dfkd_common.synthesis import SYNTHESIZERS\n"
+            "from dfkd_common.student import STUDENT_TERMS\n"
+            "assert 'dfkd_common.synthesis.cpnet' not in sys.modules, 'cpnet imported with the registry'\n"
+            "assert 'dfkd_common.student.dda' not in sys.modules\n"
+            "assert 'cpnet' in SYNTHESIZERS.names() and 'fea' in STUDENT_TERMS.names()\n"
+            "SYNTHESIZERS.get('cpnet')\n"
+            "assert 'dfkd_common.synthesis.cpnet' in sys.modules\n"
+            "assert 'dfkd_common.synthesis.dafl' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_every_command_module_has_its_command() -> None:
+    for name, (module, attr, help_text) in COMMANDS.items():
+        assert hasattr(importlib.import_module(module), attr), name
+        assert help_text.endswith("."), name
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["methods"]])
+def test_the_console_script_answers_without_importing_torch(argv: list[str]) -> None:
+    code = ("import sys\n"
+            f"sys.argv = ['dfkd', *{argv!r}]\n"
+            "from stages.cli import main\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if argv == ["methods"]:
+        assert "tasks: classification" in proc.stdout and "model sources: torchvision, zoo" in proc.stdout
+    if argv == ["--version"]:
+        from dfkd_common import __version__
+
+        assert proc.stdout.strip() == f"dfkd {__version__}"
 
 
 def test_double_registration_is_refused() -> None:
