@@ -22,6 +22,8 @@ from pathlib import Path
 
 from _common import ROOT, machine
 
+from dfkd_common.engine import details_path
+
 ART = ROOT / "artifacts"
 
 
@@ -43,21 +45,25 @@ def main() -> None:
     teacher = load(ART / "teachers" / "lenet5.metrics.json")
     print(f"teacher lenet5 on mnist5k: final test accuracy {100 * teacher.get('test_acc', float('nan')):.2f} %")
     print()
-    print("| student (lenet5_half) | bank | bank time (s) | distill time (s) | precision (synthesis) | "
+    print("| student (lenet5_half) | images | bank time (s) | distill time (s) | precision (synthesis) | "
           "final test acc (%) | x teacher |")
     print("| --- | ---: | ---: | ---: | --- | ---: | ---: |")
     for m in sorted((ART / "students").glob("*.metrics.json")):
         name = m.name.removesuffix(".metrics.json")
-        s = load(m)
-        bank = load(ART / "banks" / f"{name}.metrics.json")
-        bank_s = bank.get("seconds")
-        ratio = s.get("x_teacher", s.get("ratio_to_teacher"))
-        precision = bank.get("precision") or s.get("online_precision") or ""
-        print(f"| {name} | {s.get('images', s.get('bank_size', ''))} | {'' if bank_s is None else f'{bank_s:.0f}'} | "
+        s, detail = load(m), load(details_path(m))
+        banks = detail.get("bank")
+        banks = [] if banks in (None, "None") else banks if isinstance(banks, list) else [banks]
+        made = [load(Path(b).with_name(Path(b).name.removesuffix(".h5") + ".metrics.json")) for b in banks]
+        bank_s = sum(float(b.get("seconds") or 0) for b in made) if made else None
+        precision = (detail.get("online_precision")
+                     or load(details_path(ART / "banks" / f"{Path(banks[0]).stem}.metrics.json")).get("precision")
+                     if banks else detail.get("online_precision")) or ""
+        print(f"| {name} | {s.get('images', '')} | {'' if bank_s is None else f'{bank_s:.0f}'} | "
               f"{s.get('seconds', 0):.0f} | {precision} | {100 * s['test_acc']:.2f} | "
-              f"{'' if ratio is None else f'{ratio:.3f}'} |")
+              f"{'' if s.get('x_teacher') is None else format(s['x_teacher'], '.3f')} |")
     pool = load(ART / "pools" / "offline.metrics.json")
-    retrieve = {n: load(ART / "banks" / f"{n}.metrics.json").get("total_seconds") for n in ("dfnd", "dfnd_random")}
+    retrieve = {n: load(details_path(ART / "banks" / f"{n}.metrics.json")).get("total_seconds")
+                for n in ("dfnd", "dfnd_random")}
     print(f"\nother stages: pool {pool.get('images', '?')} images; retrieval "
           + ", ".join(f"{k} {v:.0f} s" for k, v in retrieve.items() if v is not None))
     if wall is not None:

@@ -36,6 +36,7 @@ from dfkd_common.bank import BankWriter
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data.wild import WildPool
 from dfkd_common.engine import Engine
+from dfkd_common.geometry import shape_str
 from dfkd_common.retrieval import RetrieveConfig, retrieve, score_pool, scores_path
 
 
@@ -43,13 +44,13 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_pool(path: Path, n: int, c: int, s: int) -> None:
-    info = {"name": "bench", "channels": c, "image_size": s, "num_classes": 0, "class_names": [],
+def make_pool(path: Path, n: int, c: int, hw: tuple[int, int]) -> None:
+    info = {"name": "bench", "channels": c, "image_size": list(hw), "num_classes": 0, "class_names": [],
             "mean": [0.5] * c, "std": [0.25] * c}
     rng = np.random.default_rng(0)
-    w = BankWriter(path, channels=c, image_size=s, kind="merged", method="bench", dataset=info)
+    w = BankWriter(path, channels=c, image_size=hw, kind="merged", method="bench", dataset=info)
     for i in range(0, n, 8192):
-        w.append(rng.integers(0, 256, (min(8192, n - i), c, s, s), dtype=np.uint8), -1, 0)
+        w.append(rng.integers(0, 256, (min(8192, n - i), c, *hw), dtype=np.uint8), -1, 0)
     w.close()
 
 
@@ -89,7 +90,7 @@ def main() -> None:
     c, s = meta.dataset.channels, meta.dataset.image_size
     engine = Engine.create("cpu", amp=False)
     model = engine.model(model)
-    print(f"threads {torch.get_num_threads()}, teacher {meta.arch} {c}x{s}x{s}, batch {args.batch_size}")
+    print(f"threads {torch.get_num_threads()}, teacher {meta.arch} {shape_str(c, s)}, batch {args.batch_size}")
 
     small = tmp / "pool_small.h5"
     make_pool(small, args.n, c, s)

@@ -82,6 +82,18 @@ def test_every_command_module_has_its_command() -> None:
         assert help_text.endswith("."), name
 
 
+@pytest.mark.parametrize("group,sub", [("teacher", "import"), ("pool", "build"), ("prior", "train"),
+                                       ("bank", "verify")])
+def test_a_stage_with_sub_commands_stays_a_group(group: str, sub: str) -> None:
+    """`dfkd pool build`: a typer app with a single command must not collapse into that command."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    out = CliRunner().invoke(app, [group, "--help"])
+    assert out.exit_code == 0 and "Commands" in out.output and sub in out.output, out.output
+
+
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["methods"]])
 def test_the_console_script_answers_without_importing_torch(argv: list[str]) -> None:
     code = ("import sys\n"

@@ -1,0 +1,47 @@
+"""The README's Python examples run as written (against a teacher and a bank at the paths they name)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from dfkd_common.bank import BankWriter
+from dfkd_common.checkpoint import read_meta
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+
+
+def test_the_readme_has_its_examples() -> None:
+    blocks = python_blocks()
+    assert len(blocks) == 3  # the h5py snippet, the Python API example, the student term
+    assert "load_model" in blocks[1] and "class CE(StudentTerm)" in blocks[2]
+
+
+def test_the_student_term_shown_is_the_one_in_the_code() -> None:
+    term = python_blocks()[2]
+    assert term.strip() in (ROOT / "dfkd_common" / "student" / "ce.py").read_text()
+
+
+def test_the_bank_and_api_examples_run(tmp_path: Path, teacher_ckpt: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "artifacts" / "teachers").mkdir(parents=True)
+    shutil.copy(teacher_ckpt, tmp_path / "artifacts" / "teachers" / "lenet5.safetensors")
+    info = read_meta(teacher_ckpt).dataset
+    with BankWriter(tmp_path / "artifacts" / "banks" / "dafl.h5", channels=1, image_size=32, kind="synthetic",
+                    method="dafl", dataset=info.to_dict()) as w:
+        w.append(torch.rand(12, 1, 32, 32), torch.arange(12) % 10, 0)
+    monkeypatch.chdir(tmp_path)
+    for block in python_blocks()[:2]:
+        exec(compile(block, "README.md", "exec"), {})  # the README's own code, as a user would paste it
+    out = capsys.readouterr().out
+    assert "dafl classification (12, 1, 32, 32)" in out
+    assert "teacher classification lenet5 {'test_acc':" in out
+    assert "torch.Size([16, 1, 32, 32])" in out and "12 classification dafl" in out
