@@ -292,7 +292,8 @@ def write_metrics(path: str | os.PathLike[str], record: dict[str, Any], task: st
     """The headline figures (at most :func:`headline_keys` of ``task``) to ``path``, the full record beside it.
 
     Why two files: DVC tabulates every key of every metrics file, so per-class counts, loss parts and
-    provenance made ``dvc metrics show`` a 70-column table; the details stay one ``cat`` away.
+    provenance made ``dvc metrics show`` a 70-column table; the details stay one ``cat`` away. Both files, and
+    the per-epoch plots file, are described in ``docs/ARTIFACTS.md``.
     """
     unknown = set(headline) - set(headline_keys(task))
     if unknown:

@@ -21,7 +21,8 @@ a full disk and a second run started by mistake. :class:`Job` does it once:
   fails its checksum is an error that leaves the directory alone (never deleted because it could not be read).
 
 Disk use is the shards plus, at publish, the bank; memory at publish is about twice the bank (the HDF5 image and
-its bytes), which training needs in memory anyway.
+its bytes), which training needs in memory anyway. The lock, the work directory and the state files are described
+with every other artifact in ``docs/ARTIFACTS.md``.
 """
 
 from __future__ import annotations

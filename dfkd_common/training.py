@@ -72,10 +72,12 @@ class Checkpoints(Protocol):
 
 @dataclass
 class Resume:
-    """Per-epoch resumable state beside an output (``<out>.state.safetensors``), tied to a params hash.
+    """Per-epoch resumable state beside an output (``.<out>.state.safetensors``: for ``t.safetensors`` the file
+    ``.t.safetensors.state.safetensors``), tied to a params hash.
 
     A rerun with the same params continues from the last saved epoch; different params start over (the old
-    state would describe another run). The state file is deleted once the artifact is complete.
+    state would describe another run). The state file is deleted once the artifact is complete
+    (``docs/ARTIFACTS.md``).
     """
 
     path: Path

@@ -229,4 +229,4 @@ def test_teacher_train_on_digits_with_the_default_arch_beats_chance(tmp_path: Pa
     acc = json.loads(metrics.read_text())["test_acc"]
     assert acc > 0.7, acc  # 10 classes: chance is 0.1
     _, meta = load_model(out)
-    assert meta.arch == "lenet5" and meta.dataset.image_size == 28
+    assert meta.arch == "lenet5" and meta.dataset.image_size == (28, 28)
