@@ -52,5 +52,5 @@ def teacher_or_untrained(path: Path | None, tmp: Path) -> Path:
     info = get_dataset("mnist5k").info
     out = tmp / "lenet5.safetensors"
     save_model(out, build_model("lenet5", 10, 1, info.mean, info.std),
-               ModelMeta("lenet5", {}, info, None, {}, now(), __version__, "teacher"))
+               ModelMeta("lenet5", {}, info, {}, {}, now(), __version__, "teacher"))
     return out

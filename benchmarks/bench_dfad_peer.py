@@ -87,7 +87,7 @@ def write_inputs(tmp: Path, iterations: int) -> tuple[Path, Path]:
     info = get_dataset("mnist5k").info
     teacher = tmp / "lenet5_nobn.safetensors"
     save_model(teacher, build_model("lenet5", 10, 1, info.mean, info.std, batchnorm=False),
-               ModelMeta("lenet5", {"batchnorm": False}, info, None, {}, now(), __version__, "teacher"))
+               ModelMeta("lenet5", {"batchnorm": False}, info, {}, {}, now(), __version__, "teacher"))
     params = tmp / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 1, "distill": {"dfad": {
         "student": "lenet5_half", "student_kwargs": {"batchnorm": False}, "weights": {"kd": 0.0, "l1": 1.0},

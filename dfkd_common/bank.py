@@ -266,7 +266,7 @@ class Bank:
             raise DfkdError(f"bank {self.path.name} holds {self.task.name} targets, the {what} is for {info.task}")
         c, h, w = self.image_shape
         if (c, h, w) != info.shape:
-            raise DfkdError(f"bank {self.path.name} has images {c}x{h}x{w}, the {what} expects "
+            raise DfkdError(f"bank {self.path.name} has images {shape_str(c, (h, w))}, the {what} expects "
                             f"{shape_str(info.channels, info.image_size)}")
         k = self.dataset.get("num_classes")
         if k is not None and int(k) != info.num_classes:
@@ -285,7 +285,8 @@ def concat_banks(banks: list[Bank]) -> Bank:
     shapes = {b.image_shape for b in banks}
     if len(shapes) != 1:
         raise DfkdError("banks to train on together must have one image shape, got "
-                        + ", ".join(f"{b.path.name} {'x'.join(map(str, b.image_shape))}" for b in banks))
+                        + ", ".join(f"{b.path.name} {shape_str(b.image_shape[0], b.image_shape[1:])}"
+                                    for b in banks))
     common = set.intersection(*(set(b.extra) for b in banks))
     return Bank(banks[0].path, torch.cat([b.images for b in banks]), torch.cat([b.labels for b in banks]),
                 torch.cat([b.rounds for b in banks]), {k: torch.cat([b.extra[k] for b in banks]) for k in common},
@@ -392,15 +393,13 @@ def verify_bank(path: str | os.PathLike[str], block: int = 8192) -> dict[str, An
     path = Path(path)
     with _open(path) as h5:
         attrs = read_attrs(h5, path)
-        n = validate(h5, path, get_task(attrs["task"]).target)
+        task = get_task(attrs["task"])
+        n = validate(h5, path, task.target)
+        k = (attrs.get("dataset") or {}).get("num_classes")
         names = sorted(h5.keys())
         for name in names:
             for i in range(0, max(n, 1), block):
-                _read(h5, name, slice(i, i + block), path)
-        k = (attrs.get("dataset") or {}).get("num_classes")
-        task = get_task(attrs["task"])
-        if k and n:
-            for i in range(0, n, block):
-                targets = torch.from_numpy(_read(h5, task.target, slice(i, i + block), path).astype(np.int64))
-                task.check_targets(targets, int(k), str(path))
+                values = _read(h5, name, slice(i, i + block), path)
+                if name == task.target and k and n:  # the targets fit the classes, checked as they are read
+                    task.check_targets(torch.from_numpy(values.astype(np.int64)), int(k), str(path))
         return {"rows": n, "datasets": names, "checksummed": checksummed(h5)}

@@ -83,8 +83,8 @@ def check_digests(path: Path, tensors: dict[str, torch.Tensor], expected: dict[s
 class ModelMeta:
     """A model artifact's metadata (schema: ``docs/ARTIFACTS.md``).
 
-    ``metrics`` are the task's metrics on the real test split (``{}``: unmeasured); a number given there is taken
-    as the task's headline metric. ``kind`` is open: teacher and student today, a quantized model later.
+    ``metrics`` are the task's metrics on the real test split (``{}``: unmeasured). ``kind`` is open: teacher and
+    student today, a quantized model later.
     """
 
     arch: str  # model reference: a zoo name, or source:name (torchvision:resnet18)
@@ -96,12 +96,6 @@ class ModelMeta:
     version: str
     kind: str  # teacher | student | ...
     digests: dict[str, str] | None = None  # tensor name -> sha256, filled by save_model; None: written before 0.2
-
-    def __post_init__(self) -> None:
-        if self.metrics is None:
-            self.metrics = {}
-        elif not isinstance(self.metrics, dict):
-            self.metrics = {self.task.headline: float(self.metrics)}
 
     @property
     def task(self) -> Task:
@@ -145,6 +139,9 @@ class ModelMeta:
             kind = d.get("role", "")
         else:
             metrics, kind = dict(d.get("metrics") or {}), d.get("kind", "")
+            if d.get("task", dataset.task) != dataset.task:
+                raise DfkdError(f"checkpoint metadata names task {d['task']!r} but its dataset is for "
+                                f"{dataset.task!r}: the file is damaged")
         return cls(
             arch=d["arch"],
             arch_kwargs=d.get("arch_kwargs", {}),

@@ -7,6 +7,7 @@ each of them normalises what it is given through :func:`as_hw` and formats shape
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 #: an image size: (H, W), or an int for a square
@@ -14,13 +15,13 @@ Size = int | Sequence[int]
 
 
 def as_hw(size: Size) -> tuple[int, int]:
-    """(H, W) of ``size``: an int ``s`` is (s, s); a pair is taken as (H, W)."""
-    if isinstance(size, int):
+    """(H, W) of ``size``: an integer ``s`` is (s, s); a pair of integers is taken as (H, W)."""
+    if isinstance(size, numbers.Integral) and not isinstance(size, bool):
         return int(size), int(size)
-    values = tuple(int(v) for v in size)
-    if len(values) != 2:
-        raise ValueError(f"an image size is an int or (height, width), got {size!r}")
-    return values  # type: ignore[return-value]
+    if isinstance(size, str | bytes) or not isinstance(size, Sequence | tuple) or len(size) != 2 or not all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in size):
+        raise ValueError(f"an image size is an integer or (height, width), got {size!r}")
+    return int(size[0]), int(size[1])
 
 
 def shape_str(channels: int, size: Size) -> str:

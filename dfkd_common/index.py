@@ -4,8 +4,8 @@ Registries are lazy (:mod:`dfkd_common.registry`): a method, a term, a dataset o
 it is named, not when the package is imported, so a stage loads (and its DVC stage depends on) only the code it
 runs, and ``dfkd --help`` starts without torch. This page is what makes that possible: it is plain data, read
 without importing anything, and ``dfkd methods`` lists every registry from it. ``tests/test_registry.py`` imports
-every module named here and checks that each name is registered by exactly the module this index gives, and that
-no module registers a name the index lacks, so the index cannot drift from the code.
+every module of the package and checks that each name here is registered by exactly the module this index gives,
+and that no module registers a name the index lacks, so the index cannot drift from the code.
 
 Adding a component: register it in its module (``@SYNTHESIZERS.register("mymethod")``) and add one line here.
 """

@@ -58,6 +58,9 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         if name not in self._items and name in self.index:
             importlib.import_module(self.index[name])
+            if name not in self._items:  # the index and the code disagree: a bug, never the user's input
+                raise RuntimeError(f"dfkd_common/index.py says {self.index[name]} registers the {self.kind} "
+                                   f"{name!r}, and it does not")
         try:
             return self._items[name]
         except KeyError:

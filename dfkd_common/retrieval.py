@@ -43,6 +43,7 @@ from dfkd_common.engine import Engine, progress
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job
 from dfkd_common.models import Classifier
+from dfkd_common.tasks import get_task
 
 SELECTIONS = ("confidence", "random")
 CHUNK = 1 << 20  # rows of scores read at once by the selection pass
@@ -205,7 +206,7 @@ def gather_rows(
             state["skipped"] = int(state["skipped"]) + int((~ok).sum())
             if ok.any():
                 logits = teacher_scores(teacher, batch["images"][ok], engine, cfg.amp).cpu()
-                job.write("bank", **header.columns(batch["images"][ok], logits.argmax(1), 0,
+                job.write("bank", **header.columns(batch["images"][ok], header.task.predict(logits), 0,
                                                     teacher_logits=logits.half(), score=neg_log_pmax(logits),
                                                     source=batch["source"][ok]))
             cursor += len(ok)
@@ -220,8 +221,9 @@ def bank_summary(job: Job, info: Any, names: list[str]) -> dict[str, Any]:
     per_class = np.zeros(k, dtype=np.int64)
     per_source = np.zeros(len(names), dtype=np.int64)
     scores: list[np.ndarray] = []
+    target = get_task(info.task).target
     for shard in job.shards("bank"):
-        per_class += np.bincount(shard["labels"], minlength=k)[:k]
+        per_class += np.bincount(shard[target], minlength=k)[:k]
         per_source += np.bincount(shard["source"].astype(np.int64), minlength=len(names))[: len(names)]
         scores.append(shard["score"])
     all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)

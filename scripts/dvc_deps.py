@@ -3,16 +3,19 @@
 Each stage of ``dvc.yaml`` depends on the project files its command imports when it runs (the shared core, its
 stage module, its method's and terms' modules), so an edit of one method's module re-runs only that method's
 stages. Which files those are is measured, not guessed: the default pipeline is run with tiny params (a few
-rounds, one epoch) in a scratch copy, every process recording the project modules it imported
-(``tests/probe/sitecustomize.py``), and each recording is matched to its stage by its command line.
+rounds, one epoch) in a scratch copy whose code is the one that runs, every process recording the project modules
+it imported (``tests/probe/sitecustomize.py``) under the stage DVC ran it for (``DVC_STAGE``; the records of a
+stage's worker processes are merged into it).
 
     python scripts/dvc_deps.py            # measure (about 4 minutes on 2 cores) and report what differs
     python scripts/dvc_deps.py --write    # ... and rewrite the code deps in dvc.yaml
 
 ``tests/test_e2e.py`` runs the same measurement inside its ``dvc repro`` test and fails when dvc.yaml misses a
-file a stage imports or lists one it does not. A directory stands for every ``.py`` file below it, so a dep is a
-directory only where the stage imports all of them. Stages of one ``foreach`` share their deps: items that run
-different code belong in different stages. Frozen stages (``prior``) never run here and keep their deps as written.
+file a stage imports or lists one it does not. Deps are files, never directories: DVC hashes everything in a
+directory, so a file added to it later (a new task, a new method) would re-run stages that never import it. Stages
+of one ``foreach`` share their deps: items that run different code belong in different stages. Frozen stages
+(``prior``) never run here and keep their deps as written. What is measured is what the shrunk run imports: a
+branch the tiny params never take (a registry name looked up only there) is not seen.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
@@ -52,18 +54,20 @@ def shrink(node: Any) -> Any:
     return node
 
 
-def env(log: Path | None = None) -> dict[str, str]:
+def env(log: Path | None = None, code: Path | None = None) -> dict[str, str]:
     """The environment of a measuring run: offline, no progress bars, this interpreter's tools first."""
     out = {**os.environ, "DFKD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    if log is not None:
-        out.update({"PYTHONPATH": str(PROBE), "DFKD_IMPORT_LOG": str(log), "DFKD_IMPORT_ROOT": str(ROOT)})
+    if log is not None and code is not None:  # the probe first, then ``code``: what DVC hashes is what runs
+        path = os.pathsep.join([str(PROBE), str(code), os.environ.get("PYTHONPATH", "")])
+        out.update({"PYTHONPATH": path.rstrip(os.pathsep), "DFKD_IMPORT_LOG": str(log), "DFKD_IMPORT_ROOT": str(code)})
     return out
 
 
 def prepare(work: Path) -> None:
-    """A scratch study in ``work``: the code, dvc.yaml, the shrunk params and the frozen prior's output."""
-    work.mkdir(parents=True, exist_ok=True)
+    """A scratch study in ``work`` (emptied first): the code, dvc.yaml, the shrunk params, the frozen prior's output."""
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     for name in (*CODE, "priors"):  # priors/: the frozen prior stage's committed output
         shutil.copytree(ROOT / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
@@ -73,7 +77,7 @@ def prepare(work: Path) -> None:
 
 
 def dvc(work: Path, *args: str, log: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["dvc", *args], cwd=work, env=env(log), capture_output=True, text=True, timeout=1800)
+    return subprocess.run(["dvc", *args], cwd=work, env=env(log, work), capture_output=True, text=True, timeout=1800)
 
 
 def stages(work: Path) -> dict[str, Any]:
@@ -84,36 +88,22 @@ def stages(work: Path) -> dict[str, Any]:
         return {s.name: s for s in repo.index.stages}
 
 
-def closures(work: Path, log: Path) -> dict[str, set[str]]:
-    """Stage address -> the project files its command imported, from the recordings in ``log``."""
-    by_cmd = {tuple(shlex.split(s.cmd)[1:]): name for name, s in stages(work).items() if s.cmd}
+def closures(log: Path) -> dict[str, set[str]]:
+    """Stage name -> the project files its command imported (every process of the stage together)."""
     out: dict[str, set[str]] = {}
     for record in (json.loads(p.read_text()) for p in sorted(log.glob("*.json"))):
-        name = by_cmd.get(tuple(record["argv"][1:]))
-        if name is not None:
-            out[name] = {f for f in record["files"] if f.split("/")[0] in CODE}
+        if record.get("stage"):
+            files = {f for f in record["files"] if f.split("/")[0] in CODE}
+            out.setdefault(record["stage"].rsplit(":", 1)[-1], set()).update(files)
     return out
 
 
 def python_files(path: Path) -> set[str]:
-    """The ``.py`` files a dep on ``path`` (relative to the project) covers."""
+    """The ``.py`` files a dep on ``path`` (relative to the project) covers (a directory: all below it)."""
     full = ROOT / path
     if full.is_dir():
         return {str(p.relative_to(ROOT)) for p in full.rglob("*.py") if "__pycache__" not in p.parts}
     return {str(path)}
-
-
-def compress(files: set[str]) -> list[str]:
-    """``files`` as deps: a directory wherever every ``.py`` file below it is among them, else the files."""
-    dirs = sorted({str(Path(f).parent) for f in files} - {"."}, key=lambda d: d.count("/"))
-    covered: set[str] = set()
-    out: list[str] = []
-    for d in dirs:
-        inside = python_files(Path(d))
-        if inside and inside <= files and not any(d.startswith(c + "/") for c in out):
-            out.append(d)
-            covered |= inside
-    return sorted(out + [f for f in files if f not in covered])
 
 
 def code_deps(stage: Any) -> set[str]:
@@ -158,7 +148,7 @@ def write(dvc_file: Path, measured: dict[str, set[str]]) -> None:
             raise SystemExit(f"{group}: its foreach items run different code; give them stages of their own")
         body = spec["do"] if "foreach" in spec else spec
         keep = [d for d in body.get("deps") or [] if str(d).split("/")[0] not in CODE]
-        body["deps"] = keep + compress(set(next(iter(wanted))))
+        body["deps"] = keep + sorted(next(iter(wanted)))
     with dvc_file.open("w") as fh:
         rt.dump(doc, fh)
 
@@ -167,11 +157,12 @@ def measure(work: Path) -> tuple[dict[str, set[str]], subprocess.CompletedProces
     """Run the shrunk default pipeline in ``work`` with every process recording its imports."""
     prepare(work)
     log = work.parent / "imports"
+    shutil.rmtree(log, ignore_errors=True)
     init = dvc(work, "init", "--no-scm", "-q")
     if init.returncode:
         raise RuntimeError(init.stderr)
     run = dvc(work, "repro", log=log)
-    return closures(work, log), run
+    return closures(log), run
 
 
 def main(argv: Iterable[str] | None = None) -> int:

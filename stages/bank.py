@@ -11,9 +11,9 @@ from rich.table import Table
 from dfkd_common.bank import bank_info, verify_bank
 from dfkd_common.engine import ensure_writable, write_json
 from dfkd_common.inspect import bank_summary, save_grid, save_pairs_grid
-from stages.common import errors
+from stages.common import errors, stage_app
 
-app = typer.Typer(help="Inspect image banks.", no_args_is_help=True, add_completion=False)
+app = stage_app("bank")
 out_console = Console()
 
 

@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from dfkd_common import __version__
-from dfkd_common.index import COMMANDS, INDEX, TITLES, online_methods
+from dfkd_common.index import COMMANDS, TITLES, names, online_methods
 
 
 class LazyGroup(TyperGroup):
@@ -26,7 +26,7 @@ class LazyGroup(TyperGroup):
     _listing = False  # True while the top-level help is drawn: stand-in commands carry the declared help
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        return [*COMMANDS, *super().list_commands(ctx)]
+        return [*COMMANDS, *(n for n in super().list_commands(ctx) if n not in COMMANDS)]  # loaded ones once
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
@@ -86,8 +86,7 @@ def methods() -> None:
 
     Read from the declared index (:mod:`dfkd_common.index`), so nothing is imported."""
     for kind, title in TITLES.items():
-        names = online_methods() if kind == "online method" else sorted(INDEX[kind])
-        typer.echo(f"{title}: {', '.join(names)}")
+        typer.echo(f"{title}: {', '.join(online_methods() if kind == 'online method' else names(kind))}")
 
 
 def main() -> None:

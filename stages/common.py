@@ -35,6 +35,13 @@ SetOpt = typer.Option(None, "--set", help="override a param: dotted.key=value (Y
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
 
 
+def stage_app(name: str) -> typer.Typer:
+    """The typer app of a stage with sub-commands, its help the one ``dfkd --help`` lists for it (the index's)."""
+    from dfkd_common.index import COMMANDS
+
+    return typer.Typer(help=COMMANDS[name][2], no_args_is_help=True, add_completion=False)
+
+
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                       file: Any = None, line: str | None = None) -> None:
     """Warnings as one line each (``note:`` for artifacts that cannot be verified), not file:line noise."""

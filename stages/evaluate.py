@@ -9,6 +9,7 @@ import typer
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine, ensure_writable, write_metrics
+from dfkd_common.errors import DfkdError
 from dfkd_common.training import evaluate
 from stages.common import DeviceOpt, console, errors
 
@@ -27,8 +28,11 @@ def main(
     engine = Engine.create(device, amp=False)
     model, meta = load_model(checkpoint, engine.device)
     data = get_dataset(dataset or meta.dataset.name).load(split, data_root)
-    scores = evaluate(engine.model(model), data, engine)
     task = meta.task
+    if data.info.task != task.name:
+        raise DfkdError(f"{checkpoint} is a {task.name} model; dataset {data.info.name} holds {data.info.task} "
+                        "targets")
+    scores = evaluate(engine.model(model), data, engine)
     if metrics:
         write_metrics(metrics, {"task": task.name, **scores, "dataset": data.info.name, "split": split},
                       task=task.name, **scores)

@@ -8,9 +8,9 @@ import typer
 
 from dfkd_common.data.offline_pool import DEFAULTS, build_offline_pool
 from dfkd_common.engine import ensure_writable, write_metrics
-from stages.common import ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
+from stages.common import ParamsOpt, SetOpt, apply_overrides, console, errors, load_params, stage_app
 
-app = typer.Typer(help="Wild image pools for retrieval (DFND).", no_args_is_help=True, add_completion=False)
+app = stage_app("pool")
 
 
 @app.command("build")

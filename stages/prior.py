@@ -17,9 +17,9 @@ from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import file_checksum
 from dfkd_common.engine import ensure_writable, resolve_device
 from dfkd_common.variation.prior import PriorConfig, train_prior
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params, stage_app
 
-app = typer.Typer(help="The offline diffusion prior for dfkd augment.", no_args_is_help=True, add_completion=False)
+app = stage_app("prior")
 
 
 @app.command("train")

@@ -36,9 +36,10 @@ from stages.common import (
     load_params,
     primary_lock,
     require,
+    stage_app,
 )
 
-app = typer.Typer(help="Teacher models.", no_args_is_help=True, add_completion=False)
+app = stage_app("teacher")
 
 DEFAULTS: dict[str, Any] = {
     "dataset": "mnist5k",

@@ -43,10 +43,10 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory, mnist_train, mnist_te
     info = mnist_train.info
     model = build_model("lenet5", 10, 1, info.mean, info.std)
     engine = Engine.create("cpu", amp=False)
-    acc, _ = train_supervised(
+    scores, _ = train_supervised(
         model, mnist_train, mnist_test, epochs=6, batch_size=128, lr=0.05, optimizer="sgd",
         weight_decay=5e-4, augment=AugmentConfig(crop_pad=2), engine=engine, seed=0,
     )
     path = tmp_path_factory.mktemp("teacher") / "lenet5.safetensors"
-    save_model(path, model, ModelMeta("lenet5", {}, info, acc, {}, now(), __version__, "teacher"))
+    save_model(path, model, ModelMeta("lenet5", {}, info, scores, {}, now(), __version__, "teacher"))
     return path

@@ -116,7 +116,7 @@ def test_bank_compatibility_with_teacher(tmp_path: Path) -> None:
 
 def test_checkpoint_rebuilds_model_from_file_alone(tmp_path: Path) -> None:
     model = build_model("lenet5_half", 10, 1, INFO.mean, INFO.std).eval()
-    meta = ModelMeta("lenet5_half", {}, INFO, 0.5, {"lr": 0.1}, now(), __version__, "student")
+    meta = ModelMeta("lenet5_half", {}, INFO, {"test_acc": 0.5}, {"lr": 0.1}, now(), __version__, "student")
     save_model(tmp_path / "m.safetensors", model, meta)
     loaded, meta2 = load_model(tmp_path / "m.safetensors")
     x = torch.rand(3, 1, 32, 32)
@@ -129,7 +129,7 @@ def test_checkpoint_rebuilds_model_from_file_alone(tmp_path: Path) -> None:
 
 def test_bad_checkpoints_are_refused(tmp_path: Path) -> None:
     model = build_model("lenet5", 10, 1, INFO.mean, INFO.std)
-    save_model(tmp_path / "m.safetensors", model, ModelMeta("lenet5", {}, INFO, None, {}, now(), "x", "teacher"))
+    save_model(tmp_path / "m.safetensors", model, ModelMeta("lenet5", {}, INFO, {}, {}, now(), "x", "teacher"))
     data = (tmp_path / "m.safetensors").read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 100])
     with pytest.raises(DfkdError):

@@ -127,7 +127,7 @@ def test_a_checkpoint_without_digests_loads_with_a_note(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     model = build_model("lenet5_half", 10, 1, INFO.mean, INFO.std)
-    meta = ModelMeta("lenet5_half", {}, INFO, None, {}, now(), "0.1.0", "student")
+    meta = ModelMeta("lenet5_half", {}, INFO, {}, {}, now(), "0.1.0", "student")
     path = tmp_path / "old.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
               metadata={"dfkd": meta.to_json()})  # digests None: the 0.1 format
@@ -140,7 +140,7 @@ def test_a_checkpoint_without_digests_loads_with_a_note(tmp_path: Path) -> None:
 def test_a_saved_checkpoint_verifies_without_a_note(tmp_path: Path) -> None:
     model = build_model("lenet5_half", 10, 1, INFO.mean, INFO.std)
     path = tmp_path / "s.safetensors"
-    save_model(path, model, ModelMeta("lenet5_half", {}, INFO, None, {}, now(), "x", "student"))
+    save_model(path, model, ModelMeta("lenet5_half", {}, INFO, {}, {}, now(), "x", "student"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_model(path)

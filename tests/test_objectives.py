@@ -279,6 +279,6 @@ def test_checkpoint_holds_only_the_students_weights(tmp_path: Path, teacher_ckpt
 
     side = _side({"kd": 1.0, "na": 1.0})
     save_model(tmp_path / "s.safetensors", side.student,
-               ModelMeta("lenet5_half", {}, INFO, None, {}, now(), __version__, "student"))
+               ModelMeta("lenet5_half", {}, INFO, {}, {}, now(), __version__, "student"))
     loaded, _ = load_model(tmp_path / "s.safetensors")
     assert set(loaded.state_dict()) == set(side.student.state_dict())

@@ -70,7 +70,8 @@ def test_shipped_params_build(path: Path, tmp_path: Path) -> None:
     teacher = build_model(t_params["arch"], info.num_classes, info.channels, info.mean, info.std,
                           **t_params["arch_kwargs"])
     ckpt = tmp_path / "teacher.safetensors"
-    save_model(ckpt, teacher, ModelMeta(t_params["arch"], {}, info, 0.9, {}, now(), __version__, "teacher"))
+    meta = ModelMeta(t_params["arch"], {}, info, {"test_acc": 0.9}, {}, now(), __version__, "teacher")
+    save_model(ckpt, teacher, meta)
     teacher = load_model(ckpt)[0]
     engine = Engine.create("cpu", amp=False)
     runs = online_runs(path.parent / "dvc.yaml")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dfkd_common.bank import BankHeader
-from dfkd_common.data.datasets import resize_uint8
+from dfkd_common.data.datasets import DatasetInfo, resize_uint8
 from dfkd_common.data.wild import convert_channels
 from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
@@ -159,8 +159,8 @@ def build_offline_pool(out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     size, channels = int(cfg["image_size"]), int(cfg["channels"])
     if channels not in (1, 3):
         raise DfkdError(f"offline pool: channels must be 1 or 3, not {channels}")
-    info = {"name": "wild:offline", "channels": channels, "image_size": size, "num_classes": 0,
-            "class_names": [], "mean": [0.5] * channels, "std": [0.25] * channels}
+    # a pool describes its image format only: no classes (its rows carry no labels)
+    info = DatasetInfo("wild:offline", channels, size, 0, (), (0.5,) * channels, (0.25,) * channels).to_dict()
     header = BankHeader(channels=channels, image_size=size, kind="merged", method="offline-pool", dataset=info,
                         params=cfg, seed=int(cfg["seed"]), optional=("source",), source_names=SOURCE_NAMES)
     with Job(out, {"pool": cfg}) as job:

@@ -34,10 +34,6 @@ class ModelSource(ABC):
     def build(self, name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
         """The network ``name`` of this source, with random weights, for ``num_classes`` outputs."""
 
-    def names(self) -> list[str]:
-        """The networks this source offers by name (for listings; empty where there are too many)."""
-        return []
-
 
 SOURCES: Registry[ModelSource] = Registry("model source")
 
@@ -80,9 +76,6 @@ class Zoo(ModelSource):
 
     def build(self, name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
         return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
-
-    def names(self) -> list[str]:
-        return MODELS.names()
 
 
 class Torchvision(ModelSource):

@@ -8,9 +8,7 @@ from dfkd_common.online.base import (
     RecordedFeed,
     build_online_feed,
     frozen,
-    online_methods,
     recording,
 )
 
-__all__ = ["ONLINE", "FeedContext", "OnlineFeed", "RecordedFeed", "build_online_feed", "frozen", "online_methods",
-           "recording"]
+__all__ = ["ONLINE", "FeedContext", "OnlineFeed", "RecordedFeed", "build_online_feed", "frozen", "recording"]

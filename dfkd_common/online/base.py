@@ -261,14 +261,10 @@ def split_cfg(feed_defaults: dict[str, Any], cfg: dict[str, Any]) -> tuple[dict[
 ONLINE: Registry[type[RecordedFeed]] = Registry("online method")
 
 
-def online_methods() -> list[str]:
-    """Every name ``--online`` takes: a feed of its own (DFAD) or a synthesizer in the loop."""
-    return sorted(set(ONLINE.names()) | set(SYNTHESIZERS.names()))
-
-
 def build_online_feed(method: str, ctx: FeedContext, cfg: dict[str, Any] | None = None) -> RecordedFeed:
     """The feed for ``dfkd distill --online METHOD`` (own feed class first, else a synthesizer in the loop)."""
     if method not in ONLINE and method not in SYNTHESIZERS:
-        raise DfkdError(f"unknown online method {method!r} (known: {', '.join(online_methods())})")
+        known = sorted(set(ONLINE.names()) | set(SYNTHESIZERS.names()))  # a feed of its own, or a synthesizer
+        raise DfkdError(f"unknown online method {method!r} (known: {', '.join(known)})")
     factory = ONLINE.get(method) if method in ONLINE else OnlineFeed
     return factory.create(method, ctx, merge({}, cfg))

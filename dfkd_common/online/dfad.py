@@ -189,7 +189,7 @@ class DFADFeed(RecordedFeed):
         """Record the epoch's sample (every rank's, in rank order, under torchrun: each has its own generator)."""
         engine = self.ctx.engine
         for sample in gather_objects(x.clamp(0, 1).cpu()):
-            labels = self.teacher(engine.images(sample.to(self.device))).argmax(1).cpu()
+            labels = self.ctx.header.task.predict(self.teacher(engine.images(sample.to(self.device)))).cpu()
             self.record(sample, labels, self.next_round)
         self.next_round += 1
         self.epoch_logs["bank_size"] = float(self.job.rows("bank"))

@@ -45,7 +45,7 @@ class Task(ABC):
     """A registered task (see the module docstring). Tasks hold no state: one instance serves every run."""
 
     name: ClassVar[str] = ""
-    #: the bank column holding each row's target (and the :class:`~dfkd_common.bank.Bank` attribute)
+    #: the bank column holding each row's target (read into :attr:`dfkd_common.bank.Bank.labels`)
     target: ClassVar[str] = "labels"
     #: the metric a model is judged by: the first column of metrics files, the report's sort key
     headline: ClassVar[str] = ""
@@ -64,7 +64,7 @@ class Task(ABC):
 
     @abstractmethod
     def predict(self, logits: torch.Tensor) -> torch.Tensor:
-        """The target a model's logits stand for (pseudo-labels of retrieved or held-out images)."""
+        """The target a model's logits stand for (the labels of retrieved, held-out or recorded images)."""
 
     @abstractmethod
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:

@@ -36,6 +36,7 @@ from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.dist import current, gather_objects, rank_path, rank_share
 from dfkd_common.engine import Engine, progress
 from dfkd_common.errors import DfkdError
+from dfkd_common.geometry import Size, as_hw
 from dfkd_common.jobs import Job
 from dfkd_common.models.hooks import Penultimate
 from dfkd_common.variation.models import VariationModel
@@ -69,8 +70,8 @@ class AugmentConfig:
             raise DfkdError("augment: batch_size and flush_every must be >= 1")
 
 
-def convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
-    """Float images in [0, 1] to ``channels`` (1 <-> 3) and ``size`` x ``size`` (antialiased when shrinking)."""
+def convert(images: torch.Tensor, channels: int, size: Size) -> torch.Tensor:
+    """Float images in [0, 1] to ``channels`` (1 <-> 3) and ``size`` (H, W; antialiased when shrinking)."""
     c = images.shape[1]
     if c != channels:
         if c == 1 and channels == 3:
@@ -80,8 +81,9 @@ def convert(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
             images = (images * w).sum(1, keepdim=True)
         else:
             raise DfkdError(f"augment: cannot convert {c}-channel images to {channels} channels")
-    if images.shape[-1] != size or images.shape[-2] != size:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    hw = as_hw(size)
+    if tuple(images.shape[-2:]) != hw:
+        images = F.interpolate(images, size=hw, mode="bilinear", align_corners=False, antialias=True)
     return images.clamp(0, 1)
 
 
@@ -115,7 +117,7 @@ def vary_and_score(teacher: torch.nn.Module, model: VariationModel, src: torch.T
     """k variations of the uint8 ``src`` images (bank rows ``rows``), brought back to the bank's shape, quantised
     and scored by the teacher: the one path of ``dfkd augment`` and its benchmark. NaN or inf from the model is an
     error (one line)."""
-    c, size = int(src.shape[1]), int(src.shape[-1])
+    c, size = int(src.shape[1]), (int(src.shape[-2]), int(src.shape[-1]))
     src_emb, src_logits = embed(teacher, src, engine)
     gens = [torch.Generator().manual_seed(variation_seed(seed, int(i), j)) for i in rows for j in range(k)]
     var = model.vary(convert(to_float(src), model.channels, model.size), k, gens)
