@@ -1,0 +1,113 @@
+"""Typed configs: every component's params are one frozen dataclass, parsed strictly from a mapping.
+
+Why one style: params come from YAML sections and ``--set key=value`` (parsed as YAML). Each component (a stage, a
+loop, a synthesis method, an online feed, a student term) declares its params once, as the fields of a
+dataclass: their defaults and their types. :func:`parse` turns a mapping into that dataclass over its defaults
+(or over a parent's values, so a method's params section only names what differs): an unknown key or a value of
+the wrong type is one :class:`~dfkd_common.errors.DfkdError` line naming it (the rules of
+:func:`dfkd_common.params.check_params`, which this reads its checks from), and numbers given as strings
+(YAML 1.1 reads ``4e-3`` as one) become numbers. What the types mean:
+
+* ``bool``, ``int``, ``float``, ``str``: that type (an ``int`` is a ``float``; a ``bool`` is never an ``int``);
+* ``X | None`` with default ``None``: ``None`` means "the default behaviour", else an ``X``;
+* ``Literal["a", "b"]``: a closed choice;
+* ``list[...]`` / ``tuple[...]``: a list (or tuple) of any length;
+* ``dict[...]``: a mapping merged key by key over the default (``weights: {bn: 10}`` keeps the other weights),
+  whose values are checked against the default's where it has them, its keys open;
+* a nested config dataclass (``augment``): parsed strictly in turn, over the default's values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Mapping
+from functools import cache
+from types import UnionType
+from typing import Any, Literal, TypeVar, Union
+
+from dfkd_common.params import check_params, merge
+
+T = TypeVar("T")
+
+
+def _inner(hint: Any) -> Any:
+    """``X`` of ``X | None`` (else the hint itself)."""
+    if typing.get_origin(hint) in (Union, UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if len(args) == 1 else object
+    return hint
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_config(hint: Any) -> bool:
+    return isinstance(hint, type) and dataclasses.is_dataclass(hint)
+
+
+def _check_type(hint: Any) -> Any:
+    """What :func:`check_params` is told of a field whose default cannot say it (None, or a closed choice)."""
+    hint = _inner(hint)
+    if typing.get_origin(hint) is Literal:
+        return tuple(typing.get_args(hint))
+    origin = typing.get_origin(hint) or hint
+    if origin in (bool, int, float, str):
+        return origin
+    if origin in (list, tuple):
+        return list
+    if origin in (dict, Mapping):
+        return dict
+    return object
+
+
+def values(cfg: Any) -> dict[str, Any]:
+    """A config as plain values (nested configs as mappings): for provenance, hashes and params files."""
+    return dataclasses.asdict(cfg)
+
+
+def parse(cls: type[T], given: Mapping[str, Any] | None, where: str, base: T | None = None) -> T:
+    """``cls`` from ``given`` over ``base`` (default: ``cls()``), checked (see the module docstring)."""
+    base = base if base is not None else cls()
+    given = dict(given or {})
+    hints = _hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    defaults = {name: values(getattr(base, name)) if _is_config(hints[name]) else getattr(base, name)
+                for name in fields}
+    types: dict[str, Any] = {}
+    for name in fields:
+        hint = hints[name]
+        if _is_config(hint):
+            types[name] = dict  # its keys are checked by its own parse below
+        elif defaults[name] is None or typing.get_origin(_inner(hint)) is Literal:
+            types[name] = _check_type(hint)
+    check_params(given, defaults, where, types=types)
+    out: dict[str, Any] = {}
+    for name, value in given.items():
+        hint, current = hints[name], getattr(base, name)
+        if value is None:
+            out[name] = None
+        elif _is_config(hint):
+            out[name] = parse(hint, value, where, base=current)
+        else:
+            out[name] = _convert(value, _inner(hint), current)
+    return dataclasses.replace(base, **out)  # type: ignore[type-var]
+
+
+def _convert(value: Any, hint: Any, current: Any) -> Any:
+    origin = typing.get_origin(hint) or hint
+    if origin is bool or typing.get_origin(hint) is Literal:
+        return value
+    if origin is int:
+        return int(value)
+    if origin is float:
+        return float(value)
+    if origin is list:
+        return list(value)
+    if origin is tuple:
+        return tuple(value)
+    if origin in (dict, Mapping) and isinstance(current, Mapping):
+        return merge(current, value)
+    return value
