@@ -25,10 +25,10 @@ from _common import ROOT, teacher_or_untrained
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine
+from dfkd_common.loops.synthesis_rounds import run_synthesis, split_params
 from dfkd_common.models import build_generator
 from dfkd_common.params import merge
 from dfkd_common.synthesis.base import SYNTHESIZERS
-from dfkd_common.synthesize import run_synthesis
 
 
 def method_params(method: str) -> dict:
@@ -88,7 +88,8 @@ def main() -> None:
             teacher, meta = load_model(teacher_path)
             full = merge(merge(SYNTHESIZERS.get(method).__mro__[1].defaults, SYNTHESIZERS.get(method).defaults), cfg)
             steps = args.rounds * int(full["g_steps"])
-            res = run_synthesis(method, teacher, meta, teacher_path, Path(tmp) / f"{method}.h5", cfg, engine)
+            res = run_synthesis(method, teacher, meta, teacher_path, Path(tmp) / f"{method}.h5", *split_params(cfg),
+                                engine)
             dfkd_ips = steps * int(full["batch_size"]) / res["seconds"]
             raw_ips = raw_throughput(method, load_model(teacher_path)[0], full, engine, min(steps, 30))
             print(f"{method:14s} dfkd {dfkd_ips:8.1f} optimised img/s | raw fwd+bwd {raw_ips:8.1f} img/s | "

@@ -165,6 +165,19 @@ class Engine:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def parallel(self, module: torch.nn.Module, find_unused: bool = False) -> torch.nn.Module:
+        """``module`` as this run's processes train it: wrapped in DDP (gradients averaged across ranks) under
+        torchrun, itself in one process. ``find_unused``: some of its parameters may get no gradient in a step."""
+        from dfkd_common.dist import current
+
+        if not current().distributed:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(module, find_unused_parameters=find_unused)
+
+    def sibling(self, amp: Any, where: str = "amp") -> Engine:
+        """The same device and memory format at another precision setting (online synthesis' ``online.amp``)."""
+        return Engine.create(self.device, amp=amp, channels_last=self.channels_last, where=where)
+
 
 def fused_adam(params: Any, lr: float, **kwargs: Any) -> torch.optim.Adam:
     """Adam with the fused kernel (CPU and CUDA): generator optimisers step every few milliseconds on small nets.

@@ -11,7 +11,7 @@ import torch
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import file_checksum, load_model
 from dfkd_common.engine import Engine
-from dfkd_common.training import predict
+from dfkd_common.evaluation import predict
 
 
 def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[str, Any]:

@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 import typer
 
 from dfkd_common import __version__
 from dfkd_common.bank import Bank, BankHeader, concat_banks, load_bank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
-from dfkd_common.data import DATASETS, ArraySplit, DatasetInfo, get_dataset
-from dfkd_common.data.datasets import folder_split
+from dfkd_common.config import parse, values
 from dfkd_common.dist import barrier, main_first, rank_path
-from dfkd_common.distill import BankFeed, DistillConfig, distill
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_json, write_metrics
 from dfkd_common.errors import DfkdError
-from dfkd_common.jobs import Job, JobResume
+from dfkd_common.evaluation import evaluation_split
+from dfkd_common.jobs import Job
+from dfkd_common.loops.distillation import BankFeed, Distillation, distill
+from dfkd_common.loops.runner import JobStore, StateFile, Store
 from dfkd_common.models import build_for
 from dfkd_common.online import FeedContext, RecordedFeed, build_online_feed
 from dfkd_common.student import StudentSide, TermSetup, check_objective
 from dfkd_common.synthesis import SYNTHESIZERS
-from dfkd_common.tasks import get_task
-from dfkd_common.training import Resume, predict
 from stages.common import (
     DeviceOpt,
     ParamsOpt,
@@ -52,11 +49,12 @@ DEFAULTS: dict[str, Any] = {
     # online synthesis (`--online M`): feed params (g_loops, warmup, warmup_loops; DFAD: iterations, ...),
     # `amp` for the synthesis passes, `method` (the CLI's --online wins), and the method's own params
     "online": {},
-    **asdict(DistillConfig()),  # epochs, batch_size, kd_steps, lr, optimizer, weight_decay, augment, amp, seed
+    "amp": False,  # bf16 autocast for student/teacher passes (fp32 default: small students suffer); "auto" ok
+    **values(Distillation()),  # epochs, batch_size, kd_steps, lr, optimizer, weight_decay, augment, seed, ...
 }
 # params whose default is None, and closed choices
 TYPES: dict[str, Any] = {"kd_steps": int, "test_dataset": str, "data_root": str, "amp": AMP_VALUES, "test": str,
-                         **DistillConfig.CHOICES}
+                         "student_warmup": ("train", "skip"), "optimizer": ("sgd", "adam")}
 
 
 def resolve_params(params_file: Path, name: str | None, sets: list[str] | None = None, online: str | None = None,
@@ -127,7 +125,9 @@ def main(
         if len(data) == 0 and method is None:
             raise DfkdError(f"bank {bank_desc} is empty")
     with main_first():  # a test split to download: once
-        test, evaluated_on, data = evaluation_split(params, info, data, t_model, engine, online=method is not None)
+        chosen = evaluation_split(info, params["test"], params["test_dataset"], params["data_root"],
+                                  params["holdout"], params["seed"], data, t_model, engine, method is not None)
+    test, evaluated_on, data = chosen.split, chosen.described, chosen.train
     console.print(f"evaluated on {evaluated_on}")
     s_model = build_for(params["student"], info, params["student_kwargs"])
     # the teacher checkpoint's measured accuracy, for terms that need it (na: the Q diagonal)
@@ -136,7 +136,8 @@ def main(
                                  info.task))
     task = t_meta.task
     headline = task.headline
-    cfg = DistillConfig.from_params(params, engine.amp)
+    loop_keys = values(Distillation())
+    cfg = parse(Distillation, {k: v for k, v in params.items() if k in loop_keys}, "distill")
     if method is not None:
         bank_out = bank_out or out.with_name(f"{out.stem}.bank.h5")
     key = {**params, "bank": bank_desc, "teacher": str(teacher), "online": method, "online_cfg": online_cfg,
@@ -151,12 +152,12 @@ def main(
             job = stack.enter_context(Job(rank_path(bank_out, world), key))
             feed: BankFeed = online_feed(method, online_cfg, t_model, teacher, info, data, job, params, engine,
                                          seed_offset=world.rank)
-            resume: Resume | JobResume = JobResume(job)
+            store: Store = JobStore(job)
             source = f"online {method}" + (f" + {names} ({len(data)} images)" if bank and data else "")
         else:
             assert data is not None and bank is not None
             feed = BankFeed(data.images, data.labels, engine.device)
-            resume = Resume.for_output(rank_path(out, world), key)  # every rank resumes its own state
+            store = StateFile.for_output(rank_path(out, world), key)  # every rank resumes its own state
             source = f"{names} ({len(data)} images)"
         console.print(f"distill {params['student']} from {source}, teacher {task.headline_label} {t_meta.headline}")
         console.print(f"student: {side.describe()}; {engine.describe()}"
@@ -165,12 +166,12 @@ def main(
         if isinstance(feed, RecordedFeed):
             console.print(f"{method} synthesis: {feed.ctx.engine.describe()}")
         t0 = time.perf_counter()
-        scores, history = distill(t_model, side, feed, test, cfg, engine, resume)
+        scores, history = distill(t_model, side, feed, test, cfg, engine, store)
         acc = scores[headline]
         seconds = time.perf_counter() - t0
         if not world.main:  # rank 0 writes the artifacts; the others keep their state until it has
             barrier()
-            resume.clear()
+            store.clear()
             if job is not None:
                 job.done = True  # rank 0 published the bank: this rank's copy of the work goes
             return
@@ -197,43 +198,8 @@ def main(
         if plots:
             write_json(plots, history)
         barrier()
-        resume.clear()
+        store.clear()
     console.print(f"student {acc:.4f} on {evaluated_on} (teacher {t_acc}) -> {out}")
-
-
-def evaluation_split(params: dict[str, Any], info: DatasetInfo, data: Bank | None, teacher: Any, engine: Engine,
-                     online: bool) -> tuple[ArraySplit, str, Bank | None]:
-    """What the student is measured on, and how to name it: the ``test`` set the user gave (a folder or a bank
-    with labels), else the teacher dataset's registered test split, else (a teacher imported for data nobody has
-    here) its agreement with the teacher on ``holdout`` of the bank, held out of training. Returns the split, its
-    description for the metrics, and the bank left for training."""
-    if params["test"]:
-        path = Path(params["test"])
-        if path.suffix == ".h5":
-            bank = load_bank(path)
-            bank.check_compatible(info, what="model")
-            keep = bank.labels >= 0
-            if not bool(keep.any()):
-                raise DfkdError(f"test set {path}: the bank has no labels")
-            return ArraySplit(bank.images[keep], bank.labels[keep], info), f"test set {path}", data
-        return folder_split(path, info), f"test set {path}", data
-    name = params["test_dataset"] or info.name
-    same = {"image_size": info.image_size, "channels": info.channels} if name.startswith("imagefolder:") else {}
-    if name in DATASETS or name.startswith("imagefolder:"):
-        return get_dataset(name, **same).load("test", params["data_root"]), f"{name} test split", data
-    if online or data is None or len(data) < 2:
-        raise DfkdError(f"no test set for {name}: give one with --test FOLDER (class folders) or --test BANK.h5 "
-                        "(a bank with labels)")
-    n = len(data)
-    held = max(1, min(round(n * float(params["holdout"])), n - 1))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(params["seed"])))
-    out, keep = perm[:held].sort().values, perm[held:].sort().values
-    labels = get_task(info.task).predict(predict(teacher, data.images[out], engine))
-    split = ArraySplit(data.images[out], labels, info)
-    train = Bank(data.path, data.images[keep], data.labels[keep], data.rounds[keep],
-                 {k: v[keep] for k, v in data.extra.items()}, data.attrs, data.checksummed)
-    return split, (f"agreement with the teacher on {held} bank images held out of training (no labelled test "
-                   f"set for {name})"), train
 
 
 def online_feed(
@@ -242,8 +208,7 @@ def online_feed(
 ) -> RecordedFeed:
     """The online feed recording into ``job`` (its synthesis engine picks its own precision: ``online.amp``);
     its synthesizer is seeded ``seed + seed_offset`` (a rank's own rounds under torchrun)."""
-    syn_engine = Engine.create(engine.device, amp=cfg.pop("amp", "auto"), channels_last=engine.channels_last,
-                               where="distill: param online.amp")
+    syn_engine = engine.sibling(cfg.pop("amp", "auto"), where="distill: param online.amp")
     header = BankHeader(
         channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
         dataset=info.to_dict(), params={"online": cfg, "distill": params}, seed=int(params["seed"]),

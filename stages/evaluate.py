@@ -10,7 +10,7 @@ from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine, ensure_writable, write_metrics
 from dfkd_common.errors import DfkdError
-from dfkd_common.training import evaluate
+from dfkd_common.evaluation import evaluate
 from stages.common import DeviceOpt, console, errors
 
 

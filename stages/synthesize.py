@@ -8,9 +8,10 @@ from typing import Any
 import typer
 
 from dfkd_common.checkpoint import load_model
+from dfkd_common.config import values
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_metrics
+from dfkd_common.loops.synthesis_rounds import SynthesisRun, run_synthesis, split_params
 from dfkd_common.synthesis import SYNTHESIZERS
-from dfkd_common.synthesize import RUN_DEFAULTS, run_synthesis
 from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, join_world, load_params
 
 
@@ -19,7 +20,7 @@ def resolve_params(params_file: Path, method: str, sets: list[str] | None = None
     the file, then the CLI; checked (an unknown key or a wrong type is one error line)."""
     cls = SYNTHESIZERS.get(method)  # unknown names fail before any work
     return apply_overrides(load_params(params_file, "synthesize", method), sets,
-                           defaults={**RUN_DEFAULTS, **cls.param_defaults()}, where=method,
+                           defaults={**values(SynthesisRun()), **cls.param_defaults()}, where=method,
                            types={"amp": AMP_VALUES, **cls.param_types}, **cli)
 
 
@@ -44,7 +45,8 @@ def main(
     console.print(f"synthesize {method}: {engine.describe()}"
                   + (f"; {world.size} processes, each its own rounds" if world.distributed else ""))
     model, meta = load_model(teacher, engine.device)
-    result = run_synthesis(method, model, meta, teacher, out, params, engine)
+    run, method_params = split_params(params, method)
+    result = run_synthesis(method, model, meta, teacher, out, run, method_params, engine)
     if metrics and world.main:
         write_metrics(metrics, result, seconds=result["seconds"], images=result["images"],
                       images_per_s=result["images_per_s"])

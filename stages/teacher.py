@@ -13,18 +13,20 @@ from typing import Any
 import typer
 
 from dfkd_common import __version__
-from dfkd_common.augment_ops import augment_config
 from dfkd_common.checkpoint import ModelMeta, file_checksum, now, save_model
+from dfkd_common.config import parse
 from dfkd_common.data import DatasetInfo, get_dataset
 from dfkd_common.dist import barrier, main_first, rank_path
 from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_metrics
 from dfkd_common.errors import DfkdError
+from dfkd_common.evaluation import evaluate
 from dfkd_common.geometry import shape_str
 from dfkd_common.imports import KEYMAPS, load_weights, read_weights
 from dfkd_common.jobs import OutputLock
+from dfkd_common.loops.runner import StateFile
+from dfkd_common.loops.teacher_training import TeacherTraining, train_teacher
 from dfkd_common.models import build_for
 from dfkd_common.tasks import get_task
-from dfkd_common.training import Resume, evaluate, train_supervised
 from stages.common import (
     DeviceOpt,
     ParamsOpt,
@@ -96,15 +98,12 @@ def train(
     engine = Engine.create(device, amp=params["amp"])
     console.print(f"teacher {params['arch']} on {info.name}: {len(train_split)} train / {len(test_split)} test; "
                   f"{engine.describe()}" + (f"; {world.size} processes (DDP)" if world.distributed else ""))
-    resume = Resume.for_output(rank_path(out, world),
-                               {**params, "world_size": world.size} if world.distributed else params)
+    store = StateFile.for_output(rank_path(out, world),
+                                 {**params, "world_size": world.size} if world.distributed else params)
+    loop = parse(TeacherTraining, {k: params[k] for k in ("epochs", "batch_size", "lr", "optimizer", "weight_decay",
+                                                           "augment", "seed")}, "teacher")
     with primary_lock(out, world):  # a second run on the same output refuses while this one lives
-        scores, history = train_supervised(
-            model, train_split, test_split,
-            epochs=int(params["epochs"]), batch_size=int(params["batch_size"]), lr=float(params["lr"]),
-            optimizer=params["optimizer"], weight_decay=float(params["weight_decay"]),
-            augment=augment_config(params["augment"]), engine=engine, seed=int(params["seed"]), resume=resume,
-        )
+        scores, history = train_teacher(model, train_split, test_split, loop, engine, store)
         if world.main:
             meta = ModelMeta(params["arch"], params["arch_kwargs"], info, scores, params, now(), __version__,
                              "teacher")
@@ -114,7 +113,7 @@ def train(
                                         "precision": engine.precision, "epochs": len(history), "history": history,
                                         "world_size": world.size}, task=info.task, **scores)
         barrier()  # every rank's state stays until the artifact is written
-        resume.clear()
+        store.clear()
     task = get_task(info.task)
     console.print(f"teacher {task.headline_label} {scores[task.headline]:.4f} -> {out}")
 

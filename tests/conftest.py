@@ -19,8 +19,8 @@ from dfkd_common.augment_ops import AugmentConfig
 from dfkd_common.checkpoint import ModelMeta, now, save_model
 from dfkd_common.data import load_split
 from dfkd_common.engine import Engine, seed_everything
+from dfkd_common.loops.teacher_training import TeacherTraining, train_teacher
 from dfkd_common.models import build_model
-from dfkd_common.training import train_supervised
 
 # OMP_NUM_THREADS (inherited by the CLI subprocesses too) picks another float path: the suite must hold at 1 and 2
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
@@ -43,10 +43,9 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory, mnist_train, mnist_te
     info = mnist_train.info
     model = build_model("lenet5", 10, 1, info.mean, info.std)
     engine = Engine.create("cpu", amp=False)
-    scores, _ = train_supervised(
-        model, mnist_train, mnist_test, epochs=6, batch_size=128, lr=0.05, optimizer="sgd",
-        weight_decay=5e-4, augment=AugmentConfig(crop_pad=2), engine=engine, seed=0,
-    )
+    loop = TeacherTraining(epochs=6, batch_size=128, lr=0.05, optimizer="sgd", weight_decay=5e-4,
+                           augment=AugmentConfig(crop_pad=2), seed=0)
+    scores, _ = train_teacher(model, mnist_train, mnist_test, loop, engine)
     path = tmp_path_factory.mktemp("teacher") / "lenet5.safetensors"
     save_model(path, model, ModelMeta("lenet5", {}, info, scores, {}, now(), __version__, "teacher"))
     return path

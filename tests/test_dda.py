@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 import stages.distill as distill_stage
 from dfkd_common.bank import load_bank
 from dfkd_common.data import get_dataset
-from dfkd_common.distill import BankFeed, TeacherFeatures, make_step
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
+from dfkd_common.loops.distillation import BankFeed, TeacherFeatures, make_step
 from dfkd_common.models import build_model
 from dfkd_common.online import frozen
 from dfkd_common.rotation import rotations
@@ -126,7 +126,7 @@ def test_the_align_head_trains_with_the_student_and_stays_out_of_its_checkpoint(
     x = torch.rand(16, 1, 32, 32)
     hooks = TeacherFeatures(teacher, side.needs, 1, 32)
     step = make_step((x * 255).to(torch.uint8), torch.zeros(16, dtype=torch.long), side, teacher,
-                     torch.nn.Identity(), ENGINE, False, True, hooks)
+                     torch.nn.Identity(), ENGINE, hooks)
     loss, _ = side.objective(step)
     loss.backward()
     hooks.remove()
@@ -152,7 +152,7 @@ def test_csd_synthesis_and_the_dda_student_step_for_cifar_pairs(pair: tuple[str,
     images, labels = next(iter(feed.batches(8, torch.Generator().manual_seed(0))))
     hooks = TeacherFeatures(teacher, side.needs, 3, 32)
     side.train()
-    loss, logs = side.objective(make_step(images, labels, side, teacher, torch.nn.Identity(), ENGINE, False, True,
+    loss, logs = side.objective(make_step(images, labels, side, teacher, torch.nn.Identity(), ENGINE,
                                           hooks))
     loss.backward()
     hooks.remove()

@@ -16,11 +16,11 @@ from dfkd_common.checkpoint import load_model
 from dfkd_common.data.wild import WildPool, convert_channels
 from dfkd_common.engine import Engine, details_path
 from dfkd_common.errors import DfkdError
+from dfkd_common.evaluation import predict
 from dfkd_common.models import build_model
 from dfkd_common.retrieval import balanced_quotas, neg_log_pmax
 from dfkd_common.student import STUDENT_TERMS, StudentSide, StudentStep, TermSetup
 from dfkd_common.student.noise_adaptation import transition_matrix
-from dfkd_common.training import predict
 from stages.cli import app
 
 runner = CliRunner()

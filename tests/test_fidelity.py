@@ -14,8 +14,8 @@ from torch import nn
 
 from dfkd_common.augment_ops import AugmentConfig
 from dfkd_common.data import DatasetInfo
-from dfkd_common.distill import BankFeed, DistillConfig, distill
 from dfkd_common.engine import Engine, details_path, headline_keys, write_metrics
+from dfkd_common.loops.distillation import BankFeed, Distillation, distill
 from dfkd_common.models import build_model
 from dfkd_common.models.coupled import CoupledGenerator, teacher_stages
 from dfkd_common.report import markdown_table
@@ -104,7 +104,7 @@ def test_published_schedule_takes_no_student_step_during_warmup(mode: str, mnist
     student = build_model("lenet5_half", 10, 1, mnist_test.info.mean, mnist_test.info.std)
     side = StudentSide(student, {"kd": 1.0}, {}, TermSetup(teacher, student, 1, 32, 0.9))
     start = {k: v.clone() for k, v in student.state_dict().items()}
-    cfg = DistillConfig(epochs=4, batch_size=32, kd_steps=2, lr=0.1, eta_min=0.01, student_warmup=mode,
+    cfg = Distillation(epochs=4, batch_size=32, kd_steps=2, lr=0.1, eta_min=0.01, student_warmup=mode,
                         augment=AugmentConfig(crop_pad=0))
     lrs: list[float] = []
     feed = _WarmFeed(mnist_test.images[:64], mnist_test.labels[:64], torch.device("cpu"))
@@ -126,7 +126,7 @@ def test_published_cosine_starts_after_warmup_and_ends_at_eta_min(mnist_test) ->
     teacher = build_model("lenet5", 10, 1, mnist_test.info.mean, mnist_test.info.std).eval()
     student = build_model("lenet5_half", 10, 1, mnist_test.info.mean, mnist_test.info.std)
     side = StudentSide(student, {"kd": 1.0}, {}, TermSetup(teacher, student, 1, 32, 0.9))
-    cfg = DistillConfig(epochs=5, batch_size=32, kd_steps=1, lr=0.1, eta_min=0.01, student_warmup="skip",
+    cfg = Distillation(epochs=5, batch_size=32, kd_steps=1, lr=0.1, eta_min=0.01, student_warmup="skip",
                         augment=AugmentConfig(crop_pad=0))
     seen: list[float] = []
     real_step = torch.optim.SGD.step

@@ -21,7 +21,7 @@ from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine, seed_everything
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job, OutputLock, work_dir
-from dfkd_common.synthesize import run_synthesis
+from dfkd_common.loops.synthesis_rounds import run_synthesis, split_params
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO = get_dataset("mnist5k").info
@@ -131,7 +131,7 @@ PARAMS = {"rounds": 6, "batch_size": 32, "g_steps": 2, "nz": 8, "ngf": 4, "seed"
 def _synthesize(teacher_ckpt: Path, out: Path) -> dict:
     seed_everything(PARAMS["seed"])  # as the stage does: the generator's initialisation comes from it
     teacher, meta = load_model(teacher_ckpt)
-    return run_synthesis("dafl", teacher, meta, teacher_ckpt, out, dict(PARAMS),
+    return run_synthesis("dafl", teacher, meta, teacher_ckpt, out, *split_params(PARAMS),
                          Engine.create("cpu", amp=False, channels_last=False))
 
 

@@ -13,16 +13,16 @@ from torch import nn
 from dfkd_common.augment_ops import AugmentConfig
 from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
-from dfkd_common.distill import BankFeed, DistillConfig, distill
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
+from dfkd_common.loops.distillation import BankFeed, Distillation, distill
+from dfkd_common.loops.runner import StateFile
 from dfkd_common.models import MODELS, build_model
 from dfkd_common.models.hooks import stage_outputs
 from dfkd_common.student import STUDENT_TERMS, StudentSide, StudentStep, StudentTerm, TermSetup, register
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
 from dfkd_common.synthesis.losses import Context
-from dfkd_common.training import Resume
 
 INFO = get_dataset("mnist5k").info
 ENGINE = Engine.create("cpu", amp=False, channels_last=False)
@@ -139,12 +139,12 @@ def test_parameter_groups_and_own_optimisers() -> None:
 def test_term_modules_train_are_resumed_and_stay_out_of_the_student(tmp_path: Path, mnist_test) -> None:
     """Two epochs straight equal one epoch, a stop, and a resumed second epoch: term modules included."""
     images = mnist_test.images[:128]
-    cfg = DistillConfig(epochs=2, batch_size=32, lr=0.05, augment=AugmentConfig(crop_pad=0))
+    cfg = Distillation(epochs=2, batch_size=32, lr=0.05, augment=AugmentConfig(crop_pad=0))
 
     def run(out: str, epochs_then_stop: int | None = None) -> StudentSide:
         side = _side({"kd": 1.0, "test_adapter": 1.0, "na": 1.0})
         teacher = _nets()[0]
-        resume = Resume.for_output(tmp_path / out, {"k": 1})
+        resume = StateFile.for_output(tmp_path / out, {"k": 1})
 
         def stop(row: dict[str, float]) -> None:
             if epochs_then_stop is not None and row["epoch"] == epochs_then_stop:
@@ -172,7 +172,7 @@ def test_two_view_batches_and_features_by_stage(mnist_test) -> None:
     """A term asking for 2 views gets each image twice, independently augmented, with both networks' features."""
     _Pairs.seen.clear()
     side = _side({"kd": 1.0, "test_pairs": 1.0})
-    cfg = DistillConfig(epochs=1, batch_size=16, kd_steps=1, augment=AugmentConfig(crop_pad=4))
+    cfg = Distillation(epochs=1, batch_size=16, kd_steps=1, augment=AugmentConfig(crop_pad=4))
     distill(_nets()[0], side, BankFeed(mnist_test.images[:16], mnist_test.labels[:16], torch.device("cpu")),
             mnist_test, cfg, ENGINE)
     step = _Pairs.seen[-1]
@@ -189,7 +189,7 @@ def test_a_labels_only_objective_skips_the_teacher(mnist_test, monkeypatch: pyte
     calls = []
     monkeypatch.setattr(teacher, "forward", lambda x: calls.append(x) or torch.zeros(x.shape[0], 10))
     side = _side({"ce": 1.0})
-    cfg = DistillConfig(epochs=1, batch_size=16, kd_steps=2)
+    cfg = Distillation(epochs=1, batch_size=16, kd_steps=2)
     distill(teacher, side, BankFeed(mnist_test.images[:32], mnist_test.labels[:32], torch.device("cpu")),
             mnist_test, cfg, ENGINE)
     assert calls == []

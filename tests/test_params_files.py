@@ -23,11 +23,11 @@ from dfkd_common.data import get_dataset
 from dfkd_common.data.offline_pool import DEFAULTS as POOL_DEFAULTS
 from dfkd_common.engine import Engine
 from dfkd_common.jobs import Job
+from dfkd_common.loops.synthesis_rounds import split_params
 from dfkd_common.models import build_model
 from dfkd_common.online.base import RecordedFeed
 from dfkd_common.student import StudentSide, TermSetup
 from dfkd_common.synthesis import build_synthesizer
-from dfkd_common.synthesize import split_synthesis_params
 from dfkd_common.variation.augment import AugmentConfig
 from dfkd_common.variation.models import VARIATIONS
 from dfkd_common.variation.prior import PriorConfig
@@ -91,7 +91,7 @@ def test_shipped_params_build(path: Path, tmp_path: Path) -> None:
             built.append(name)
     assert sorted(built) == sorted(runs), "every online run of dvc.yaml has a params section"
     for method in sections(path, "synthesize"):
-        _, cfg = split_synthesis_params(synthesize_stage.resolve_params(path, method))
+        _, cfg = split_params(synthesize_stage.resolve_params(path, method))
         build_synthesizer(method, teacher, info, cfg, engine)
     for name in [None, *sections(path, "retrieve")]:
         apply_overrides(load_params(path, "retrieve", name), None, defaults=retrieve_stage.DEFAULTS,

@@ -13,15 +13,15 @@ import torch.nn.functional as F
 
 from dfkd_common.augment_ops import AugmentConfig
 from dfkd_common.data import get_dataset
-from dfkd_common.distill import BankFeed, DistillConfig, distill
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
+from dfkd_common.loops.distillation import BankFeed, Distillation, distill
+from dfkd_common.loops.runner import StateFile
 from dfkd_common.models import build_model
 from dfkd_common.relation import _log_weights, pooled, sample_triplets, triplet_hinge
 from dfkd_common.student import STUDENT_TERMS, StudentSide, StudentStep, TermSetup
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.losses import TERMS
-from dfkd_common.training import Resume
 
 INFO = get_dataset("mnist5k").info
 ENGINE = Engine.create("cpu", amp=False, channels_last=False)
@@ -155,7 +155,7 @@ def test_striplet_uses_two_views_and_pulls_same_label_views_together() -> None:
 
 def test_cd_adapters_train_resume_and_stay_out_of_the_student(tmp_path: Path, mnist_test) -> None:
     images = mnist_test.images[:96]
-    cfg = DistillConfig(epochs=2, batch_size=32, lr=0.05, augment=AugmentConfig(crop_pad=0))
+    cfg = Distillation(epochs=2, batch_size=32, lr=0.05, augment=AugmentConfig(crop_pad=0))
 
     def run(out: str, stop_after: int | None = None) -> StudentSide:
         teacher, side = _side({"kd": 1.0, "cd": 1.0, "striplet": 0.5})
@@ -166,7 +166,7 @@ def test_cd_adapters_train_resume_and_stay_out_of_the_student(tmp_path: Path, mn
 
         try:
             distill(teacher, side, BankFeed(images, mnist_test.labels[:96], torch.device("cpu")), mnist_test, cfg,
-                    ENGINE, Resume.for_output(tmp_path / out, {"k": 1}), on_epoch=stop)
+                    ENGINE, StateFile.for_output(tmp_path / out, {"k": 1}), on_epoch=stop)
         except KeyboardInterrupt:
             pass
         return side
@@ -201,10 +201,10 @@ def test_rgal_synthesis_and_student_step_for_every_cifar_pair(pair: tuple[str, s
     side.train()
     feed = BankFeed((result.images * 255).to(torch.uint8), result.labels, torch.device("cpu"))
     images, labels = next(iter(feed.batches(8, gen())))
-    from dfkd_common.distill import TeacherFeatures, make_step
+    from dfkd_common.loops.distillation import TeacherFeatures, make_step
 
     hooks = TeacherFeatures(teacher, side.needs, 3, 32)
-    step = make_step(images, labels, side, teacher, torch.nn.Identity(), ENGINE, False, True, hooks)
+    step = make_step(images, labels, side, teacher, torch.nn.Identity(), ENGINE, hooks)
     loss, logs = side.objective(step)
     loss.backward()
     assert torch.isfinite(loss) and set(logs) == {"kd", "striplet", "cd"}

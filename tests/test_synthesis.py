@@ -11,9 +11,9 @@ from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model
 from dfkd_common.engine import Engine
 from dfkd_common.jobs import work_dir
+from dfkd_common.loops.synthesis_rounds import run_synthesis, split_params
 from dfkd_common.models.hooks import BNStats
 from dfkd_common.synthesis import SYNTHESIZERS, build_synthesizer
-from dfkd_common.synthesize import run_synthesis
 
 
 def bn_distance(teacher: torch.nn.Module, images: torch.Tensor) -> float:
@@ -91,10 +91,10 @@ def test_synthesis_resumes_without_duplicate_rounds(tmp_path: Path, teacher_ckpt
 
     monkeypatch.setattr(cls, "synthesize", dying)
     with pytest.raises(KeyboardInterrupt):
-        run_synthesis("deepinversion", teacher, meta, teacher_ckpt, out, params, engine)
+        run_synthesis("deepinversion", teacher, meta, teacher_ckpt, out, *split_params(params), engine)
     assert not out.exists() and work_dir(out).exists()
     monkeypatch.setattr(cls, "synthesize", original)
-    result = run_synthesis("deepinversion", teacher, meta, teacher_ckpt, out, params, engine)
+    result = run_synthesis("deepinversion", teacher, meta, teacher_ckpt, out, *split_params(params), engine)
     bank = load_bank(out)
     assert result["images"] == 64
     assert bank.rounds.tolist() == [0] * 16 + [1] * 16 + [2] * 16 + [3] * 16

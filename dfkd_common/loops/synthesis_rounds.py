@@ -8,6 +8,7 @@ makes rounds r, r + N, ... with its own seed (seed + r) and rank 0 merges them i
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +18,7 @@ import torch
 
 from dfkd_common.bank import BankHeader, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
-from dfkd_common.config import values
+from dfkd_common.config import parse, values
 from dfkd_common.dist import current, gather_objects, rank_path, rank_share
 from dfkd_common.engine import Engine
 from dfkd_common.jobs import Job
@@ -34,6 +35,13 @@ class SynthesisRun:
     seed: int = 0
     amp: Literal["auto", True, False] = "auto"  # the engine's: bf16 where the device has it natively
     channels_last: bool = True  # the engine's memory format (1-channel pixel optimisation: off is faster)
+
+
+def split_params(params: Mapping[str, Any], where: str = "synthesize") -> tuple[SynthesisRun, dict[str, Any]]:
+    """A ``synthesize`` section's params -> the run's (checked) and the method's (checked by the method)."""
+    run_keys = values(SynthesisRun())
+    run = parse(SynthesisRun, {k: v for k, v in params.items() if k in run_keys}, where)
+    return run, {k: v for k, v in params.items() if k not in run_keys}
 
 
 @torch.no_grad()

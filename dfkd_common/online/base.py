@@ -1,6 +1,6 @@
 """Online distillation: feeds that keep making images against the current student while it trains.
 
-``dfkd distill --online M`` swaps the static :class:`~dfkd_common.distill.BankFeed` for one of these; the
+``dfkd distill --online M`` swaps the static :class:`~dfkd_common.loops.distillation.BankFeed` for one of these; the
 distillation loop does not change. Two kinds exist:
 
 * :class:`OnlineFeed` wraps any registered :class:`~dfkd_common.synthesis.Synthesizer` (Fast, NAYER, CPNet,
@@ -35,15 +35,15 @@ from torch import nn
 from dfkd_common.bank import Bank, BankHeader
 from dfkd_common.data import DatasetInfo
 from dfkd_common.dist import current, gather_objects
-from dfkd_common.distill import BankFeed
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job
+from dfkd_common.loops.distillation import BankFeed
+from dfkd_common.loops.synthesis_rounds import scored_rows
 from dfkd_common.models import Classifier
 from dfkd_common.params import check_params, merge
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis import SYNTHESIZERS, Synthesizer, build_synthesizer
-from dfkd_common.synthesize import scored_rows
 
 
 @contextmanager

@@ -80,6 +80,12 @@ class StudentTerm(nn.Module):
     def forward(self, step: StudentStep) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    @property
+    def part_time(self) -> bool:
+        """Whether the term is switched off for part of training, leaving the modules it trains without gradients
+        in those steps (DDP must then look for unused parameters). Terms with such a schedule say so."""
+        return False
+
     def describe(self) -> str:
         """``name(option=value, ...)`` for the run's printed objective."""
         shown = ", ".join(f"{k}={v}" for k, v in self.opts.items() if v is not None)

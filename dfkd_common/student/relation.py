@@ -27,8 +27,16 @@ from dfkd_common.relation import pooled, sample_triplets, triplet_hinge
 from dfkd_common.student.base import StudentStep, StudentTerm, TermSetup, register
 
 
+class _Scheduled(StudentTerm):
+    """A relation term is on for the first ``custom_steps`` fraction of the epochs only."""
+
+    @property
+    def part_time(self) -> bool:
+        return float(self.opts["custom_steps"]) < 1.0
+
+
 @register
-class StudentTriplet(StudentTerm):
+class StudentTriplet(_Scheduled):
     name = "striplet"
     defaults: ClassVar[dict[str, Any]] = {"margin": 0.2, "clamp": [0.5, 1.4], "custom_steps": 1.0}
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "t_logits", "s_feat"})
@@ -44,7 +52,7 @@ class StudentTriplet(StudentTerm):
 
 
 @register
-class ChannelDistill(StudentTerm):
+class ChannelDistill(_Scheduled):
     name = "cd"
     defaults: ClassVar[dict[str, Any]] = {"stages": [-1], "custom_steps": 1.0}
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "s_stages", "t_stages"})

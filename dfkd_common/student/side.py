@@ -22,11 +22,11 @@ import torch
 from torch import nn
 
 from dfkd_common.errors import DfkdError
+from dfkd_common.loops.common import make_optimizer
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import FeatureHooks, Penultimate, stage_outputs
 from dfkd_common.params import check_weighted_terms
 from dfkd_common.student.base import STUDENT_TERMS, StudentStep, TermSetup
-from dfkd_common.training import make_optimizer
 
 
 def check_objective(weights: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, float]:
@@ -62,6 +62,11 @@ class StudentSide(nn.Module):
             self._features = FeatureHooks(student, self.stage_paths)
         if "s_feat" in self.needs:
             self._penultimate = Penultimate(student)
+
+    @property
+    def part_time(self) -> bool:
+        """Some term is off for part of training (:attr:`StudentTerm.part_time`)."""
+        return any(t.part_time for t in self.terms.values())
 
     # -- objective ------------------------------------------------------------------------------------
     def describe(self) -> str:
