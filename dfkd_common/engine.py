@@ -147,9 +147,10 @@ class Engine:
             return f"{line} (amp auto: {native})"
         return f"{line} (amp {'on' if self.amp else 'off'}, as set)"
 
-    def autocast(self, enabled: bool | None = None) -> contextlib.AbstractContextManager[Any]:
-        on = self.amp if enabled is None else enabled
-        if not on:
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast where this engine's ``amp`` is on, nothing otherwise: the one place precision is applied
+        (a pass that must stay fp32, like evaluation, simply does not enter it)."""
+        if not self.amp:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 

@@ -219,8 +219,9 @@ class Job:
         for table, shards in self.pending.items():
             self.tables.setdefault(table, []).extend(shards)
         self.pending = {}
-        save_tree(self.work / STATE, {"key": self.key, "user": state, "tables": self.tables, "rng": rng_state()})
-        self.state = state
+        rng = rng_state()
+        save_tree(self.work / STATE, {"key": self.key, "user": state, "tables": self.tables, "rng": rng})
+        self.state, self._rng = state, rng
 
     def restore_rng(self) -> None:
         """Continue the random streams from the last checkpoint (call after restoring the stage's own state)."""

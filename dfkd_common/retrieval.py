@@ -39,9 +39,10 @@ from dfkd_common.augment_ops import to_float
 from dfkd_common.bank import BankHeader
 from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.data.wild import BankSource, WildPool
-from dfkd_common.engine import Engine, progress
+from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job
+from dfkd_common.loops.runner import LAYOUT, JobStore, Loop, Runner
 from dfkd_common.models import Classifier
 from dfkd_common.tasks import get_task
 
@@ -73,10 +74,10 @@ class RetrieveConfig:
 
 
 @torch.no_grad()
-def teacher_scores(teacher: Classifier, images: torch.Tensor, engine: Engine, amp: bool) -> torch.Tensor:
-    """Logits (float32) of uint8 images."""
+def teacher_scores(teacher: Classifier, images: torch.Tensor, engine: Engine) -> torch.Tensor:
+    """Logits (float32) of uint8 images, at the engine's precision (fp32 unless ``amp``)."""
     x = engine.images(to_float(images.to(engine.device)))
-    with engine.autocast(amp):
+    with engine.autocast():
         return teacher(x).float()
 
 
@@ -85,43 +86,52 @@ def neg_log_pmax(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, 1) - logits.max(1).values
 
 
+class ScoreLoop(Loop):
+    """One batch of the pool scored (a unit of the runner): score, predicted class and readable flag per row,
+    buffered and written to the job's ``scores`` table as one shard per checkpoint. Images are never kept."""
+
+    def __init__(self, teacher: Classifier, pool: WildPool, engine: Engine, cfg: RetrieveConfig, job: Job) -> None:
+        self.teacher, self.pool, self.engine, self.cfg, self.job = teacher.eval(), pool, engine, cfg, job
+        self.buf: list[dict[str, np.ndarray]] = []
+        self.batches: Iterator[dict[str, torch.Tensor]] | None = None
+        self.start = 0
+
+    def run(self, index: int) -> dict[str, Any]:
+        if self.batches is None:  # this process's first batch: after the rows the last checkpoint committed
+            self.start = min(index * self.cfg.batch_size, len(self.pool))
+            self.job.truncate("scores", self.start)
+            self.batches = iter(self.pool.loader(range(self.start, len(self.pool)), self.cfg.batch_size,
+                                                 self.cfg.workers))
+        batch = next(self.batches)
+        logits = teacher_scores(self.teacher, batch["images"], self.engine)
+        ok = batch["ok"].numpy()
+        self.buf.append({"score": np.where(ok, neg_log_pmax(logits).cpu().numpy(), np.inf).astype(np.float32),
+                         "pred": logits.argmax(1).cpu().numpy().astype(np.int32), "valid": ok})
+        return {"scored": int(batch["index"][-1]) + 1, "unreadable": int((~ok).sum())}
+
+    def flush(self) -> None:
+        if self.buf:
+            self.job.write("scores", **{k: np.concatenate([b[k] for b in self.buf]) for k in self.buf[0]})
+            self.buf.clear()
+
+    def describe(self, logs: dict[str, Any] | None) -> str:
+        return f"{logs['unreadable']} unreadable" if logs and logs["unreadable"] else ""
+
+
 def score_pool(
     teacher: Classifier, pool: WildPool, engine: Engine, cfg: RetrieveConfig, job: Job,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Score every row into the job's ``scores`` table, resuming after its last checkpoint."""
     n = len(pool)
-    state = job.state if job.state is not None and job.state.get("phase") == "score" else {"done": 0,
-                                                                                          "seconds": 0.0}
-    start, before = int(state["done"]), float(state["seconds"])
-    job.truncate("scores", start)
-    t0 = time.perf_counter()
-    teacher.eval()
-    buf: list[dict[str, np.ndarray]] = []
-
-    def flush(hi: int) -> None:
-        if buf:
-            job.write("scores", **{k: np.concatenate([b[k] for b in buf]) for k in buf[0]})
-            buf.clear()
-        job.checkpoint({"phase": "score", "done": hi, "seconds": before + time.perf_counter() - t0})
-
-    with progress() as bar:
-        task = bar.add_task("score pool", total=n, completed=start, info=f"resumed at {start}" if start else "")
-        for k, batch in enumerate(pool.loader(range(start, n), cfg.batch_size, cfg.workers)):
-            logits = teacher_scores(teacher, batch["images"], engine, cfg.amp)
-            hi = int(batch["index"][-1]) + 1
-            ok = batch["ok"].numpy()
-            buf.append({"score": np.where(ok, neg_log_pmax(logits).cpu().numpy(), np.inf).astype(np.float32),
-                        "pred": logits.argmax(1).cpu().numpy().astype(np.int32), "valid": ok})
-            if (k + 1) % cfg.flush_every == 0 or hi == n:
-                flush(hi)
-            bar.update(task, completed=hi, info=f"{int((~ok).sum())} unreadable" if not ok.all() else "")
-            if on_batch:
-                on_batch(hi)
-    seconds = time.perf_counter() - t0
+    loop = ScoreLoop(teacher, pool, engine, cfg, job)
+    runner = Runner(JobStore(job, "score"), every=cfg.flush_every, keep=False,
+                    after_unit=(lambda done, logs: on_batch((logs or {})["scored"])) if on_batch else None)
+    result = runner.run(loop, -(-n // cfg.batch_size), "score pool")
+    start = min(result.resumed_at * cfg.batch_size, n)
     unreadable = n - sum(int(s["valid"].sum()) for s in job.shards("scores"))
-    return {"scored": n - start, "resumed_at": start, "seconds": seconds,
-            "images_per_s": (n - start) / max(seconds, 1e-9), "unreadable": unreadable}
+    return {"scored": n - start, "resumed_at": start, "seconds": result.seconds,
+            "images_per_s": n / max(result.seconds, 1e-9), "unreadable": unreadable}
 
 
 def _chunks(job: Job) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
@@ -188,31 +198,36 @@ def select_rows(job: Job, num_classes: int, cfg: RetrieveConfig) -> np.ndarray:
     return np.sort(r)
 
 
-def gather_rows(
-    teacher: Classifier, header: BankHeader, pool: WildPool, rows: np.ndarray, job: Job, engine: Engine,
-    cfg: RetrieveConfig, state: dict[str, Any],
-) -> None:
-    """Read the selected rows again, label them with the teacher and write them as the job's ``bank`` table.
+class GatherLoop(Loop):
+    """One batch of the selected rows read again, labelled by the teacher and written to the job's ``bank`` table
+    (a unit of the runner); ``rows`` and the scoring figures travel with its state."""
 
-    Resumable: a shard and checkpoint every ``flush_every`` batches; ``state["cursor"]`` is how many of ``rows``
-    are done (a resume restarts at the last checkpoint's cursor).
-    """
-    cursor = int(state["cursor"])
-    job.truncate("bank", int(state["bank_rows"]))
-    with progress() as bar:
-        task = bar.add_task("write bank", total=len(rows), completed=cursor, info="")
-        for k, batch in enumerate(pool.loader(rows[cursor:], cfg.batch_size, cfg.workers)):
-            ok = batch["ok"]
-            state["skipped"] = int(state["skipped"]) + int((~ok).sum())
-            if ok.any():
-                logits = teacher_scores(teacher, batch["images"][ok], engine, cfg.amp).cpu()
-                job.write("bank", **header.columns(batch["images"][ok], header.task.predict(logits), 0,
-                                                    teacher_logits=logits.half(), score=neg_log_pmax(logits),
-                                                    source=batch["source"][ok]))
-            cursor += len(ok)
-            if (k + 1) % cfg.flush_every == 0 or cursor == len(rows):
-                job.checkpoint({**state, "cursor": cursor, "bank_rows": job.rows("bank")})
-            bar.update(task, completed=cursor)
+    def __init__(self, teacher: Classifier, header: BankHeader, pool: WildPool, job: Job, engine: Engine,
+                 cfg: RetrieveConfig, state: dict[str, Any]) -> None:
+        self.teacher, self.header, self.pool, self.job, self.engine, self.cfg = teacher, header, pool, job, engine, cfg
+        self.load_state_dict(state)
+        self.batches: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def run(self, index: int) -> None:
+        if self.batches is None:  # this process's first batch: after the rows the last checkpoint committed
+            self.batches = iter(self.pool.loader(self.rows[index * self.cfg.batch_size:], self.cfg.batch_size,
+                                                 self.cfg.workers))
+        batch = next(self.batches)
+        ok = batch["ok"]
+        self.skipped += int((~ok).sum())
+        if ok.any():
+            logits = teacher_scores(self.teacher, batch["images"][ok], self.engine).cpu()
+            self.job.write("bank", **self.header.columns(batch["images"][ok], self.header.task.predict(logits), 0,
+                                                         teacher_logits=logits.half(), score=neg_log_pmax(logits),
+                                                         source=batch["source"][ok]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "scoring": self.scoring, "skipped": self.skipped,
+                "bank_rows": self.job.rows("bank")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows, self.scoring, self.skipped = np.asarray(state["rows"]), state["scoring"], int(state["skipped"])
+        self.job.truncate("bank", int(state["bank_rows"]))
 
 
 def bank_summary(job: Job, info: Any, names: list[str]) -> dict[str, Any]:
@@ -248,7 +263,7 @@ def retrieve(
     """
     info = meta.dataset
     teacher_sum = file_checksum(teacher_path)
-    key = {"pool": pool.fingerprint(), "teacher": teacher_sum,
+    key = {"pool": pool.fingerprint(), "teacher": teacher_sum, "runner_layout": LAYOUT,
            **{k: v for k, v in asdict(cfg).items() if k != "workers"}}
     t0 = time.perf_counter()
     bank_sources = [s for s in pool.sources if s.spec.startswith("bank:")]
@@ -259,25 +274,26 @@ def retrieve(
                         parent_checksum=parent, optional=("teacher_logits", "score", "source"),
                         source_names=pool.names)
     with Job(out, key) as job:
-        if job.state is None or job.state["phase"] == "score":
+        gather = JobStore(job, "gather")
+        if gather.load() is None:  # scoring (fresh, or resumed), then the selection, committed as the gather's start
             scoring = score_pool(teacher, pool, engine, cfg, job, on_batch)
             rows = select_rows(job, info.num_classes, cfg)
             if len(rows) == 0:
                 raise DfkdError(f"no readable images in the wild pool ({len(pool)} rows, all unreadable)")
-            state: dict[str, Any] = {"phase": "gather", "scoring": scoring, "rows": rows, "cursor": 0,
-                                     "bank_rows": 0, "skipped": 0}
-            job.checkpoint(state)
-        else:
-            job.restore_rng()
-            state = dict(job.state)
-        gather_rows(teacher, header, pool, np.asarray(state["rows"]), job, engine, cfg, state)
+            gather.save({"loop": {"rows": rows, "scoring": scoring, "skipped": 0, "bank_rows": 0}, "history": [],
+                         "done": 0, "seconds": 0.0})
+        state = gather.load()
+        assert state is not None
+        loop = GatherLoop(teacher, header, pool, job, engine, cfg, state["loop"])
+        Runner(gather, every=cfg.flush_every, keep=False).run(loop, -(-len(loop.rows) // cfg.batch_size),
+                                                              "write bank")
+        scoring, skipped = loop.scoring, loop.skipped
         written = bank_summary(job, info, pool.names)
-        scoring = state["scoring"]
         job.publish_bank(header, {"wild_sources": [{"spec": s.spec, "rows": len(s)} for s in pool.sources],
                                   "pool_size": len(pool), "unreadable": scoring["unreadable"]})
     return {"method": "dfnd", "selection": cfg.selection, "balance": cfg.balance, "num_select": cfg.num_select,
             "pool_size": len(pool), "pool_per_source": _pool_source_counts(pool), **scoring, **written,
-            "skipped_unreadable": int(state["skipped"]), "total_seconds": time.perf_counter() - t0,
+            "skipped_unreadable": skipped, "total_seconds": time.perf_counter() - t0,
             "precision": engine.precision if cfg.amp else "fp32"}
 
 

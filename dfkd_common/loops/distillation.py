@@ -27,7 +27,7 @@ from dfkd_common.engine import Engine, check_finite
 from dfkd_common.evaluation import evaluate
 from dfkd_common.geometry import Size
 from dfkd_common.loops.common import epoch_batches
-from dfkd_common.loops.runner import Runner, Store
+from dfkd_common.loops.runner import Loop, Runner, Store
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import FeatureHooks, Penultimate, stage_outputs
 from dfkd_common.student import StudentSide, StudentStep
@@ -98,7 +98,7 @@ class Distillation:
     eta_min: float = 0.0  # the cosine schedule's floor (published Fast/NAYER/CPNet: 2e-4)
 
 
-class StudentLoop:
+class StudentLoop(Loop):
     """One epoch of distillation (the runner's :class:`~dfkd_common.loops.runner.Loop`).
 
     Each step computes what the side's terms need, once: ``side.views`` independently augmented views of the

@@ -5,7 +5,8 @@ retrieval (batches of rows) all do the same thing: run a unit of work, record wh
 it (or every ``every`` units), show progress, and on a rerun continue after the last checkpoint with the same
 random streams, so an interrupted run ends exactly where an uninterrupted one does. :class:`Runner` does that
 once; a loop supplies only a :class:`Loop`: its unit (``run``), the state that makes it resumable
-(``state_dict``/``load_state_dict``) and a line for the progress bar (``describe``).
+(``state_dict``/``load_state_dict``), rows it buffers to write at a checkpoint (``flush``) and a line for the
+progress bar (``describe``).
 
 Where the state goes is a :class:`Store`: a state file beside the output (:class:`StateFile`: teacher training
 and distillation from a bank), or a job's checkpoint (:class:`JobStore`), which also commits the rows the units
@@ -38,20 +39,26 @@ from dfkd_common.params import params_hash
 LAYOUT = 2
 
 
-class Loop(Protocol):
-    """What a loop supplies to the :class:`Runner`."""
+class Loop:
+    """What a loop supplies to the :class:`Runner` (subclasses implement :meth:`run` and their state)."""
 
     def run(self, index: int) -> dict[str, Any] | None:
         """Unit ``index`` of the work (an epoch, a round, a batch); returns what it logged, or None."""
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         """Everything the units change (models, optimisers, generators, counters), for the checkpoint."""
+        return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` on a resume."""
 
+    def flush(self) -> None:
+        """Write what the units buffered (rows batched into fewer shards): called right before each checkpoint."""
+
     def describe(self, logs: dict[str, Any] | None) -> str:
         """The progress bar's text after a unit."""
+        return ""
 
 
 class Store(Protocol):
@@ -139,14 +146,16 @@ class Runner:
     """Runs ``total`` units of a :class:`Loop` (see the module docstring).
 
     ``every``: checkpoint every N units (and after the last); ``keep``: keep every unit's logs in the history
-    (epochs: the learning curve) or only the last (rounds, batches); ``on_unit(done, logs)`` runs after each unit,
-    before its checkpoint (tests interrupt runs there: the unit is then redone on the rerun).
+    (epochs: the learning curve) or only the last (rounds, batches). Two hooks, where tests interrupt runs:
+    ``on_unit(done, logs)`` after each unit, before its checkpoint (the unit is then redone on the rerun), and
+    ``after_unit(done, logs)`` after the unit and its checkpoint, if it had one.
     """
 
     store: Store | None = None
     every: int = 1
     keep: bool = True
     on_unit: Callable[[int, dict[str, Any] | None], None] | None = None
+    after_unit: Callable[[int, dict[str, Any] | None], None] | None = None
 
     def run(self, loop: Loop, total: int, label: str) -> RunResult:
         result = RunResult()
@@ -170,7 +179,10 @@ class Runner:
                 if self.on_unit is not None:
                     self.on_unit(result.done, logs)
                 if self.store is not None and (result.done % self.every == 0 or result.done == total):
+                    loop.flush()
                     self.store.save({"loop": loop.state_dict(), "history": result.history, "done": result.done,
                                      "seconds": result.seconds})
                 bar.update(tid, completed=result.done, info=loop.describe(logs))
+                if self.after_unit is not None:
+                    self.after_unit(result.done, logs)
         return result

@@ -22,7 +22,7 @@ from dfkd_common.config import parse, values
 from dfkd_common.dist import current, gather_objects, rank_path, rank_share
 from dfkd_common.engine import Engine
 from dfkd_common.jobs import Job
-from dfkd_common.loops.runner import LAYOUT, JobStore, Runner
+from dfkd_common.loops.runner import LAYOUT, JobStore, Loop, Runner
 from dfkd_common.models import Classifier
 from dfkd_common.synthesis import Synthesizer, build_synthesizer
 
@@ -58,7 +58,7 @@ def scored_rows(header: BankHeader, teacher: Classifier, engine: Engine, images:
     return header.columns(u8, labels, rounds, teacher_logits=t_logits.half())
 
 
-class SynthesisLoop:
+class SynthesisLoop(Loop):
     """One synthesis round into the job's ``bank`` table (the runner's :class:`~dfkd_common.loops.runner.Loop`)."""
 
     def __init__(self, synth: Synthesizer, rounds: list[int], header: BankHeader, teacher: Classifier,

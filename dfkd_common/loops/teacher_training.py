@@ -23,7 +23,7 @@ from dfkd_common.engine import Engine, check_finite
 from dfkd_common.errors import DfkdError
 from dfkd_common.evaluation import evaluate
 from dfkd_common.loops.common import epoch_batches, make_optimizer
-from dfkd_common.loops.runner import Runner, Store
+from dfkd_common.loops.runner import Loop, Runner, Store
 from dfkd_common.tasks import get_task
 
 
@@ -40,7 +40,7 @@ class TeacherTraining:
     seed: int = 0
 
 
-class TeacherLoop:
+class TeacherLoop(Loop):
     """One epoch of supervised training and its evaluation on the test split (the runner's :class:`Loop`)."""
 
     def __init__(self, model: nn.Module, train: ArraySplit, test: ArraySplit, cfg: TeacherTraining,

@@ -34,10 +34,11 @@ from dfkd_common.augment_ops import to_float
 from dfkd_common.bank import Bank, BankHeader, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.dist import current, gather_objects, rank_path, rank_share
-from dfkd_common.engine import Engine, progress
+from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
 from dfkd_common.geometry import Size, as_hw
 from dfkd_common.jobs import Job
+from dfkd_common.loops.runner import LAYOUT, JobStore, Loop, Runner
 from dfkd_common.models.hooks import Penultimate
 from dfkd_common.variation.models import VariationModel
 
@@ -138,13 +139,63 @@ def pick_sources(n: int, cfg: AugmentConfig) -> np.ndarray:
     return np.sort(np.random.default_rng(cfg.seed).choice(n, size=cfg.sources, replace=False))
 
 
+class AugmentLoop(Loop):
+    """One batch of sources: k variations each, scored, filtered, the kept ones written to the job's ``bank``
+    table (a unit of the runner); the counters per class resume with the job."""
+
+    def __init__(self, teacher: torch.nn.Module, model: VariationModel, bank: Bank, rows: np.ndarray,
+                 header: BankHeader, job: Job, engine: Engine, cfg: AugmentConfig, num_classes: int) -> None:
+        self.teacher, self.model, self.bank, self.rows, self.header = teacher, model, bank, rows, header
+        self.job, self.engine, self.cfg, self.num_classes = job, engine, cfg, num_classes
+        self.made, self.kept = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
+        self.agree = 0
+        self.origin: tuple[int, float] | None = None  # (source, time) where this process started: the rate's
+
+    def run(self, index: int) -> dict[str, Any]:
+        cfg, bank = self.cfg, self.bank
+        lo = index * cfg.batch_size
+        if self.origin is None:
+            self.origin = (lo, time.perf_counter())
+        idx = self.rows[lo : lo + cfg.batch_size]
+        at = torch.from_numpy(idx)
+        v = vary_and_score(self.teacher, self.model, bank.images[at], idx, cfg.k, cfg.seed, self.engine)
+        keep = v.score >= cfg.omega
+        if cfg.same_label:
+            keep &= v.same
+        labels = bank.labels[at]
+        cls = torch.where(labels >= 0, labels, v.src_logits.argmax(1)).repeat_interleave(cfg.k, 0)
+        self.made += np.bincount(cls.numpy(), minlength=self.num_classes)[: self.num_classes]
+        self.kept += np.bincount(cls[keep].numpy(), minlength=self.num_classes)[: self.num_classes]
+        self.agree += int(v.same.sum())
+        if keep.any():
+            per_var = {"labels": labels, "rounds": bank.rounds[at], "parents": at}
+            per_var = {name: t.repeat_interleave(cfg.k, 0)[keep] for name, t in per_var.items()}
+            self.job.write("bank", **self.header.columns(
+                v.images[keep], per_var["labels"], per_var["rounds"], teacher_logits=v.logits[keep].half(),
+                parent_index=per_var["parents"], score=v.score[keep]))
+        return {"cursor": lo + len(idx)}
+
+    def describe(self, logs: dict[str, Any] | None) -> str:
+        lo, t0 = self.origin or (0, time.perf_counter())
+        rate = ((logs or {}).get("cursor", lo) - lo) * self.cfg.k / max(time.perf_counter() - t0, 1e-9)
+        return f"{rate:.1f} variations/s, kept {int(self.kept.sum())}/{int(self.made.sum())}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bank_rows": self.job.rows("bank"), "agree": self.agree, "made": self.made, "kept": self.kept}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.job.truncate("bank", int(state["bank_rows"]))
+        self.made, self.kept = np.asarray(state["made"]).copy(), np.asarray(state["kept"]).copy()
+        self.agree = int(state["agree"])
+
+
 def augment_bank(
     teacher: torch.nn.Module, meta: ModelMeta, teacher_path: Path, bank: Bank, model: VariationModel, out: Path,
     engine: Engine, cfg: AugmentConfig, on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Make, score, filter and publish the augmented bank (see the module docstring); returns its metrics.
 
-    ``on_batch(sources done)`` runs after every batch (tests interrupt a run with it).
+    ``on_batch(sources done)`` runs after every batch and its checkpoint (tests interrupt a run with it).
     """
     info = meta.dataset
     bank.check_compatible(info)
@@ -153,7 +204,7 @@ def augment_bank(
     num_classes = info.num_classes
     identity = model.identity()
     parent_sum, teacher_sum = file_checksum(bank.path), file_checksum(teacher_path)
-    key = {"parent": parent_sum, "teacher": teacher_sum, "model": identity,
+    key = {"parent": parent_sum, "teacher": teacher_sum, "model": identity, "runner_layout": LAYOUT,
            **{k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "flush_every")}}
     header = BankHeader(channels=info.channels, image_size=info.image_size, kind="augmented", method=model.name,
                         dataset=info.to_dict(), params={**asdict(cfg), "model": identity}, seed=cfg.seed,
@@ -167,48 +218,11 @@ def augment_bank(
         rows = np.concatenate(list(rank_share(batches, world)) or [rows[:0]])
         key = {**key, "world": world.size, "rank": world.rank}
     with Job(rank_path(out, world), key) as job:
-        if job.state is None:
-            state: dict[str, Any] = {"cursor": 0, "bank_rows": 0, "seconds": 0.0, "agree": 0,
-                                     "made": np.zeros(num_classes, np.int64), "kept": np.zeros(num_classes, np.int64)}
-        else:
-            job.restore_rng()
-            state = dict(job.state)
-        start = int(state["cursor"])
-        job.truncate("bank", int(state["bank_rows"]))
-        made, kept = np.asarray(state["made"]).copy(), np.asarray(state["kept"]).copy()
-        agree, before, t0 = int(state["agree"]), float(state["seconds"]), time.perf_counter()
-        cursor = start
-        with progress() as bar:
-            task = bar.add_task(f"augment ({model.name}, k {cfg.k})", total=len(rows), completed=start,
-                                info=f"resumed at {start}" if start else "")
-            for b, lo in enumerate(range(start, len(rows), cfg.batch_size)):
-                idx = rows[lo : lo + cfg.batch_size]
-                at = torch.from_numpy(idx)
-                v = vary_and_score(teacher, model, bank.images[at], idx, cfg.k, cfg.seed, engine)
-                keep = v.score >= cfg.omega
-                if cfg.same_label:
-                    keep &= v.same
-                labels = bank.labels[at]
-                cls = torch.where(labels >= 0, labels, v.src_logits.argmax(1)).repeat_interleave(cfg.k, 0)
-                made += np.bincount(cls.numpy(), minlength=num_classes)[:num_classes]
-                kept += np.bincount(cls[keep].numpy(), minlength=num_classes)[:num_classes]
-                agree += int(v.same.sum())
-                if keep.any():
-                    per_var = {"labels": labels, "rounds": bank.rounds[at], "parents": at}
-                    per_var = {name: t.repeat_interleave(cfg.k, 0)[keep] for name, t in per_var.items()}
-                    job.write("bank", **header.columns(
-                        v.images[keep], per_var["labels"], per_var["rounds"], teacher_logits=v.logits[keep].half(),
-                        parent_index=per_var["parents"], score=v.score[keep]))
-                cursor = lo + len(idx)
-                if (b + 1) % cfg.flush_every == 0 or cursor == len(rows):
-                    job.checkpoint({"cursor": cursor, "bank_rows": job.rows("bank"), "agree": agree,
-                                    "made": made, "kept": kept, "seconds": before + time.perf_counter() - t0})
-                rate = (cursor - start) * cfg.k / max(time.perf_counter() - t0, 1e-9)
-                bar.update(task, completed=cursor,
-                           info=f"{rate:.1f} variations/s, kept {int(kept.sum())}/{int(made.sum())}")
-                if on_batch:
-                    on_batch(cursor)
-        seconds = before + time.perf_counter() - t0
+        loop = AugmentLoop(teacher, model, bank, rows, header, job, engine, cfg, num_classes)
+        runner = Runner(JobStore(job), every=cfg.flush_every, keep=False,
+                        after_unit=(lambda done, logs: on_batch((logs or {})["cursor"])) if on_batch else None)
+        seconds = runner.run(loop, -(-len(rows) // cfg.batch_size), f"augment ({model.name}, k {cfg.k})").seconds
+        made, kept, agree = loop.made, loop.kept, loop.agree
         if world.distributed:  # the run's figures: every rank's counts, the slowest rank's time
             shares = gather_objects((made, kept, agree, seconds))
             made, kept = sum(sh[0] for sh in shares), sum(sh[1] for sh in shares)

@@ -82,7 +82,7 @@ def train_prior(images: torch.Tensor, out_dir: Path, cfg: PriorConfig, device: t
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
 
-    from dfkd_common.engine import resolve_amp, seed_everything
+    from dfkd_common.engine import Engine, seed_everything
 
     if images.ndim != 4 or images.dtype != torch.uint8:
         raise DfkdError("prior: expected uint8 images (N, C, H, W)")
@@ -97,7 +97,7 @@ def train_prior(images: torch.Tensor, out_dir: Path, cfg: PriorConfig, device: t
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
     ema.to(device)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
-    bf16 = resolve_amp(cfg.amp, device, "prior amp")
+    engine = Engine.create(device, amp=cfg.amp, channels_last=False, where="prior amp")  # precision: the engine's
     data = images.to(device)
     t_hi = max(1, int(cfg.t_max * cfg.timesteps))
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -108,7 +108,7 @@ def train_prior(images: torch.Tensor, out_dir: Path, cfg: PriorConfig, device: t
         noise = torch.randn(x0.shape, device=device, generator=gen)
         t = torch.randint(0, t_hi, (cfg.batch_size,), device=device, generator=gen)
         xt = scheduler.add_noise(x0, noise, t)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with engine.autocast():
             pred = unet(xt, t).sample
         loss = F.mse_loss(pred.float(), noise)
         if not torch.isfinite(loss):
@@ -157,7 +157,7 @@ def train_prior(images: torch.Tensor, out_dir: Path, cfg: PriorConfig, device: t
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir)
     record = {
         "kind": "dfkd-sdedit-prior", "config": asdict(cfg), "steps": total, "images_seen": total * cfg.batch_size,
-        "seconds": round(seconds, 1), "device": describe_device(device), "precision": "bf16" if bf16 else "fp32",
+        "seconds": round(seconds, 1), "device": describe_device(device), "precision": "bf16" if engine.amp else "fp32",
         "parameters": sum(p.numel() for p in unet.parameters()), "image_shape": [c, h, w],
         "trained_on": source, "loss_curve": curve,
         "final_loss": curve[-1][1] if curve else math.nan,
