@@ -17,12 +17,24 @@ student's detached features after every student step (student term ``rot``), so 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 ROTATIONS = 4
+#: the capability a student term provides (``rot``) and a synthesizer asks the student side for (``csd``)
+ROTATION_HEAD = "rotation_head"
+
+
+class RotationHeadProvider(Protocol):
+    """What the student side hands a synthesizer that asks for :data:`ROTATION_HEAD`: the head to attack, and
+    its re-initialisation after every synthesis round."""
+
+    head: RotationHead
+
+    def reset(self, generator: torch.Generator) -> None: ...
 
 
 def rotations(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

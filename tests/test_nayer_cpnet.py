@@ -215,7 +215,7 @@ def test_xn_is_zero_at_renormalised_teacher_features_and_pulls_toward_them() -> 
     assert torch.allclose(target.var(dim=(0, 2, 3), unbiased=False), bn.running_var, rtol=1e-3)
     assert float(coupling_loss([(target.clone(), phi, bn)])) == pytest.approx(0.0, abs=1e-10)
     g = torch.randn(8, 4, 5, 5, requires_grad=True)
-    loss = TERMS.get("xn")(Context(x=g, t_logits=torch.zeros(8, 10), extra={"coupling": [(g, phi, bn)]}))
+    loss = TERMS.get("xn")(Context(x=g, t_logits=torch.zeros(8, 10), coupling=[(g, phi, bn)]))
     assert loss.item() > 0
     loss.backward()
     assert g.grad is not None
@@ -249,7 +249,7 @@ def test_inverse_classifier_term_is_minimal_orthogonal_to_the_constant_direction
     mid = float(inv.loss(torch.randn(20, d), y))
     assert 0 < mid < 1
     ctx = Context(x=torch.zeros(20, 1), t_logits=torch.zeros(20, k), y=y, t_feat=torch.randn(20, d),
-                  extra={"inverse_classifier": inv})
+                  inverse_classifier=inv)
     assert float(align_term(ctx)) == 0.0
     ctx.s_logits = torch.zeros(20, k)
     assert float(align_term(ctx)) == pytest.approx(float(inv.loss(ctx.t_feat, y)))
@@ -285,7 +285,7 @@ def test_cutmix_per_sample_draws_its_own_box_and_lambda() -> None:
     # the mixed one-hot loss weights each sample by its own lambda
     t = torch.randn(n, 10)
     y = torch.randint(0, 10, (n,))
-    ctx = Context(x=out, t_logits=t, y=y, extra={"cutmix": (perm, lam)})
+    ctx = Context(x=out, t_logits=t, y=y, cutmix=(perm, lam))
     want = (lam * F.cross_entropy(t, y, reduction="none")
             + (1 - lam) * F.cross_entropy(t, y[perm], reduction="none")).mean()
     assert float(onehot_term(ctx)) == pytest.approx(float(want), rel=1e-6)

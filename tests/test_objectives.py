@@ -136,6 +136,16 @@ def test_parameter_groups_and_own_optimisers() -> None:
     assert {id(p) for p in opt.param_groups[0]["params"]} == student_ids
 
 
+def test_a_term_on_for_part_of_training_says_so_and_a_capability_is_found_by_name() -> None:
+    """DDP must look for unused parameters exactly when a term is off part of the time (the side says so, from
+    the term's own schedule); a synthesizer finds the rotation head by the capability, not by a term's name."""
+    assert not _side({"kd": 1.0}).part_time
+    assert not _side({"kd": 1.0, "striplet": 0.1}).part_time  # published default: always on
+    assert _side({"kd": 1.0, "striplet": 0.1}, {"striplet": {"custom_steps": 0.5}}).part_time
+    side = _side({"kd": 1.0, "rot": 1.0})
+    assert side.provider("rotation_head") is side.terms["rot"] and _side({"kd": 1.0}).provider("rotation_head") is None
+
+
 def test_term_modules_train_are_resumed_and_stay_out_of_the_student(tmp_path: Path, mnist_test) -> None:
     """Two epochs straight equal one epoch, a stop, and a resumed second epoch: term modules included."""
     images = mnist_test.images[:128]

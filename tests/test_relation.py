@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -109,14 +111,35 @@ def test_the_synthesis_term_reads_the_students_stages_and_is_zero_without_a_stud
     synth = build_synthesizer("rgal", teacher, INFO, {"batch_size": 40, "g_steps": 1, "ngf": 8}, ENGINE)
     x = torch.rand(40, 1, 32, 32, requires_grad=True)
     ctx = synth.context(x, None, None)
-    assert ctx.extra["stages"] is None and float(TERMS.get("triplet")(ctx, synth.term_options("triplet"))) == 0
+    assert ctx.stages is None and float(TERMS.get("triplet")(ctx, synth.term_options("triplet"))) == 0
     ctx = synth.context(x, None, student)
-    assert ctx.extra["stages"][0].shape[1:] == (60, 1, 1)  # lenet5_half's last stage: its C5 conv
+    assert ctx.stages[0].shape[1:] == (60, 1, 1)  # lenet5_half's last stage: its C5 conv
     value = TERMS.get("triplet")(ctx, synth.term_options("triplet"))
     assert torch.isfinite(value)
     if float(value):
         value.backward()
         assert x.grad is not None and float(x.grad.abs().sum()) > 0  # the relation moves the images
+
+
+def test_stage_maps_are_asked_for_by_the_term_that_reads_them() -> None:
+    """The synthesizer learns which stage maps to hook from the terms' own ``stages_of``, not from a term's name:
+    a teacher-target request hooks the teacher, and two terms asking for different maps is one error line."""
+    from dfkd_common.synthesis.losses import StageRequest, term
+
+    teacher = build_model("lenet5", 10, 1, INFO.mean, INFO.std).eval()
+    synth = build_synthesizer("rgal", teacher, INFO, {"terms": {"triplet": {"target": "teacher", "stages": [0]}},
+                                                      "batch_size": 8}, ENGINE)
+    ctx = synth.context(torch.rand(8, 1, 32, 32), None, None)  # no student needed: the teacher's first stage
+    assert ctx.stages is not None and ctx.stages[0].shape[1] == 6  # LeNet-5: 6 channels, its half 3
+    with pytest.raises(DfkdError, match="target must be student or teacher"):
+        build_synthesizer("rgal", teacher, INFO, {"terms": {"triplet": {"target": "both"}}}, ENGINE)
+
+    @term("test_other_stages", needs=("stages",), stages_of=lambda opts: StageRequest("student", (0,)))
+    def other(ctx: Any, opts: Any) -> torch.Tensor:
+        return ctx.t_logits.new_zeros(())
+
+    with pytest.raises(DfkdError, match="ask for different stage maps"):
+        build_synthesizer("rgal", teacher, INFO, {"weights": {"test_other_stages": 1.0}}, ENGINE)
 
 
 def test_triplet_options_are_checked() -> None:
@@ -136,19 +159,31 @@ def _side(weights: dict[str, float]) -> tuple[torch.nn.Module, StudentSide]:
     return teacher, StudentSide(student, weights, {}, TermSetup(teacher, student, 1, 32, 0.9))
 
 
-def test_striplet_uses_two_views_and_pulls_same_label_views_together() -> None:
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_striplet_uses_two_views_and_pulls_same_label_views_together(seed: int) -> None:
+    """One gradient step on the term brings same-label features closer relative to different-label ones (mean
+    distance of same-label pairs minus that of different-label pairs falls: 200 of 200 seeds when measured)."""
+    torch.manual_seed(seed)  # the features and the negatives' draws (the global stream): not left to test order
     term = STUDENT_TERMS.get("striplet")({}, None)  # type: ignore[arg-type]
     assert term.views == 2
     feat = torch.randn(8, 6, requires_grad=True)
     logits = torch.randn(8, 3)
-    t_logits = F.one_hot(torch.tensor([0, 1, 2, 0] * 2), 3).float() * 5  # views of image i: rows i and i + 4
+    labels = [0, 1, 2, 0] * 2  # views of image i: rows i and i + 4
+    t_logits = F.one_hot(torch.tensor(labels), 3).float() * 5
     step = StudentStep(x=torch.zeros(8, 1, 4, 4), labels=torch.zeros(8, dtype=torch.long), s_logits=logits,
                        t_logits=t_logits, s_feat=feat, views=2)
-    before = (pooled(feat)[0] - pooled(feat)[4]).norm()
+    pairs = list(itertools.combinations(range(8), 2))
+
+    def gap(f: torch.Tensor) -> float:
+        p = pooled(f.detach())
+        d = {(i, j): float((p[i] - p[j]).norm()) for i, j in pairs}
+        same = [v for (i, j), v in d.items() if labels[i] == labels[j]]
+        other = [v for (i, j), v in d.items() if labels[i] != labels[j]]
+        return sum(same) / len(same) - sum(other) / len(other)
+
+    before = gap(feat)
     term(step).backward()
-    with torch.no_grad():
-        moved = feat - 0.5 * feat.grad
-    assert (pooled(moved)[0] - pooled(moved)[4]).norm() < before
+    assert gap(feat - 0.5 * feat.grad) < before
     late = StudentStep(**{**step.__dict__, "progress": 0.5})
     assert float(STUDENT_TERMS.get("striplet")({"custom_steps": 0.5}, None)(late)) == 0  # type: ignore[arg-type]
 

@@ -71,6 +71,9 @@ class StudentTerm(nn.Module):
     param_types: ClassVar[dict[str, Any]] = {}  # expected types of options whose default is None
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "t_logits"})
     views: ClassVar[int] = 1
+    #: capabilities this term offers to others through the student side (``rot``: the rotation head a CSD
+    #: synthesizer attacks); :meth:`~dfkd_common.student.side.StudentSide.provider` hands the term over by name
+    provides: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, options: dict[str, Any], setup: TermSetup) -> None:
         super().__init__()

@@ -28,7 +28,7 @@ from torch import nn
 from dfkd_common.errors import DfkdError
 from dfkd_common.geometry import as_hw
 from dfkd_common.models.hooks import Penultimate, stage_outputs
-from dfkd_common.rotation import RotationHead, rotations
+from dfkd_common.rotation import ROTATION_HEAD, RotationHead, rotations
 from dfkd_common.student.base import StudentStep, StudentTerm, TermSetup, register
 
 
@@ -72,6 +72,7 @@ class RotationTerm(StudentTerm):
     name = "rot"
     defaults: ClassVar[dict[str, Any]] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "t_logits", "labels"})
+    provides: ClassVar[frozenset[str]] = frozenset({ROTATION_HEAD})
 
     def __init__(self, options: dict[str, Any], setup: TermSetup) -> None:
         super().__init__(options, setup)

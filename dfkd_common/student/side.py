@@ -63,6 +63,11 @@ class StudentSide(nn.Module):
         if "s_feat" in self.needs:
             self._penultimate = Penultimate(student)
 
+    def provider(self, capability: str) -> Any:
+        """The term that provides ``capability`` (:attr:`StudentTerm.provides`), or None: how a synthesizer gets
+        what it needs from the student side without knowing which term, or its options, provides it."""
+        return next((t for t in self.terms.values() if capability in t.provides), None)
+
     @property
     def part_time(self) -> bool:
         """Some term is off for part of training (:attr:`StudentTerm.part_time`)."""

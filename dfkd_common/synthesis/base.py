@@ -29,7 +29,7 @@ from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import BNStats, FeatureHooks, Penultimate, stage_outputs
 from dfkd_common.params import check_params, check_weighted_terms, merge
 from dfkd_common.registry import Registry
-from dfkd_common.synthesis.losses import TERMS, Context, weighted_sum
+from dfkd_common.synthesis.losses import TERMS, Context, StageRequest, weighted_sum
 from dfkd_common.tasks import get_task
 
 
@@ -102,6 +102,7 @@ class Synthesizer(ABC):
         self.gen = torch.Generator().manual_seed(seed)
         self.device = self.engine.device
         self._stage_paths: dict[int, list[str]] = {}  # stage module paths per network, traced once
+        self._request = self.stage_request()  # checked when the method is built, not at its first step
 
     def check_terms(self) -> dict[str, float]:
         """Weights and term options: registered names, numbers, known options, needs this method can serve."""
@@ -165,28 +166,45 @@ class Synthesizer(ABC):
             s_logits=None if (s_logits is None or "s_logits" not in self.needs) else s_logits.float(),
             t_feat=self.penultimate.value,
             bn=self.bn,
-            extra={"xa": xa, "stages": stages, "gen": self.gen},
+            xa=xa,
+            stages=stages,
+            gen=self.gen,
         )
 
+    def stage_request(self) -> tuple[str, StageRequest] | None:
+        """The stage maps the active terms read, as the term that needs them declares (``stages_of``): one
+        request per run (two terms asking for different maps is an error); None when no active term needs any."""
+        requests = {name: TERMS.get(name) for name, w in self.weights.items()
+                    if w and "stages" in TERMS.get(name).needs}
+        asked: dict[str, StageRequest] = {}
+        for name, t in requests.items():
+            if t.stages_of is None:
+                raise DfkdError(f"{self.name}: the {name} term needs stages but does not say which (stages_of)")
+            try:
+                asked[name] = t.stages_of(self.term_options(name))
+            except DfkdError as exc:
+                raise DfkdError(f"{self.name}: {exc}") from None
+        if len(set(asked.values())) > 1:
+            raise DfkdError(f"{self.name}: the terms {', '.join(sorted(asked))} ask for different stage maps")
+        return next(iter(asked.items()), None)
+
     def stage_hooks(self, net: nn.Module | None) -> tuple[nn.Module, FeatureHooks, list[str]] | None:
-        """Hooks on the stages the ``triplet`` term reads (its ``target``: the student, or the teacher), for one
-        forward; None when no active term needs stages or the target is the absent student."""
-        if "stages" not in self.needs:
+        """Hooks on the stages the active terms read (of the student, or the teacher), for one forward; None when
+        no active term needs stages or the stages are the absent student's."""
+        if self._request is None:
             return None
-        opts = self.term_options("triplet")
-        target = self.teacher if opts["target"] == "teacher" else net
-        if opts["target"] not in ("student", "teacher"):
-            raise DfkdError(f"{self.name}: terms.triplet.target must be student or teacher, not {opts['target']!r}")
+        term, request = self._request
+        target = self.teacher if request.target == "teacher" else net
         if target is None:
             return None
         key = id(target)
         if key not in self._stage_paths:
             stages = stage_outputs(target, self.info.channels, self.info.image_size)
             try:
-                self._stage_paths[key] = [stages[int(i)].path for i in opts["stages"]]
+                self._stage_paths[key] = [stages[i].path for i in request.indices]
             except IndexError:
-                raise DfkdError(f"{self.name}: terms.triplet.stages {opts['stages']} out of range: the "
-                                f"{opts['target']} has {len(stages)} stages") from None
+                raise DfkdError(f"{self.name}: terms.{term}.stages {list(request.indices)} out of range: the "
+                                f"{request.target} has {len(stages)} stages") from None
         paths = self._stage_paths[key]
         return target, FeatureHooks(target, paths), paths
 

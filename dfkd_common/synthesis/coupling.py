@@ -5,7 +5,7 @@
   *renormalised*: standardised per channel with its own batch statistics, then rescaled to the BN's running
   mean/variance. The renormalisation keeps the target's spatial pattern (what the teacher sees of this image)
   while giving it the statistics of real data, so the generator's intermediate maps are pulled toward "the
-  teacher's features of a real image like this one". Context: ``ctx.extra["coupling"]`` = list of
+  teacher's features of a real image like this one". Context: ``ctx.coupling`` = list of
   ``(g_i, phi_i, bn_i)``.
 * ``align`` (inverse-classifier constraint): with the teacher's last Linear (W, b), C classes and label smoothing
   eps, the logits of the smoothed one-hot target are ``onehot(y) * delta + k`` for any constant k, with
@@ -18,9 +18,9 @@
   keeps generated features away from the single "ideal" point of each class, converting the classification of
   a sample into a distance between features and spreading the samples (the paper's diversity argument). Like
   ``adv`` it is 0 while no student is given (warm-up, offline synthesis). Context:
-  ``ctx.extra["inverse_classifier"]`` (an :class:`InverseClassifier`), ``ctx.t_feat``, ``ctx.y``.
+  ``ctx.inverse_classifier`` (an :class:`InverseClassifier`), ``ctx.t_feat``, ``ctx.y``.
 * :class:`CutMix`: pastes a random box of another sample of the batch (probability p per batch) into every
-  image; the one-hot term (``oh``) then becomes the lambda-mixed cross-entropy through ``ctx.extra["cutmix"]``.
+  image; the one-hot term (``oh``) then becomes the lambda-mixed cross-entropy through ``ctx.cutmix``.
 """
 
 from __future__ import annotations
@@ -68,9 +68,9 @@ def coupling_loss(pairs: list[tuple[Any, ...]]) -> torch.Tensor:
 @term("xn", needs=("coupling",))
 def xn_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """CPNet feature coupling between generator stages and renormalised teacher BN inputs."""
-    pairs = ctx.extra.get("coupling")
+    pairs = ctx.coupling
     if not pairs:
-        raise ValueError("xn term needs ctx.extra['coupling'] (a coupled generator)")
+        raise ValueError("xn term needs ctx.coupling (a coupled generator)")
     return coupling_loss(pairs)
 
 
@@ -108,13 +108,13 @@ def align_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """CPNet inverse-classifier constraint; active with the adversarial term (a student is given).
 
     Its options (label smoothing eps, the singular-value clamp) shape the inverse the synthesizer precomputes
-    once (:class:`InverseClassifier`), which reaches the term as ``ctx.extra["inverse_classifier"]``.
+    once (:class:`InverseClassifier`), which reaches the term as ``ctx.inverse_classifier``.
     """
     if ctx.s_logits is None:
         return ctx.t_logits.new_zeros((), dtype=torch.float32)
-    inv = ctx.extra.get("inverse_classifier")
+    inv = ctx.inverse_classifier
     if inv is None or ctx.t_feat is None or ctx.y is None:
-        raise ValueError("align term needs ctx.extra['inverse_classifier'], teacher features and targets")
+        raise ValueError("align term needs ctx.inverse_classifier, teacher features and targets")
     return inv.loss(ctx.t_feat, ctx.y)
 
 

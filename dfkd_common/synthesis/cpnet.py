@@ -104,20 +104,21 @@ class CPNet(NAYER):
                                 width=int(self.cfg["g_width"]), upsample=str(self.cfg["g_upsample"]),
                                 tap=str(self.cfg["g_tap"]))
 
-    def generate(self, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+    def generate(self, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         with self.engine.autocast():
             x, stages = self.generator(y, return_stages=True)
-        return x.float(), {"stages": stages}
+        return x.float(), stages
 
     def make_context(self, x: torch.Tensor, y: torch.Tensor, student: Any,
-                     extra: dict[str, Any]) -> Context:
+                     g_stages: list[torch.Tensor] | None) -> Context:
         phis = self.teacher_stage_inputs(x) if self.weights.get("xn") else []
         ctx = self.context(x, y, student)
-        ctx.extra["cutmix"] = self.cutmix.last
-        ctx.extra["inverse_classifier"] = self.inverse
+        ctx.cutmix = self.cutmix.last
+        ctx.inverse_classifier = self.inverse
         if phis:
             stats = self.xn_stats(phis)
-            ctx.extra["coupling"] = list(zip(extra["stages"], phis, self.stage_bns, stats, strict=True))
+            assert g_stages is not None  # the coupled generator returns its stage tensors
+            ctx.coupling = list(zip(g_stages, phis, self.stage_bns, stats, strict=True))
         return ctx
 
     def xn_stats(self, phis: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:

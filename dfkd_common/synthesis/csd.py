@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from dfkd_common.errors import DfkdError
 from dfkd_common.models.hooks import Penultimate
 from dfkd_common.params import merge
-from dfkd_common.rotation import rotations
+from dfkd_common.rotation import ROTATION_HEAD, RotationHeadProvider, rotations
 from dfkd_common.synthesis.base import SYNTHESIZERS, SynthResult, student_network
 from dfkd_common.synthesis.geninv import GenerativeInversion
 from dfkd_common.synthesis.losses import Context, term
@@ -32,17 +32,18 @@ from dfkd_common.synthesis.losses import Context, term
 @term("dda", needs=("rotation",))
 def rotation_term(ctx: Context, opts: Any) -> torch.Tensor:
     """-CE of the student side's rotation head on the 4 rotations (0 without a student: offline, warm-up)."""
-    rot = ctx.extra.get("rotation")
+    rot = ctx.rotation
     if rot is None:
         return ctx.t_logits.new_zeros(())
     logits, labels = rot
     return -F.cross_entropy(logits.float(), labels)
 
 
-def rotation_head(student: Any) -> Any:
-    """The student side's ``rot`` term, or None (no side, or a side without the head)."""
-    terms = getattr(student, "terms", None)
-    return terms["rot"] if terms is not None and "rot" in terms else None
+def rotation_head(student: Any) -> RotationHeadProvider | None:
+    """What the student side provides as its rotation head (its ``rot`` term), or None (no side: offline,
+    warm-up; or a bare network; or a side without one)."""
+    provider = getattr(student, "provider", None)
+    return provider(ROTATION_HEAD) if provider is not None else None
 
 
 @SYNTHESIZERS.register("csd")
@@ -68,10 +69,11 @@ class CSD(GenerativeInversion):
                             "distill's weights (rot: 1), or set the synthesis weight dda to 0")
         net = student_network(student)
         assert y is not None
-        xr, yr = rotations(ctx.extra["xa"], y)
+        assert ctx.xa is not None
+        xr, yr = rotations(ctx.xa, y)
         with Penultimate(net) as hook, self.engine.autocast():
             net(xr)
-            ctx.extra["rotation"] = (rot.head(hook.value.float()), yr)
+            ctx.rotation = (rot.head(hook.value.float()), yr)
         return ctx
 
     def synthesize(self, round_index: int, student: Any = None) -> SynthResult:

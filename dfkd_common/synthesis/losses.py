@@ -10,20 +10,21 @@ cannot serve (CPNet's ``xn`` on Fast, which has no teacher-coupled generator).
 
 Needs: ``t_logits`` (always there), ``s_logits`` (online, after warm-up; terms return 0 without a student),
 ``t_feat`` (the teacher's penultimate features), ``bn`` (the teacher's BN statistics hooks), ``stages`` (stage maps
-of the network the ``triplet`` term's ``target`` names, in ``ctx.extra["stages"]``), and what a synthesizer adds
-through ``ctx.extra`` (CPNet: ``coupling``, ``inverse_classifier``, ``cutmix``).
+of a network: a term that needs them says which, through its ``stages_of``), and what a synthesizer adds to the
+:class:`Context`'s typed fields (CPNet: ``coupling``, ``inverse_classifier``, ``cutmix``; CSD: ``rotation``).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from dfkd_common.errors import DfkdError
 from dfkd_common.functional import kd_loss, kl_div
 from dfkd_common.models.hooks import BNStats
 from dfkd_common.registry import Registry
@@ -31,7 +32,10 @@ from dfkd_common.registry import Registry
 
 @dataclass
 class Context:
-    """Tensors of one synthesis step. ``x`` images in [0, 1]; ``t_logits`` teacher logits on aug(x)."""
+    """Tensors of one synthesis step. ``x`` images in [0, 1]; ``t_logits`` teacher logits on aug(x).
+
+    Every field is typed; the base synthesizer fills the first ones, a method the ones it ``provides``.
+    """
 
     x: torch.Tensor
     t_logits: torch.Tensor
@@ -39,31 +43,49 @@ class Context:
     s_logits: torch.Tensor | None = None
     t_feat: torch.Tensor | None = None  # teacher penultimate features
     bn: BNStats | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    xa: torch.Tensor | None = None  # the augmented batch the networks saw
+    stages: list[torch.Tensor] | None = None  # the stage maps a stage-reading term asked for (``stages_of``)
+    gen: torch.Generator | None = None  # the synthesizer's generator: terms that draw (triplets) draw from it
+    cutmix: tuple[torch.Tensor, Any] | None = None  # CPNet: (permutation, lambda per sample or one)
+    inverse_classifier: Any = None  # CPNet: the teacher classifier's precomputed inverse
+    coupling: list[tuple[Any, ...]] | None = None  # CPNet: (generator stage, teacher BN input, BN, stats) pairs
+    rotation: tuple[torch.Tensor, torch.Tensor] | None = None  # CSD: the rotation head's logits and labels
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """Which stage maps a term reads: of the ``student`` or the ``teacher``, by index into its stages."""
+
+    target: str
+    indices: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Term:
-    """A registered term: ``fn(ctx, options)``, what it needs, and its options' defaults."""
+    """A registered term: ``fn(ctx, options)``, what it needs, its options' defaults, and (a term that needs
+    ``stages``) which stage maps its options ask for."""
 
     fn: Callable[[Context, Mapping[str, Any]], torch.Tensor]
     needs: frozenset[str]
     options: Mapping[str, Any]
+    stages_of: Callable[[Mapping[str, Any]], StageRequest] | None = None
 
     def __call__(self, ctx: Context, options: Mapping[str, Any] | None = None) -> torch.Tensor:
         return self.fn(ctx, {**self.options, **(options or {})})
 
 
-__all__ = ["TERMS", "Context", "Term", "kd_loss", "kl_div", "term", "weighted_sum"]
+__all__ = ["TERMS", "Context", "StageRequest", "Term", "kd_loss", "kl_div", "term", "weighted_sum"]
 
 TERMS: Registry[Term] = Registry("loss term")
 
 
-def term(name: str, needs: tuple[str, ...] = (), **options: Any) -> Callable[[Callable[..., torch.Tensor]], Term]:
-    """Register ``fn(ctx, options)`` as the synthesis term ``name`` (``options``: its defaults)."""
+def term(name: str, needs: tuple[str, ...] = (), stages_of: Callable[[Mapping[str, Any]], StageRequest] | None = None,
+         **options: Any) -> Callable[[Callable[..., torch.Tensor]], Term]:
+    """Register ``fn(ctx, options)`` as the synthesis term ``name`` (``options``: its defaults; ``stages_of``: for a
+    term that needs ``stages``, the maps its options ask for)."""
 
     def deco(fn: Callable[[Context, Mapping[str, Any]], torch.Tensor]) -> Term:
-        return TERMS.register(name)(Term(fn, frozenset(("t_logits", *needs)), dict(options)))
+        return TERMS.register(name)(Term(fn, frozenset(("t_logits", *needs)), dict(options), stages_of))
 
     return deco
 
@@ -80,11 +102,11 @@ def bn_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
 def onehot_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """CE(T(x), y): the teacher must be confident about the target class (argmax T when y is None).
 
-    When the batch was CutMix-ed (``ctx.extra["cutmix"] = (perm, lam)``, CPNet; ``lam`` a number or one per
+    When the batch was CutMix-ed (``ctx.cutmix = (perm, lam)``, CPNet; ``lam`` a number or one per
     sample) it is the lambda-mixed mean of lam * CE(T(x), y) + (1 - lam) * CE(T(x), y[perm]).
     """
     y = ctx.y if ctx.y is not None else ctx.t_logits.argmax(1)
-    mix = ctx.extra.get("cutmix")
+    mix = ctx.cutmix
     if mix is not None:
         perm, lam = mix
         t = ctx.t_logits.float()
@@ -153,7 +175,15 @@ def adversarial_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
 TRIPLET_MODES = ("swap", "code")
 
 
-@term("triplet", needs=("stages",), target="student", stages=[-1], margin=0.2, window=[0.5, 1.0], mode="swap")
+def triplet_stages(opts: Mapping[str, Any]) -> StageRequest:
+    """The triplet term reads the maps of the stages its ``stages`` option indexes, of its ``target``."""
+    if opts["target"] not in ("student", "teacher"):
+        raise DfkdError(f"terms.triplet.target must be student or teacher, not {opts['target']!r}")
+    return StageRequest(str(opts["target"]), tuple(int(i) for i in opts["stages"]))
+
+
+@term("triplet", needs=("stages",), stages_of=triplet_stages, target="student", stages=[-1], margin=0.2,
+      window=[0.5, 1.0], mode="swap")
 def triplet_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """RGAL's synthesis relation term on the stage features of ``target`` (student, or teacher).
 
@@ -169,11 +199,11 @@ def triplet_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
 
     if opts["mode"] not in TRIPLET_MODES:
         raise ValueError(f"triplet: mode must be one of {TRIPLET_MODES}, got {opts['mode']!r}")
-    feats = ctx.extra.get("stages")
+    feats = ctx.stages
     if not feats:
         return ctx.t_logits.new_zeros(())
     lo, hi = (float(v) for v in opts["window"])
-    a, p, n = sample_triplets(ctx.t_logits, ctx.t_logits.argmax(1), ctx.extra.get("gen"), window=(lo, hi))
+    a, p, n = sample_triplets(ctx.t_logits, ctx.t_logits.argmax(1), ctx.gen, window=(lo, hi))
     return triplet_hinge([pooled(f) for f in feats], a, p, n, float(opts["margin"]), swap=opts["mode"] == "swap")
 
 

@@ -93,14 +93,14 @@ class NAYER(Synthesizer):
         """Consecutive classes (every chunk of K samples holds each class once), rotating with the round."""
         return ((torch.arange(n) + round_index * n) % self.info.num_classes).to(self.device)
 
-    def generate(self, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Images for labels ``y`` and what the loss context needs besides them (CPNet: stage tensors)."""
+    def generate(self, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Images for labels ``y`` and the generator's stage tensors where the loss context needs them (CPNet)."""
         with self.engine.autocast():
             x = self.generator(y)
-        return x.float(), {}
+        return x.float(), None
 
     def make_context(self, x: torch.Tensor, y: torch.Tensor, student: Any,
-                     extra: dict[str, Any]) -> Context:
+                     g_stages: list[torch.Tensor] | None) -> Context:
         return self.context(x, y, student)
 
     # -- one round -----------------------------------------------------------------------------------
@@ -117,8 +117,8 @@ class NAYER(Synthesizer):
         opt = fused_adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]), betas=tuple(self.cfg["betas"]))
 
         def step() -> tuple[torch.Tensor, Context]:
-            x, extra = self.generate(y)
-            return x, self.make_context(x, y, student, extra)
+            x, g_stages = self.generate(y)
+            return x, self.make_context(x, y, student, g_stages)
 
         best_x, best_loss, logs = self.optimise(int(self.cfg["g_steps"]), step, opt)
         self.end_round()
