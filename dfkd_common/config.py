@@ -13,8 +13,13 @@ the wrong type is one :class:`~dfkd_common.errors.DfkdError` line naming it (the
 * ``Literal["a", "b"]``: a closed choice;
 * ``list[...]`` / ``tuple[...]``: a list (or tuple) of any length;
 * ``dict[...]``: a mapping merged key by key over the default (``weights: {bn: 10}`` keeps the other weights),
-  whose values are checked against the default's where it has them, its keys open;
+  whose values are checked against the default's where it has them, its keys open; a field declared with
+  ``field(metadata=REPLACES)`` is replaced whole instead (the student's objective: a params section that gives
+  ``weights`` states the whole objective);
 * a nested config dataclass (``augment``): parsed strictly in turn, over the default's values.
+
+:func:`resolve` reads a stage's section of a params file (``common`` + the run's subsection), the options given on
+the command line and ``--set`` pairs, and parses them over the stage's config.
 """
 
 from __future__ import annotations
@@ -23,12 +28,16 @@ import dataclasses
 import typing
 from collections.abc import Mapping
 from functools import cache
+from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, TypeVar, Union
 
-from dfkd_common.params import check_params, merge
+from dfkd_common.params import check_params, merge, read_section, set_pairs
 
 T = TypeVar("T")
+
+#: field metadata: a mapping given for this field replaces the default instead of merging into it
+REPLACES = {"replaces": True}
 
 
 def _inner(hint: Any) -> Any:
@@ -92,8 +101,31 @@ def parse(cls: type[T], given: Mapping[str, Any] | None, where: str, base: T | N
         elif _is_config(hint):
             out[name] = parse(hint, value, where, base=current)
         else:
-            out[name] = _convert(value, _inner(hint), current)
+            out[name] = _convert(value, _inner(hint), None if fields[name].metadata.get("replaces") else current)
     return dataclasses.replace(base, **out)  # type: ignore[type-var]
+
+
+def spec(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A config's defaults and the types :func:`~dfkd_common.params.check_params` cannot read from them (for
+    listings and for checks of options given apart from their component, such as terms' options)."""
+    base = cls()
+    hints = _hints(cls)
+    defaults = {f.name: getattr(base, f.name) for f in dataclasses.fields(cls) if f.init}
+    types = {name: _check_type(hints[name]) for name, value in defaults.items()
+             if value is None or typing.get_origin(_inner(hints[name])) is Literal}
+    return {k: values(v) if _is_config(hints[k]) else v for k, v in defaults.items()}, types
+
+
+def resolve(cls: type[T], path: Path, section: str, profile: str | None = None, sets: list[str] | None = None,
+            where: str | None = None, seed_from: str | None = None, base: T | None = None, **cli: Any) -> T:
+    """A stage's config: its defaults (or ``base``), then the params file's section (``common`` + ``profile``),
+    then the options given on the command line (None: not given), then ``--set`` pairs; checked and typed.
+
+    ``seed_from`` names the top-level key a section without its own ``seed`` takes it from (``seed`` for the
+    teacher and the pool, ``method_seed`` for the method stages): said here, never copied silently.
+    """
+    given = merge(read_section(path, section, profile, seed_from), {k: v for k, v in cli.items() if v is not None})
+    return parse(cls, set_pairs(sets, given), where or section, base=base)
 
 
 def _convert(value: Any, hint: Any, current: Any) -> Any:

@@ -18,7 +18,10 @@ import copy
 import hashlib
 import json
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from dfkd_common.errors import DfkdError
 
@@ -145,3 +148,45 @@ def check_weighted_terms(
         defaults, types = option_defaults(name)
         check_params(dict(opts), defaults, where, types=types, prefix=f"terms.{name}.")
     return {k: float(v) for k, v in weights.items()}
+
+
+def read_section(path: Path, section: str, profile: str | None = None, seed_from: str | None = None) -> dict[str, Any]:
+    """``section.common`` merged with ``section.<profile>`` of a params file (or the flat section when it has no
+    ``common``). A missing ``params.yaml`` in the working directory is an empty file; any other missing file is
+    an error. ``seed_from``: the top-level key whose value a section without ``seed`` takes."""
+    if not path.exists():
+        if path == Path("params.yaml"):
+            return {}
+        raise DfkdError(f"params file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DfkdError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    sec = data.get(section) or {}
+    if not isinstance(sec, dict):
+        raise DfkdError(f"{path}: section {section!r} must be a mapping")
+    out = dict(sec.get("common", {})) if "common" in sec else dict(sec)
+    if profile and isinstance(sec.get(profile), dict):
+        out = merge(out, sec[profile])
+    if seed_from and "seed" not in out and seed_from in data:
+        out["seed"] = data[seed_from]
+    return out
+
+
+def set_pairs(sets: list[str] | None, into: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``--set dotted.key=value`` pairs (values parsed as YAML) assigned into ``into`` (a copy): the leaf given is
+    set as it is (``--set weights={kd: 1}`` gives exactly that objective)."""
+    out = copy.deepcopy(into or {})
+    for item in sets or []:
+        if "=" not in item:
+            raise DfkdError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        parts = key.split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise DfkdError(f"--set {key}: {p} is not a mapping")
+        node[parts[-1]] = value
+    return out

@@ -3,6 +3,7 @@ synthesis terms' needs and options, the shared round loop, and stage features fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -95,7 +96,10 @@ class _Adapter(StudentTerm):
     """A test term owning a module that trains with the student at its own learning rate."""
 
     name = "test_adapter"
-    defaults: ClassVar[dict[str, Any]] = {"lr": 0.5}
+    @dataclass(frozen=True)
+    class Options:
+        lr: float = 0.5
+
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits"})
 
     def __init__(self, options: dict[str, Any], setup: TermSetup) -> None:
@@ -103,7 +107,7 @@ class _Adapter(StudentTerm):
         self.scale = nn.Parameter(torch.ones(10))
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": [self.scale], "lr": float(self.opts["lr"])}]
+        return [{"params": [self.scale], "lr": self.opts.lr}]
 
     def forward(self, step: StudentStep) -> torch.Tensor:
         return (step.s_logits * self.scale).square().mean()
@@ -224,7 +228,7 @@ def test_term_options_are_the_terms_own_and_checked() -> None:
     synth = build_synthesizer("cpnet", teacher, INFO, {"terms": {"adv": {"kl_order": "student_teacher"},
                                                                  "align": {"label_smoothing": 0.2}},
                                                        "batch_size": 10, "g_steps": 1}, ENGINE)
-    assert synth.term_options("adv")["kl_order"] == "student_teacher"
+    assert synth.term_options("adv").kl_order == "student_teacher"
     assert synth.inverse.delta == pytest.approx(torch.log(torch.tensor(0.8 * 9 / 0.2)).item())
 
 

@@ -131,7 +131,7 @@ def test_stage_maps_are_asked_for_by_the_term_that_reads_them() -> None:
                                                       "batch_size": 8}, ENGINE)
     ctx = synth.context(torch.rand(8, 1, 32, 32), None, None)  # no student needed: the teacher's first stage
     assert ctx.stages is not None and ctx.stages[0].shape[1] == 6  # LeNet-5: 6 channels, its half 3
-    with pytest.raises(DfkdError, match="target must be student or teacher"):
+    with pytest.raises(DfkdError, match=r"terms.triplet.target must be one of student, teacher, got .both."):
         build_synthesizer("rgal", teacher, INFO, {"terms": {"triplet": {"target": "both"}}}, ENGINE)
 
     @term("test_other_stages", needs=("stages",), stages_of=lambda opts: StageRequest("student", (0,)))

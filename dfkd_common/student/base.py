@@ -8,7 +8,8 @@ adaptation, ...). It declares
   needs once per step, and nothing more;
 * ``views``: how many independently augmented views of every bank image a batch must hold (2 for a term that
   needs positive pairs); the loop makes the maximum over the active terms;
-* ``defaults`` (and ``param_types``): its options, checked when it is built (an unknown one is one error line);
+* ``Options``: a frozen dataclass of its options (their defaults and types, :mod:`dfkd_common.config`), parsed
+  when the term is built (an unknown one or a wrong type is one error line);
 * modules it trains: parameters train with the student's optimiser (:meth:`StudentTerm.param_groups`, an own
   learning rate allowed) or with an optimiser of the term's own (:meth:`StudentTerm.optimizer`). They are part of
   the run's resume state, never of the student's checkpoint.
@@ -24,13 +25,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from dfkd_common.config import parse, values
 from dfkd_common.geometry import Size
 from dfkd_common.models import Classifier
-from dfkd_common.params import check_params
 from dfkd_common.registry import Registry
 
 #: what a term may need from a step
 NEEDS = frozenset({"s_logits", "t_logits", "labels", "s_feat", "t_feat", "s_stages", "t_stages"})
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a term that has none."""
 
 
 @dataclass
@@ -67,8 +73,7 @@ class StudentTerm(nn.Module):
     """Base of every student term (see the module docstring)."""
 
     name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
-    param_types: ClassVar[dict[str, Any]] = {}  # expected types of options whose default is None
+    Options: ClassVar[type] = NoOptions
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "t_logits"})
     views: ClassVar[int] = 1
     #: capabilities this term offers to others through the student side (``rot``: the rotation head a CSD
@@ -77,8 +82,7 @@ class StudentTerm(nn.Module):
 
     def __init__(self, options: dict[str, Any], setup: TermSetup) -> None:
         super().__init__()
-        check_params(options, self.defaults, f"student term {self.name}", types=self.param_types)
-        self.opts = {**self.defaults, **options}
+        self.opts: Any = parse(self.Options, options, f"student term {self.name}")
 
     def forward(self, step: StudentStep) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -91,7 +95,7 @@ class StudentTerm(nn.Module):
 
     def describe(self) -> str:
         """``name(option=value, ...)`` for the run's printed objective."""
-        shown = ", ".join(f"{k}={v}" for k, v in self.opts.items() if v is not None)
+        shown = ", ".join(f"{k}={v}" for k, v in values(self.opts).items() if v is not None)
         return f"{self.name}({shown})" if shown else self.name
 
     def optimizer(self) -> torch.optim.Optimizer | None:

@@ -19,6 +19,7 @@ rotation head for the synthesizer (``csd``) and nothing else:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -44,14 +45,16 @@ def align_head(c_s: int, c_t: int) -> nn.Sequential:
 @register
 class FeatureAlign(StudentTerm):
     name = "fea"
-    defaults: ClassVar[dict[str, Any]] = {"stage": -1}
+    @dataclass(frozen=True)
+    class Options:
+        stage: int = -1  # the stage map aligned: an index into the networks' stages (-1: the last)
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "s_stages", "t_stages"})
 
     def __init__(self, options: dict[str, Any], setup: TermSetup) -> None:
         super().__init__(options, setup)
         s_stages = stage_outputs(setup.student, setup.channels, setup.image_size)
         t_stages = stage_outputs(setup.teacher, setup.channels, setup.image_size)
-        i = int(self.opts["stage"])
+        i = self.opts.stage
         try:
             self.s_stage, self.t_stage = s_stages[i], t_stages[i]
         except IndexError:
@@ -70,7 +73,11 @@ class FeatureAlign(StudentTerm):
 @register
 class RotationTerm(StudentTerm):
     name = "rot"
-    defaults: ClassVar[dict[str, Any]] = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}
+    @dataclass(frozen=True)
+    class Options:  # the head's own SGD
+        lr: float = 0.1
+        momentum: float = 0.9
+        weight_decay: float = 1e-4
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "t_logits", "labels"})
     provides: ClassVar[frozenset[str]] = frozenset({ROTATION_HEAD})
 
@@ -90,9 +97,8 @@ class RotationTerm(StudentTerm):
 
     def optimizer(self) -> torch.optim.Optimizer:
         if self._opt is None:
-            self._opt = torch.optim.SGD(self.head.parameters(), lr=float(self.opts["lr"]),
-                                        momentum=float(self.opts["momentum"]),
-                                        weight_decay=float(self.opts["weight_decay"]))
+            self._opt = torch.optim.SGD(self.head.parameters(), lr=self.opts.lr, momentum=self.opts.momentum,
+                                        weight_decay=self.opts.weight_decay)
         return self._opt
 
     def reset(self, generator: torch.Generator) -> None:

@@ -20,7 +20,8 @@ the checkpoint has none.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,12 +47,14 @@ class NoiseAdaptation(StudentTerm):
     """
 
     name = "na"
-    defaults: ClassVar[dict[str, Any]] = {"theta_lr": 1e-3, "teacher_acc": None}
-    param_types: ClassVar[dict[str, Any]] = {"teacher_acc": float}
+    @dataclass(frozen=True)
+    class Options:
+        theta_lr: float = 1e-3
+        teacher_acc: float | None = None  # None: the teacher checkpoint's measured accuracy
 
     def __init__(self, options: dict[str, Any], setup: TermSetup) -> None:
         super().__init__(options, setup)
-        acc = self.opts["teacher_acc"]
+        acc = self.opts.teacher_acc
         if acc is None:
             acc = setup.teacher_accuracy
         if acc is None:
@@ -68,7 +71,7 @@ class NoiseAdaptation(StudentTerm):
         return transition_matrix(self.theta, self.acc)
 
     def optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam([self.theta], lr=float(self.opts["theta_lr"]))
+        return torch.optim.Adam([self.theta], lr=self.opts.theta_lr)
 
     def forward(self, step: StudentStep) -> torch.Tensor:
         assert step.t_logits is not None

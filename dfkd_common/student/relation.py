@@ -15,6 +15,7 @@ Both are on for the first ``custom_steps`` fraction of the epochs (published def
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -32,29 +33,36 @@ class _Scheduled(StudentTerm):
 
     @property
     def part_time(self) -> bool:
-        return float(self.opts["custom_steps"]) < 1.0
+        return float(self.opts.custom_steps) < 1.0
 
 
 @register
 class StudentTriplet(_Scheduled):
     name = "striplet"
-    defaults: ClassVar[dict[str, Any]] = {"margin": 0.2, "clamp": [0.5, 1.4], "custom_steps": 1.0}
+    @dataclass(frozen=True)
+    class Options:
+        margin: float = 0.2
+        clamp: tuple[float, float] = (0.5, 1.4)
+        custom_steps: float = 1.0  # the fraction of the epochs the term is on
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "t_logits", "s_feat"})
     views: ClassVar[int] = 2
 
     def forward(self, step: StudentStep) -> torch.Tensor:
-        if step.progress >= float(self.opts["custom_steps"]) or step.s_feat is None or step.t_logits is None:
+        if step.progress >= self.opts.custom_steps or step.s_feat is None or step.t_logits is None:
             return step.s_logits.new_zeros(())
-        lo, hi = (float(v) for v in self.opts["clamp"])
+        lo, hi = (float(v) for v in self.opts.clamp)
         # negatives from the global CPU stream, which the run's resume state restores
         a, p, n = sample_triplets(step.s_logits, step.t_logits.argmax(1), None, clamp=(lo, hi))
-        return triplet_hinge([pooled(step.s_feat)], a, p, n, float(self.opts["margin"]))
+        return triplet_hinge([pooled(step.s_feat)], a, p, n, self.opts.margin)
 
 
 @register
 class ChannelDistill(_Scheduled):
     name = "cd"
-    defaults: ClassVar[dict[str, Any]] = {"stages": [-1], "custom_steps": 1.0}
+    @dataclass(frozen=True)
+    class Options:
+        stages: tuple[int, ...] = (-1,)  # indices into the networks' stages (-1: the last)
+        custom_steps: float = 1.0
     needs: ClassVar[frozenset[str]] = frozenset({"s_logits", "s_stages", "t_stages"})
 
     def __init__(self, options: dict[str, Any], setup: TermSetup) -> None:
@@ -62,14 +70,14 @@ class ChannelDistill(_Scheduled):
         s_stages = stage_outputs(setup.student, setup.channels, setup.image_size)
         t_stages = stage_outputs(setup.teacher, setup.channels, setup.image_size)
         try:
-            self.pairs = [(s_stages[int(i)], t_stages[int(i)]) for i in self.opts["stages"]]
+            self.pairs = [(s_stages[int(i)], t_stages[int(i)]) for i in self.opts.stages]
         except IndexError:
-            raise DfkdError(f"student term cd: stages {self.opts['stages']} out of range (student "
+            raise DfkdError(f"student term cd: stages {list(self.opts.stages)} out of range (student "
                             f"{len(s_stages)} stages, teacher {len(t_stages)})") from None
         self.adapters = nn.ModuleList(nn.Conv2d(s.channels, t.channels, 1) for s, t in self.pairs)
 
     def forward(self, step: StudentStep) -> torch.Tensor:
-        if step.progress >= float(self.opts["custom_steps"]):
+        if step.progress >= self.opts.custom_steps:
             return step.s_logits.new_zeros(())
         total = step.s_logits.new_zeros((), dtype=torch.float32)
         for (s, t), adapt in zip(self.pairs, self.adapters, strict=True):

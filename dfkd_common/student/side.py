@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd_common.config import spec
 from dfkd_common.errors import DfkdError
 from dfkd_common.loops.common import make_optimizer
 from dfkd_common.models import Classifier
@@ -34,7 +35,7 @@ def check_objective(weights: Mapping[str, Any], options: Mapping[str, Any]) -> d
     names, numeric weights, known options of the right types. Returns the non-zero weights."""
     weighted = check_weighted_terms(
         "distill", weights, options, "student term", STUDENT_TERMS.names(),
-        lambda name: (STUDENT_TERMS.get(name).defaults, STUDENT_TERMS.get(name).param_types))
+        lambda name: spec(STUDENT_TERMS.get(name).Options))
     active = {k: v for k, v in weighted.items() if v}
     if not active:
         raise DfkdError("distill: every student term has weight 0: the student would learn nothing")

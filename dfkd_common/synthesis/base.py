@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from dfkd_common.augment_ops import augment_config, build_augment
+from dfkd_common.config import spec
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import Engine, check_finite
 from dfkd_common.errors import DfkdError
@@ -83,6 +84,7 @@ class Synthesizer(ABC):
         defaults = self.param_defaults()
         check_params(cfg or {}, defaults, self.name, types=self.param_types)
         self.cfg = merge(defaults, cfg)
+        self._term_options: dict[str, Any] = {}
         self.weights: dict[str, float] = self.check_terms()
         #: what the active (non-zero weight) terms need from each step
         self.needs = frozenset().union(*(TERMS.get(k).needs for k, v in self.weights.items() if v))
@@ -107,18 +109,21 @@ class Synthesizer(ABC):
     def check_terms(self) -> dict[str, float]:
         """Weights and term options: registered names, numbers, known options, needs this method can serve."""
         active = check_weighted_terms(self.name, self.cfg["weights"], self.cfg["terms"], "loss term",
-                                      TERMS.names(), lambda name: (TERMS.get(name).options, {}))
+                                      TERMS.names(), lambda name: spec(TERMS.get(name).Options))
         for name in (k for k, v in active.items() if v):
             missing = sorted(TERMS.get(name).needs - self.provides())
             if missing:
                 raise DfkdError(f"{self.name}: weights.{name}: the {name} term needs {', '.join(missing)}, which "
                                 f"{self.name} does not provide (a method that does: one registering it in its "
                                 "provides())")
+            self.term_options(name)  # parsed here: a wrong option is one line when the method is built
         return active
 
-    def term_options(self, name: str) -> dict[str, Any]:
-        """The options of term ``name`` for this run (its defaults, overridden by ``terms.<name>``)."""
-        return {**TERMS.get(name).options, **self.cfg["terms"].get(name, {})}
+    def term_options(self, name: str) -> Any:
+        """The options of term ``name`` for this run (its defaults, overridden by ``terms.<name>``), parsed once."""
+        if name not in self._term_options:
+            self._term_options[name] = TERMS.get(name).options(self.cfg["terms"].get(name), self.name)
+        return self._term_options[name]
 
 
     # -- helpers shared by methods -------------------------------------------------------------------
@@ -209,7 +214,8 @@ class Synthesizer(ABC):
         return target, FeatureHooks(target, paths), paths
 
     def loss(self, ctx: Context, weights: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-        total, logs = weighted_sum(weights if weights is not None else self.weights, ctx, self.cfg["terms"])
+        weights = weights if weights is not None else self.weights
+        total, logs = weighted_sum(weights, ctx, {k: self.term_options(k) for k, w in weights.items() if w})
         check_finite(total, f"{self.name} synthesis loss")
         logs["loss"] = float(total.detach())
         return total, logs

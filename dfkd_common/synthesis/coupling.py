@@ -26,7 +26,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -66,7 +66,7 @@ def coupling_loss(pairs: list[tuple[Any, ...]]) -> torch.Tensor:
 
 
 @term("xn", needs=("coupling",))
-def xn_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+def xn_term(ctx: Context, opts: Any) -> torch.Tensor:
     """CPNet feature coupling between generator stages and renormalised teacher BN inputs."""
     pairs = ctx.coupling
     if not pairs:
@@ -103,8 +103,14 @@ class InverseClassifier:
         return F.cosine_similarity(a, self.c.expand_as(a), dim=1).abs().mean()
 
 
-@term("align", needs=("s_logits", "t_feat", "inverse_classifier"), label_smoothing=0.1, min_singular=0.1)
-def align_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+@dataclass(frozen=True)
+class AlignOptions:
+    label_smoothing: float = 0.1  # eps of the smoothed label the inverse classifier maps to a feature
+    min_singular: float = 0.1  # singular values of the classifier below this are clamped before inverting
+
+
+@term("align", needs=("s_logits", "t_feat", "inverse_classifier"), options=AlignOptions)
+def align_term(ctx: Context, opts: Any) -> torch.Tensor:
     """CPNet inverse-classifier constraint; active with the adversarial term (a student is given).
 
     Its options (label smoothing eps, the singular-value clamp) shape the inverse the synthesizer precomputes

@@ -79,8 +79,8 @@ class CPNet(NAYER):
         self.stage_paths = [s.path for s in reversed(self.stages)]  # deepest first, as the generator's
         self.stage_bns = [modules[p] for p in self.stage_paths]
         align = self.term_options("align")
-        self.inverse = InverseClassifier(self.teacher.classifier, float(align["label_smoothing"]),
-                                         float(align["min_singular"])).to(self.device)
+        self.inverse = InverseClassifier(self.teacher.classifier, align.label_smoothing,
+                                         align.min_singular).to(self.device)
         if self.cfg["cutmix_mode"] not in ("sample", "batch"):
             raise DfkdError(f"cpnet: cutmix_mode must be sample or batch, got {self.cfg['cutmix_mode']!r}")
         self.cutmix = CutMix(float(self.cfg["cutmix"]), self.gen, str(self.cfg["cutmix_mode"]))

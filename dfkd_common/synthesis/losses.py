@@ -2,8 +2,9 @@
 
 Every term takes a :class:`Context` (what one synthesis step computed) and its options, and returns a scalar to
 *minimise*. Terms are registered by name in :data:`TERMS` with what they **need** from the step and the
-**options** they own (with defaults): a method's params give each a weight (``weights: {bn: 10, oh: 0.5}``) and,
-where it has options, those (``terms: {adv: {kl_order: student_teacher}}``, checked against the term's own). A
+**options** they own (a frozen dataclass: defaults and types, :mod:`dfkd_common.config`): a method's params give
+each a weight (``weights: {bn: 10, oh: 0.5}``) and, where it has options, those (``terms: {adv: {kl_order:
+student_teacher}}``, parsed into the term's options when the method is built). A
 term with weight 0 is never computed; the context computes what the active terms need (the student's forward
 only when one of them needs ``s_logits``), and a synthesizer refuses, when it is built, a term whose needs it
 cannot serve (CPNet's ``xn`` on Fast, which has no teacher-coupled generator).
@@ -19,12 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from dfkd_common.errors import DfkdError
+from dfkd_common.config import parse
 from dfkd_common.functional import kd_loss, kl_div
 from dfkd_common.models.hooks import BNStats
 from dfkd_common.registry import Registry
@@ -61,17 +62,29 @@ class StageRequest:
 
 
 @dataclass(frozen=True)
+class NoOptions:
+    """The options of a term that has none."""
+
+
+@dataclass(frozen=True)
 class Term:
-    """A registered term: ``fn(ctx, options)``, what it needs, its options' defaults, and (a term that needs
-    ``stages``) which stage maps its options ask for."""
+    """A registered term: ``fn(ctx, options)``, what it needs, its options (a config dataclass), and (a term that
+    needs ``stages``) which stage maps its options ask for."""
 
-    fn: Callable[[Context, Mapping[str, Any]], torch.Tensor]
+    fn: Callable[[Context, Any], torch.Tensor]
     needs: frozenset[str]
-    options: Mapping[str, Any]
-    stages_of: Callable[[Mapping[str, Any]], StageRequest] | None = None
+    Options: type = NoOptions
+    stages_of: Callable[[Any], StageRequest] | None = None
 
-    def __call__(self, ctx: Context, options: Mapping[str, Any] | None = None) -> torch.Tensor:
-        return self.fn(ctx, {**self.options, **(options or {})})
+    def options(self, given: Mapping[str, Any] | None = None, where: str = "") -> Any:
+        """The term's options from ``terms.<name>`` of a params section (checked: one error line)."""
+        return parse(self.Options, given, where or "terms")
+
+    def __call__(self, ctx: Context, options: Any = None) -> torch.Tensor:
+        """The term on ``ctx``; ``options`` parsed already (a method does it once) or a mapping (tests, tools)."""
+        if not isinstance(options, self.Options):
+            options = self.options(options)
+        return self.fn(ctx, options)
 
 
 __all__ = ["TERMS", "Context", "StageRequest", "Term", "kd_loss", "kl_div", "term", "weighted_sum"]
@@ -79,19 +92,19 @@ __all__ = ["TERMS", "Context", "StageRequest", "Term", "kd_loss", "kl_div", "ter
 TERMS: Registry[Term] = Registry("loss term")
 
 
-def term(name: str, needs: tuple[str, ...] = (), stages_of: Callable[[Mapping[str, Any]], StageRequest] | None = None,
-         **options: Any) -> Callable[[Callable[..., torch.Tensor]], Term]:
-    """Register ``fn(ctx, options)`` as the synthesis term ``name`` (``options``: its defaults; ``stages_of``: for a
-    term that needs ``stages``, the maps its options ask for)."""
+def term(name: str, needs: tuple[str, ...] = (), options: type = NoOptions,
+         stages_of: Callable[[Any], StageRequest] | None = None) -> Callable[[Callable[..., torch.Tensor]], Term]:
+    """Register ``fn(ctx, options)`` as the synthesis term ``name`` (``options``: its options' dataclass;
+    ``stages_of``: for a term that needs ``stages``, the maps its options ask for)."""
 
-    def deco(fn: Callable[[Context, Mapping[str, Any]], torch.Tensor]) -> Term:
-        return TERMS.register(name)(Term(fn, frozenset(("t_logits", *needs)), dict(options), stages_of))
+    def deco(fn: Callable[[Context, Any], torch.Tensor]) -> Term:
+        return TERMS.register(name)(Term(fn, frozenset(("t_logits", *needs)), options, stages_of))
 
     return deco
 
 
 @term("bn", needs=("bn",))
-def bn_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+def bn_term(ctx: Context, opts: Any) -> torch.Tensor:
     """DeepInversion's feature-statistics prior, summed over the teacher's BatchNorm2d layers."""
     if ctx.bn is None:
         raise ValueError("bn term needs BN hooks on the teacher")
@@ -99,7 +112,7 @@ def bn_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
 
 
 @term("oh")
-def onehot_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+def onehot_term(ctx: Context, opts: Any) -> torch.Tensor:
     """CE(T(x), y): the teacher must be confident about the target class (argmax T when y is None).
 
     When the batch was CutMix-ed (``ctx.cutmix = (perm, lam)``, CPNet; ``lam`` a number or one per
@@ -116,8 +129,13 @@ def onehot_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     return F.cross_entropy(ctx.t_logits.float(), y)
 
 
-@term("ie", log10=False)
-def entropy_balance_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+@dataclass(frozen=True)
+class EntropyOptions:
+    log10: bool = False  # DAFL's released code: the entropy in log10, 2.3x weaker at the same weight
+
+
+@term("ie", options=EntropyOptions)
+def entropy_balance_term(ctx: Context, opts: EntropyOptions) -> torch.Tensor:
     """DAFL information entropy: sum_k pbar_k log pbar_k (minimised = batch classes balanced).
 
     Natural log by default; ``log10: true`` is DAFL's released code, whose term is ln 10 = 2.3x weaker at the
@@ -125,11 +143,11 @@ def entropy_balance_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """
     pbar = F.softmax(ctx.t_logits.float(), dim=1).mean(0)
     ent = (pbar * torch.log(pbar + 1e-8)).sum()
-    return ent / math.log(10.0) if opts["log10"] else ent
+    return ent / math.log(10.0) if opts.log10 else ent
 
 
 @term("act", needs=("t_feat",))
-def activation_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+def activation_term(ctx: Context, opts: Any) -> torch.Tensor:
     """DAFL activation: -mean |f_T(x)| over penultimate features (real data excites the features)."""
     if ctx.t_feat is None:
         raise ValueError("act term needs the teacher's penultimate features")
@@ -137,7 +155,7 @@ def activation_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
 
 
 @term("tv")
-def total_variation_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+def total_variation_term(ctx: Context, opts: Any) -> torch.Tensor:
     """Mean absolute difference of neighbouring pixels (image smoothness prior of DeepInversion)."""
     x = ctx.x.float()
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean()
@@ -146,13 +164,18 @@ def total_variation_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
 
 
 @term("l2")
-def l2_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+def l2_term(ctx: Context, opts: Any) -> torch.Tensor:
     """Mean squared pixel norm: keeps pixels from saturating."""
     return ctx.x.float().pow(2).mean()
 
 
-@term("adv", needs=("s_logits",), kl_order="teacher_student")
-def adversarial_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+@dataclass(frozen=True)
+class AdversarialOptions:
+    kl_order: Literal["teacher_student", "student_teacher"] = "teacher_student"
+
+
+@term("adv", needs=("s_logits",), options=AdversarialOptions)
+def adversarial_term(ctx: Context, opts: AdversarialOptions) -> torch.Tensor:
     """-mean[KL(p_T || p_S) * 1(argmax S == argmax T)]: samples the student agrees on but imitates badly.
 
     Option ``kl_order``: ``teacher_student`` (NAYER's and CPNet's paper) or ``student_teacher`` (CPNet's released
@@ -162,29 +185,29 @@ def adversarial_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
         return ctx.t_logits.new_zeros(())
     t, s = ctx.t_logits.float(), ctx.s_logits.float()
     agree = (s.argmax(1) == t.argmax(1)).float()
-    order = opts["kl_order"]
-    if order not in ("teacher_student", "student_teacher"):
-        raise ValueError(f"adv: kl_order must be teacher_student or student_teacher, got {order!r}")
-    if order == "student_teacher":
+    if opts.kl_order == "student_teacher":
         kl = kl_div(s, t, reduce=False)
     else:
         kl = kl_div(t, s, reduce=False)
     return -(kl * agree).mean()
 
 
-TRIPLET_MODES = ("swap", "code")
+@dataclass(frozen=True)
+class TripletOptions:
+    target: Literal["student", "teacher"] = "student"  # whose stage maps
+    stages: tuple[int, ...] = (-1,)  # indices into its stages (-1: the last)
+    margin: float = 0.2
+    window: tuple[float, float] = (0.5, 1.0)  # the focal window of distance-weighted negative sampling
+    mode: Literal["swap", "code"] = "swap"
 
 
-def triplet_stages(opts: Mapping[str, Any]) -> StageRequest:
+def triplet_stages(opts: TripletOptions) -> StageRequest:
     """The triplet term reads the maps of the stages its ``stages`` option indexes, of its ``target``."""
-    if opts["target"] not in ("student", "teacher"):
-        raise DfkdError(f"terms.triplet.target must be student or teacher, not {opts['target']!r}")
-    return StageRequest(str(opts["target"]), tuple(int(i) for i in opts["stages"]))
+    return StageRequest(opts.target, tuple(int(i) for i in opts.stages))
 
 
-@term("triplet", needs=("stages",), stages_of=triplet_stages, target="student", stages=[-1], margin=0.2,
-      window=[0.5, 1.0], mode="swap")
-def triplet_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
+@term("triplet", needs=("stages",), options=TripletOptions, stages_of=triplet_stages)
+def triplet_term(ctx: Context, opts: TripletOptions) -> torch.Tensor:
     """RGAL's synthesis relation term on the stage features of ``target`` (student, or teacher).
 
     Triplets from the teacher's labels (argmax) with negatives drawn by distance-weighted sampling on the
@@ -197,18 +220,16 @@ def triplet_term(ctx: Context, opts: Mapping[str, Any]) -> torch.Tensor:
     """
     from dfkd_common.relation import pooled, sample_triplets, triplet_hinge
 
-    if opts["mode"] not in TRIPLET_MODES:
-        raise ValueError(f"triplet: mode must be one of {TRIPLET_MODES}, got {opts['mode']!r}")
     feats = ctx.stages
     if not feats:
         return ctx.t_logits.new_zeros(())
-    lo, hi = (float(v) for v in opts["window"])
+    lo, hi = (float(v) for v in opts.window)
     a, p, n = sample_triplets(ctx.t_logits, ctx.t_logits.argmax(1), ctx.gen, window=(lo, hi))
-    return triplet_hinge([pooled(f) for f in feats], a, p, n, float(opts["margin"]), swap=opts["mode"] == "swap")
+    return triplet_hinge([pooled(f) for f in feats], a, p, n, opts.margin, swap=opts.mode == "swap")
 
 
 def weighted_sum(weights: Mapping[str, float], ctx: Context,
-                 options: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                 options: Mapping[str, Any] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum of ``weight * term`` over terms with a non-zero weight, plus each term's value for logging."""
     total = ctx.x.new_zeros((), dtype=torch.float32)
     logs: dict[str, float] = {}
