@@ -131,7 +131,7 @@ def bench_feed(method: str, feed: RecordedFeed, teacher_path: Path, engine: Engi
         make_input: Callable[[], torch.Tensor] = lambda: feed.noise(n)  # noqa: E731
     else:
         synth = feed.synth  # type: ignore[attr-defined]
-        n, per_call = int(synth.cfg["batch_size"]), int(synth.cfg["g_steps"])
+        n, per_call = synth.cfg.batch_size, synth.cfg.g_steps
         rounds = iter(range(10**6))
 
         def one_round() -> None:
@@ -144,7 +144,7 @@ def bench_feed(method: str, feed: RecordedFeed, teacher_path: Path, engine: Engi
         if y is not None:  # label-conditioned generators (NAYER, CPNet): the same input path
             make_input = lambda: y  # noqa: E731
         else:
-            nz = int(synth.cfg["nz"])
+            nz = synth.cfg.nz
             make_input = lambda: synth.noise(n, nz)  # noqa: E731
     raw = generator_step(gen, make_input, t_teacher, engine, n, info.num_classes)
     floor = generator_step(gen, make_input, t_teacher, engine, n, info.num_classes, student=student,

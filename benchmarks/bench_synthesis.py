@@ -23,6 +23,7 @@ import yaml
 from _common import ROOT, teacher_or_untrained
 
 from dfkd_common.checkpoint import load_model
+from dfkd_common.config import values
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine
 from dfkd_common.loops.synthesis_rounds import run_synthesis, split_params
@@ -86,9 +87,10 @@ def main() -> None:
             amp = bool(cfg.pop("amp", True))
             engine = Engine.create("cpu", amp=amp, channels_last=bool(cfg.pop("channels_last", True)))
             teacher, meta = load_model(teacher_path)
-            full = merge(merge(SYNTHESIZERS.get(method).__mro__[1].defaults, SYNTHESIZERS.get(method).defaults), cfg)
+            run, method_cfg = split_params(cfg, method)
+            full = values(SYNTHESIZERS.get(method).config(method_cfg))
             steps = args.rounds * int(full["g_steps"])
-            res = run_synthesis(method, teacher, meta, teacher_path, Path(tmp) / f"{method}.h5", *split_params(cfg),
+            res = run_synthesis(method, teacher, meta, teacher_path, Path(tmp) / f"{method}.h5", run, method_cfg,
                                 engine)
             dfkd_ips = steps * int(full["batch_size"]) / res["seconds"]
             raw_ips = raw_throughput(method, load_model(teacher_path)[0], full, engine, min(steps, 30))

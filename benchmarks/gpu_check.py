@@ -45,6 +45,7 @@ from dfkd_common.online import frozen
 from dfkd_common.params import merge
 from dfkd_common.student import StudentSide, TermSetup
 from dfkd_common.synthesis import SYNTHESIZERS, build_synthesizer
+from dfkd_common.synthesis.base import StudentObjective
 
 #: published synthesis batch sizes (METHODS.md; the CIFAR studies' params)
 PUBLISHED_BATCH = {"deepinversion": 256, "dafl": 256, "fast": 256, "nayer": 400, "cpnet": 400, "geninv": 256,
@@ -71,8 +72,8 @@ def throughput(device: str, tiny: bool, steps: int) -> list[dict[str, Any]]:
         student = build_model(s_arch, 10, 3, info.mean, info.std)
         for method in PUBLISHED_BATCH:
             cls = SYNTHESIZERS.get(method)
-            objective = merge({"weights": {"kd": 1.0}, "terms": {}}, cls.student_defaults)
-            side = StudentSide(student, objective["weights"], objective["terms"], TermSetup(teacher, student, 3, 32))
+            objective = cls.student_objective or StudentObjective()
+            side = StudentSide(student, objective.weights, objective.terms, TermSetup(teacher, student, 3, 32))
             for precision in ("fp32", "bf16"):
                 engine = Engine.create(device, amp=precision == "bf16")
                 side = engine.model(side)

@@ -24,6 +24,7 @@ the command line and ``--set`` pairs, and parses them over the stage's config.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, TypeVar, Union
 
+from dfkd_common.errors import DfkdError
 from dfkd_common.params import check_params, merge, read_section, set_pairs
 
 T = TypeVar("T")
@@ -46,6 +48,13 @@ def _inner(hint: Any) -> Any:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         return args[0] if len(args) == 1 else object
     return hint
+
+
+def _nullable(hint: Any) -> bool:
+    """Whether None is a value of the field (``X | None``, or untyped)."""
+    if hint is Any or hint is object:
+        return True
+    return typing.get_origin(hint) in (Union, UnionType) and type(None) in typing.get_args(hint)
 
 
 @cache
@@ -97,6 +106,9 @@ def parse(cls: type[T], given: Mapping[str, Any] | None, where: str, base: T | N
     for name, value in given.items():
         hint, current = hints[name], getattr(base, name)
         if value is None:
+            if not _nullable(hint):
+                raise DfkdError(f"{where}: param {name} cannot be null (give a value, or leave it out for the "
+                                f"default {values(current) if _is_config(hint) else current!r})")
             out[name] = None
         elif _is_config(hint):
             out[name] = parse(hint, value, where, base=current)
@@ -116,16 +128,29 @@ def spec(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: values(v) if _is_config(hints[k]) else v for k, v in defaults.items()}, types
 
 
-def resolve(cls: type[T], path: Path, section: str, profile: str | None = None, sets: list[str] | None = None,
-            where: str | None = None, seed_from: str | None = None, base: T | None = None, **cli: Any) -> T:
-    """A stage's config: its defaults (or ``base``), then the params file's section (``common`` + ``profile``),
-    then the options given on the command line (None: not given), then ``--set`` pairs; checked and typed.
+def given(path: Path, section: str, profile: str | None = None, sets: list[str] | None = None,
+          seed_from: str | None = None, seeded: Mapping[str, Any] | None = None, **cli: Any) -> dict[str, Any]:
+    """What a run was given, unparsed: the params file's section (``common`` + ``profile``), then the options
+    given on the command line (None: not given), then ``--set`` pairs (``seeded``: values a ``--set`` into a
+    mapping the file does not give starts from).
 
     ``seed_from`` names the top-level key a section without its own ``seed`` takes it from (``seed`` for the
-    teacher and the pool, ``method_seed`` for the method stages): said here, never copied silently.
+    teacher and the pool, ``method_seed`` for the method stages): said by each stage, never copied silently.
     """
-    given = merge(read_section(path, section, profile, seed_from), {k: v for k, v in cli.items() if v is not None})
-    return parse(cls, set_pairs(sets, given), where or section, base=base)
+    out = merge(read_section(path, section, profile, seed_from), {k: v for k, v in cli.items() if v is not None})
+    for name, value in (seeded or {}).items():
+        out.setdefault(name, copy.deepcopy(value))
+    return set_pairs(sets, out)
+
+
+def resolve(cls: type[T], path: Path, section: str, profile: str | None = None, sets: list[str] | None = None,
+            where: str | None = None, seed_from: str | None = None, base: T | None = None, **cli: Any) -> T:
+    """A stage's config: its defaults (or ``base``), then :func:`given`; checked and typed. A ``--set`` into a
+    field that replaces (``--set weights.na=1``) adds to the default's mapping, as into any other."""
+    base = base if base is not None else cls()
+    seeded = {f.name: values(getattr(base, f.name)) if _is_config(_hints(cls)[f.name]) else getattr(base, f.name)
+              for f in dataclasses.fields(cls) if f.metadata.get("replaces")}  # type: ignore[arg-type]
+    return parse(cls, given(path, section, profile, sets, seed_from, seeded, **cli), where or section, base=base)
 
 
 def _convert(value: Any, hint: Any, current: Any) -> Any:

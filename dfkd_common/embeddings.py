@@ -29,6 +29,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +39,17 @@ from dfkd_common.extras import need
 
 DEFAULT_TEMPLATE = "an image of a {}"
 SOURCES = ("auto", "clip", "minilm", "random")
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """Where class vectors come from (NAYER's and CPNet's ``embedding:`` params; see :func:`class_embeddings`)."""
+
+    source: Literal["auto", "clip", "minilm", "random"] = "auto"  # SOURCES
+    path: str | None = None  # a local model directory (clip / sentence); None: the packaged or the known places
+    template: str = DEFAULT_TEMPLATE
+    dim: int = 256  # the random source's size
+    seed: int = 0  # the random source's seed
 
 
 @dataclass(frozen=True)

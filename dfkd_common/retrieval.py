@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import h5py
 import numpy as np
@@ -38,6 +38,7 @@ import torch
 from dfkd_common.augment_ops import to_float
 from dfkd_common.bank import BankHeader
 from dfkd_common.checkpoint import ModelMeta, file_checksum
+from dfkd_common.config import REPLACES
 from dfkd_common.data.wild import BankSource, WildPool
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
@@ -46,31 +47,36 @@ from dfkd_common.loops.runner import LAYOUT, JobStore, Loop, Runner
 from dfkd_common.models import Classifier
 from dfkd_common.tasks import get_task
 
-SELECTIONS = ("confidence", "random")
 CHUNK = 1 << 20  # rows of scores read at once by the selection pass
 
 
-@dataclass
+@dataclass(frozen=True)
 class RetrieveConfig:
+    """What ``dfkd retrieve`` does; every field is recorded in the bank's params."""
+
     num_select: int = 5000
-    balance: bool = False
-    selection: str = "confidence"
+    balance: bool = False  # top-k per predicted class
+    selection: Literal["confidence", "random"] = "confidence"  # random: the paper's "random unlabeled" baseline
     batch_size: int = 512
     workers: int = 0  # reader processes; 0 reads in the main process (best for small images on few cores)
-    amp: bool = False  # bf16 teacher forward; off by default so scores are exact fp32
+    amp: Literal["auto", True, False] = False  # bf16 teacher forward; off by default so scores are exact fp32
     flush_every: int = 20  # batches between resumable checkpoints of the score file
     seed: int = 0
 
     def __post_init__(self) -> None:
-        # from params: YAML may give 4e3-style numbers as strings (checked to parse by check_params)
-        self.num_select, self.batch_size, self.workers = int(self.num_select), int(self.batch_size), int(self.workers)
-        self.flush_every, self.seed = int(self.flush_every), int(self.seed)
-        if self.selection not in SELECTIONS:
-            raise DfkdError(f"retrieve: selection must be one of {SELECTIONS}, not {self.selection!r}")
         if self.num_select < 1:
             raise DfkdError(f"retrieve: num_select must be positive, not {self.num_select}")
         if self.batch_size < 1:
             raise DfkdError("retrieve: batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class RetrieveRun(RetrieveConfig):
+    """The ``retrieve`` section: the retrieval's params and where the wild pool comes from."""
+
+    # source specs: folder:PATH | bank:PATH | dataset:NAME[:SPLIT] (or a bare path / name); one or a list
+    wild: list[str] | str = field(default_factory=list, metadata=REPLACES)
+    data_root: str | None = None
 
 
 @torch.no_grad()

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model
+from dfkd_common.config import resolve
 from dfkd_common.dist import main_first
 from dfkd_common.engine import Engine, ensure_writable, seed_everything, write_metrics
 from dfkd_common.errors import DfkdError
-from dfkd_common.variation.augment import AugmentConfig, augment_bank
+from dfkd_common.variation.augment import AugmentRun, BankAugmentation, augment_bank
 from dfkd_common.variation.models import open_variation_model
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, join_world, load_params
-
-DEFAULTS: dict[str, Any] = {
-    "model": None,  # NAME, NAME:PATH_OR_HUB_ID or a diffusers pipeline directory (see `dfkd methods`)
-    **asdict(AugmentConfig()),  # k, omega, same_label, sources, batch_size, flush_every, seed, variation
-}
-TYPES: dict[str, Any] = {"model": str}
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors, join_world
 
 
 @errors
@@ -47,13 +41,12 @@ def main(
     """Make K variations of every image of BANK with MODEL, keep those whose teacher embedding stays within
     OMEGA of their source's, and write them as an augmented bank (labels, round and parent_index from the
     source, score = the similarity). Rerunning an interrupted command resumes it."""
-    params = apply_overrides(
-        load_params(params_file, "augment", name), sets, defaults=DEFAULTS, where="augment", types=TYPES,
-        model=model, k=k, omega=omega, same_label=same_label, sources=sources, seed=seed)
-    if not params["model"]:
+    run = resolve(AugmentRun, params_file, "augment", name, sets, seed_from="method_seed", model=model, k=k,
+                  omega=omega, same_label=same_label, sources=sources, seed=seed)
+    if not run.model:
         raise DfkdError("no variation model: give --model (a directory, sdedit-prior:DIR, sd-image-variations) or "
                         "augment.model in the params file")
-    cfg = AugmentConfig(**{key: params[key] for key in asdict(AugmentConfig())})
+    cfg = BankAugmentation(**{f.name: getattr(run, f.name) for f in fields(BankAugmentation)})
     ensure_writable(out, metrics)
     world = join_world()  # under torchrun: source batches split across ranks, merged by rank 0
     seed_everything(cfg.seed)
@@ -63,8 +56,8 @@ def main(
     info = t_meta.dataset
     data.check_compatible(info)
     with main_first():  # weights fetched into the Hugging Face cache once, not once per rank
-        vm = open_variation_model(str(params["model"]), engine.device, cfg.variation)
-    cfg.variation = vm.params
+        vm = open_variation_model(run.model, engine.device, cfg.variation)
+    cfg = replace(cfg, variation=vm.params)  # as the model completed them: the bank records every one
     console.print(f"augment {bank} ({len(data)} images) with {vm.name} ({vm.source}, {vm.channels}x{vm.size}px, "
                   f"{vm.precision()}) on {engine.device}: k {cfg.k}, omega {cfg.omega}"
                   f"{', same label' if cfg.same_label else ''}")

@@ -1,4 +1,4 @@
-"""What every stage command shares: params files + CLI overrides, the error boundary, console output."""
+"""What every stage command shares: its options, the error boundary, console output, the process group."""
 
 from __future__ import annotations
 
@@ -7,13 +7,12 @@ import functools
 import re
 import signal
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch.distributed
 import typer
-import yaml
 from rich.console import Console
 from rich.markup import escape
 
@@ -22,7 +21,6 @@ from dfkd_common.dist import current as current_world
 from dfkd_common.dist import init as init_world
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import OutputLock
-from dfkd_common.params import check_params, merge
 
 #: what a collective's failure says (gloo's path prefix is stripped from the message shown)
 _COLLECTIVE = re.compile(r"\[[^\]]*(gloo|nccl|c10d)[^\]]*\]\s*", re.IGNORECASE)
@@ -88,59 +86,6 @@ def errors(fn: F) -> F:
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-def load_params(path: Path, section: str, profile: str | None = None) -> dict[str, Any]:
-    """``section.common`` merged with ``section.<profile>`` (or the flat section when it has no common)."""
-    if not path.exists():
-        if path == Path("params.yaml"):
-            return {}
-        raise DfkdError(f"params file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise DfkdError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-    sec = data.get(section) or {}
-    if not isinstance(sec, dict):
-        raise DfkdError(f"{path}: section {section!r} must be a mapping")
-    out = dict(sec.get("common", {})) if "common" in sec else {k: v for k, v in sec.items()}
-    if profile and isinstance(sec.get(profile), dict):
-        out = merge(out, sec[profile])
-    if "seed" not in out and "seed" in data:
-        out["seed"] = data["seed"]
-    return out
-
-
-def apply_overrides(params: dict[str, Any], sets: list[str] | None, *, defaults: Mapping[str, Any],
-                    types: Mapping[str, Any] | None = None, where: str = "params", **explicit: Any) -> dict[str, Any]:
-    """The stage's ``defaults``, then ``params`` (the file's section), then the CLI: explicit options that were
-    given, then ``--set a.b=v`` pairs. The result is checked against ``defaults`` (and ``types`` for keys whose
-    default is None or that are closed choices) before any work starts: an unknown key (``epoch: 5`` in the
-    file, ``--set epoch=5``, or a params.yaml path such as ``--set distill.dfad.lr=0.1`` where keys are relative
-    to the stage's section) or a value of the wrong type is one error line naming it, never silently ignored.
-    Nested mappings (``online``, ``weights``, ``terms``, ``augment``) are checked by the components they configure.
-    """
-    out = merge({**defaults, **params}, {k: v for k, v in explicit.items() if v is not None})
-    for item in sets or []:
-        if "=" not in item:
-            raise DfkdError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
-        parts = key.split(".")
-        node = out
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise DfkdError(f"--set {key}: {p} is not a mapping")
-        node[parts[-1]] = value
-    check_params(out, defaults, where, types=types)
-    return out
-
-
-def require(params: dict[str, Any], *keys: str) -> None:
-    missing = [k for k in keys if params.get(k) in (None, "")]
-    if missing:
-        raise DfkdError(f"missing parameter(s): {', '.join(missing)} (give them in params.yaml or on the CLI)")
 
 
 def join_world() -> World:

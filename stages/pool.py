@@ -6,9 +6,10 @@ from pathlib import Path
 
 import typer
 
-from dfkd_common.data.offline_pool import DEFAULTS, build_offline_pool
+from dfkd_common.config import resolve
+from dfkd_common.data.offline_pool import OfflinePool, build_offline_pool
 from dfkd_common.engine import ensure_writable, write_metrics
-from stages.common import ParamsOpt, SetOpt, apply_overrides, console, errors, load_params, stage_app
+from stages.common import ParamsOpt, SetOpt, console, errors, stage_app
 
 app = stage_app("pool")
 
@@ -23,9 +24,9 @@ def build(
     sets: list[str] | None = SetOpt,
 ) -> None:
     """Mix scikit-learn digits, crops of the installed scikit-image/scikit-learn photos and noise into a pool."""
-    params = apply_overrides(load_params(params_file, "pool"), sets, defaults=DEFAULTS, where="pool", seed=seed)
+    cfg = resolve(OfflinePool, params_file, "pool", sets=sets, seed_from="seed", seed=seed)
     ensure_writable(out, metrics)
-    result = build_offline_pool(out, params)
+    result = build_offline_pool(out, cfg)
     if metrics:
         write_metrics(metrics, result, images=result["images"])
     counts = ", ".join(f"{k} {v}" for k, v in result["per_source"].items())

@@ -8,16 +8,16 @@ fresh clone (there is no DVC remote). See ``dfkd_common/variation/prior.py`` for
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import typer
 
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import file_checksum
+from dfkd_common.config import resolve
 from dfkd_common.engine import ensure_writable, resolve_device
 from dfkd_common.variation.prior import PriorConfig, train_prior
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params, stage_app
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors, stage_app
 
 app = stage_app("prior")
 
@@ -32,8 +32,7 @@ def train(
     sets: list[str] | None = SetOpt,
 ) -> None:
     """Train a small DDPM on the pool's images at the noise levels SDEdit uses; the pool's labels are unused."""
-    params = apply_overrides(load_params(params_file, "prior"), sets, defaults=asdict(PriorConfig()), where="prior")
-    cfg = PriorConfig(**params)
+    cfg = resolve(PriorConfig, params_file, "prior", sets=sets, seed_from="seed")
     ensure_writable(out)
     bank = load_bank(pool)
     dev = resolve_device(device)

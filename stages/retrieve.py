@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import typer
 
 from dfkd_common.checkpoint import load_model
+from dfkd_common.config import resolve
 from dfkd_common.data.wild import WildPool
 from dfkd_common.engine import (
-    AMP_VALUES,
     Engine,
     ensure_writable,
     resolve_amp,
@@ -21,17 +20,8 @@ from dfkd_common.engine import (
 )
 from dfkd_common.errors import DfkdError
 from dfkd_common.geometry import shape_str
-from dfkd_common.retrieval import RetrieveConfig, retrieve
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, load_params
-
-DEFAULTS: dict[str, Any] = {
-    "wild": [],  # source specs: folder:PATH | bank:PATH | dataset:NAME[:SPLIT] (or a bare path / name)
-    "data_root": None,
-    # num_select, balance, selection (confidence | random: the paper's "random unlabeled" baseline), batch_size,
-    # workers, amp, flush_every, seed
-    **asdict(RetrieveConfig()),
-}
-TYPES: dict[str, Any] = {"data_root": str, "wild": object, "amp": AMP_VALUES}  # wild: one spec or a list of them
+from dfkd_common.retrieval import RetrieveConfig, RetrieveRun, retrieve
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors
 
 
 @errors
@@ -57,25 +47,22 @@ def main(
 
     Rerunning an interrupted command resumes scoring where it stopped.
     """
-    params = apply_overrides(
-        load_params(params_file, "retrieve", name), sets, defaults=DEFAULTS, where="retrieve", types=TYPES,
-        wild=list(wild) if wild else None, num_select=num_select, balance=balance, batch_size=batch_size,
-        workers=workers, seed=seed, selection="random" if random else None,
-    )
+    run = resolve(RetrieveRun, params_file, "retrieve", name, sets, seed_from="method_seed",
+                  wild=list(wild) if wild else None, num_select=num_select, balance=balance, batch_size=batch_size,
+                  workers=workers, seed=seed, selection="random" if random else None)
     ensure_writable(out, metrics)
-    specs = params["wild"]
-    if isinstance(specs, str):
-        specs = [specs]
+    specs = [run.wild] if isinstance(run.wild, str) else list(run.wild)
     if not specs:
         raise DfkdError("no wild pool: give --wild SOURCE (repeatable) or retrieve.wild in the params file")
-    cfg = RetrieveConfig(**{k: params[k] for k in asdict(RetrieveConfig())} | {
-        "amp": resolve_amp(params["amp"], resolve_device(device))})
+    # the retrieval's own params, the precision resolved (a bank records what scored it)
+    own = {f.name: getattr(run, f.name) for f in fields(RetrieveConfig)}
+    cfg = RetrieveConfig(**own | {"amp": resolve_amp(run.amp, resolve_device(device))})
     seed_everything(cfg.seed)
     engine = Engine.create(device, amp=cfg.amp)
     console.print(f"retrieve: {engine.describe()}")
     model, meta = load_model(teacher, engine.device)
     info = meta.dataset
-    pool = WildPool.open([str(s) for s in specs], info.channels, info.image_size, params["data_root"])
+    pool = WildPool.open([str(s) for s in specs], info.channels, info.image_size, run.data_root)
     console.print(f"retrieve from {len(pool)} wild images ({', '.join(s.spec for s in pool.sources)}) "
                   f"-> {shape_str(info.channels, info.image_size)}")
     result = retrieve(model, meta, teacher, pool, out, engine, cfg)

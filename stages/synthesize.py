@@ -8,20 +8,20 @@ from typing import Any
 import typer
 
 from dfkd_common.checkpoint import load_model
-from dfkd_common.config import values
-from dfkd_common.engine import AMP_VALUES, Engine, ensure_writable, seed_everything, write_metrics
+from dfkd_common.config import given
+from dfkd_common.engine import Engine, ensure_writable, seed_everything, write_metrics
 from dfkd_common.loops.synthesis_rounds import SynthesisRun, run_synthesis, split_params
 from dfkd_common.synthesis import SYNTHESIZERS
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, apply_overrides, console, errors, join_world, load_params
+from dfkd_common.synthesis.base import SynthesisConfig
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors, join_world
 
 
-def resolve_params(params_file: Path, method: str, sets: list[str] | None = None, **cli: Any) -> dict[str, Any]:
-    """The run's params: the run's and the method's defaults, ``synthesize.common`` + ``synthesize.<method>`` of
-    the file, then the CLI; checked (an unknown key or a wrong type is one error line)."""
-    cls = SYNTHESIZERS.get(method)  # unknown names fail before any work
-    return apply_overrides(load_params(params_file, "synthesize", method), sets,
-                           defaults={**values(SynthesisRun()), **cls.param_defaults()}, where=method,
-                           types={"amp": AMP_VALUES, **cls.param_types}, **cli)
+def resolve_params(params_file: Path, method: str, sets: list[str] | None = None,
+                   **cli: Any) -> tuple[SynthesisRun, SynthesisConfig]:
+    """The run's config and the method's: ``synthesize.common`` + ``synthesize.<method>`` of the file (``seed``:
+    the top-level ``method_seed`` unless the section gives one), then the CLI; checked (one error line)."""
+    SYNTHESIZERS.get(method)  # unknown names fail before any work
+    return split_params(given(params_file, "synthesize", method, sets, seed_from="method_seed", **cli), method)
 
 
 @errors
@@ -37,16 +37,15 @@ def main(
     device: str = DeviceOpt,
 ) -> None:
     """Synthesize a bank with METHOD; rerunning an interrupted command resumes it."""
-    params = resolve_params(params_file, method, sets, rounds=rounds, seed=seed)
+    run, method_cfg = resolve_params(params_file, method, sets, rounds=rounds, seed=seed)
     ensure_writable(out, metrics)
     world = join_world()  # under torchrun: rounds split across ranks, merged by rank 0
-    seed_everything(int(params["seed"]))
-    engine = Engine.create(device, amp=params["amp"], channels_last=bool(params["channels_last"]))
+    seed_everything(run.seed)
+    engine = Engine.create(device, amp=run.amp, channels_last=run.channels_last)
     console.print(f"synthesize {method}: {engine.describe()}"
                   + (f"; {world.size} processes, each its own rounds" if world.distributed else ""))
     model, meta = load_model(teacher, engine.device)
-    run, method_params = split_params(params, method)
-    result = run_synthesis(method, model, meta, teacher, out, run, method_params, engine)
+    result = run_synthesis(method, model, meta, teacher, out, run, method_cfg, engine)
     if metrics and world.main:
         write_metrics(metrics, result, seconds=result["seconds"], images=result["images"],
                       images_per_s=result["images_per_s"])

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import h5py
 import pytest
@@ -120,18 +121,32 @@ def test_nan_loss_stops_without_clobbering_the_old_student(tmp_path: Path, repo:
     assert not [n for n in listing(tmp_path) if n.endswith(".partial")]
 
 
-def test_unknown_keys_are_one_error_line_not_ignored() -> None:
-    """`--set epoch=5`, or `--set distill.dfad.lr=0.1` (a params.yaml path, not a stage key), is an error."""
-    from stages.common import apply_overrides
+def test_unknown_keys_are_one_error_line_not_ignored(tmp_path: Path) -> None:
+    """`--set epoch=5`, or `--set distill.dfad.lr=0.1` (a params.yaml path, not a stage key), is an error; so is
+    a typo in the params file's section, and a null where a value has no "default behaviour"."""
+    from dataclasses import dataclass, field
 
-    defaults = {"lr": 0.05, "epochs": 20, "online": {}}
-    out = apply_overrides({"lr": 0.05, "online": {"ngf": 16}}, ["lr=0.1", "online.ngf=32"], defaults=defaults)
-    assert out == {"lr": 0.1, "epochs": 20, "online": {"ngf": 32}}
+    from dfkd_common.config import resolve
+
+    @dataclass(frozen=True)
+    class Stage:
+        lr: float = 0.05
+        epochs: int = 20
+        online: dict[str, Any] = field(default_factory=dict)
+
+    path = tmp_path / "p.yaml"
+    path.write_text("s:\n  lr: 0.05\n  online: {ngf: 16}\n")
+    out = resolve(Stage, path, "s", sets=["lr=0.1", "online.ngf=32"])
+    assert out == Stage(lr=0.1, epochs=20, online={"ngf": 32})
     for bad, name in (("epoch=5", "epoch"), ("distill.dfad.lr=0.1", "distill")):
         with pytest.raises(DfkdError, match=rf"unknown param\(s\) {name} \(known: epochs, lr, online\)"):
-            apply_overrides({}, [bad], defaults=defaults)
-    with pytest.raises(DfkdError, match="unknown param"):  # a typo in the params file's section too
-        apply_overrides({"epoch": 5}, None, defaults=defaults)
+            resolve(Stage, path, "s", sets=[bad])
+    path.write_text("s:\n  epoch: 5\n")
+    with pytest.raises(DfkdError, match="unknown param"):
+        resolve(Stage, path, "s")
+    path.write_text("s: {}\n")
+    with pytest.raises(DfkdError, match="s: param epochs cannot be null"):
+        resolve(Stage, path, "s", sets=["epochs=null"])
 
 
 @pytest.mark.parametrize(("stage", "override", "pattern"), [
@@ -141,7 +156,7 @@ def test_unknown_keys_are_one_error_line_not_ignored() -> None:
     ("cpnet", "online.weights.bn=x", "param weights.bn must be a number"),
     ("cpnet", "online.weights.bnn=1", "weights.bnn: no such loss term"),
     ("cpnet", "online.augment.crop_padd=2", "unknown param(s) crop_padd"),
-    ("cpnet", "online.g_upsample=cubic", "g_upsample nearest or bilinear"),
+    ("cpnet", "online.g_upsample=cubic", "param g_upsample must be one of nearest, bilinear"),
     ("cpnet", "online.g_width=0", "g_width must be >= 1"),
     ("synthesize", "rounds=many", "param rounds must be an integer"),
     ("synthesize", "amp=maybe", "param amp must be one of auto, true, false"),

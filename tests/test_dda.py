@@ -15,7 +15,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-import stages.distill as distill_stage
+import dfkd_common.runs.student_run as student_run
 from dfkd_common.bank import load_bank
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine
@@ -163,8 +163,8 @@ def test_csd_synthesis_and_the_dda_student_step_for_cifar_pairs(pair: tuple[str,
 def test_online_csd_alone_runs_ddas_published_student_objective(tmp_path: Path) -> None:
     empty = tmp_path / "p.yaml"
     empty.write_text("{}\n")
-    csd = distill_stage.resolve_params(empty, None, online="csd")
-    assert csd["weights"] == DDA and csd["terms"]["kd"]["tau"] == 20.0
+    csd = student_run.resolve_run(empty, None, online="csd")
+    assert csd.weights == DDA and csd.terms["kd"]["tau"] == 20.0
 
 
 def _dda_params(tmp_path: Path) -> Path:
@@ -190,7 +190,7 @@ def test_an_interrupted_dda_run_resumes_its_head_and_writes_the_uninterrupted_ba
                                         "--metrics", str(tmp_path / f"{out}.json"), "--device", "cpu"])
 
     assert run("a.safetensors").exit_code == 0
-    real = distill_stage.distill
+    real = student_run.distill
 
     class Injected(RuntimeError):
         pass
@@ -201,9 +201,9 @@ def test_an_interrupted_dda_run_resumes_its_head_and_writes_the_uninterrupted_ba
                 raise Injected("injected")
         return real(*args, on_epoch=on_epoch, **kwargs)
 
-    monkeypatch.setattr(distill_stage, "distill", interrupted)
+    monkeypatch.setattr(student_run, "distill", interrupted)
     assert isinstance(run("b.safetensors").exception, Injected)
-    monkeypatch.setattr(distill_stage, "distill", real)
+    monkeypatch.setattr(student_run, "distill", real)
     result = run("b.safetensors")
     assert result.exit_code == 0, result.output
     a, b = load_bank(tmp_path / "a.bank.h5"), load_bank(tmp_path / "b.bank.h5")

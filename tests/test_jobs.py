@@ -131,7 +131,7 @@ PARAMS = {"rounds": 6, "batch_size": 32, "g_steps": 2, "nz": 8, "ngf": 4, "seed"
 def _synthesize(teacher_ckpt: Path, out: Path) -> dict:
     seed_everything(PARAMS["seed"])  # as the stage does: the generator's initialisation comes from it
     teacher, meta = load_model(teacher_ckpt)
-    return run_synthesis("dafl", teacher, meta, teacher_ckpt, out, *split_params(PARAMS),
+    return run_synthesis("dafl", teacher, meta, teacher_ckpt, out, *split_params(PARAMS, "dafl"),
                          Engine.create("cpu", amp=False, channels_last=False))
 
 

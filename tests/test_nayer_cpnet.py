@@ -106,7 +106,7 @@ def test_clip_text_model_directory_is_loaded_and_preferred_by_auto(tmp_path: Pat
     teacher = build_model("lenet5", 10, 1, info.mean, info.std).eval()
     cfg = {**TINY, "ngf": 8, "embedding": {"source": "auto", "path": str(clip)}}
     synth = build_synthesizer("nayer", teacher, info, cfg, Engine.create("cpu", amp=False), 0)
-    assert synth.cfg["embedding"]["used"] == "clip" and synth.table.shape == (10, 24)
+    assert synth.embedding_used == "clip" and synth.table.shape == (10, 24)
     assert synth.synthesize(0).images.shape == (20, 1, 32, 32)
 
 

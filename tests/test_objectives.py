@@ -3,7 +3,7 @@ synthesis terms' needs and options, the shared round loop, and stage features fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -22,7 +22,7 @@ from dfkd_common.models import MODELS, build_model
 from dfkd_common.models.hooks import stage_outputs
 from dfkd_common.student import STUDENT_TERMS, StudentSide, StudentStep, StudentTerm, TermSetup, register
 from dfkd_common.synthesis import build_synthesizer
-from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
+from dfkd_common.synthesis.base import SYNTHESIZERS, SynthesisConfig, Synthesizer, SynthResult
 from dfkd_common.synthesis.losses import Context
 
 INFO = get_dataset("mnist5k").info
@@ -250,7 +250,11 @@ class _Ascent(Synthesizer):
     """Gradient *ascent* on the l2 term: every step makes the loss worse, so the lowest-loss iterate is the first."""
 
     name = "test_ascent"
-    defaults: ClassVar[dict[str, Any]] = {"weights": {"l2": 1.0}, "g_steps": 5, "augment": {"crop_pad": 0}}
+    @dataclass(frozen=True)
+    class Config(SynthesisConfig):
+        g_steps: int = 5
+        weights: dict[str, float] = field(default_factory=lambda: {"l2": 1.0})
+        augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_pad=0))
 
     def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
         p = torch.full((2, 1, 32, 32), 0.5, requires_grad=True)
@@ -259,7 +263,7 @@ class _Ascent(Synthesizer):
         def step() -> tuple[torch.Tensor, Context]:
             return p * 1.0, self.context(p * 1.0, None)
 
-        best_x, best_loss, logs = self.optimise(int(self.cfg["g_steps"]), step, opt)
+        best_x, best_loss, logs = self.optimise(self.cfg.g_steps, step, opt)
         return SynthResult(best_x, torch.zeros(2), {**logs, "best": best_loss})
 
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-import stages.distill as distill_stage
+import dfkd_common.runs.student_run as student_run
 from dfkd_common.bank import load_bank
 from dfkd_common.jobs import work_dir
 from dfkd_common.models import build_model
@@ -103,7 +103,7 @@ def test_online_resume_after_interruption(
 ) -> None:
     """Kill a run in epoch 2 (after its KD steps, or inside its synthesis), rerun: every round exactly once."""
     params = _params(tmp_path, online, loss)
-    real = distill_stage.distill
+    real = student_run.distill
 
     class Injected(RuntimeError):
         pass
@@ -131,11 +131,11 @@ def test_online_resume_after_interruption(
         feed.before_epoch = before_epoch  # type: ignore[method-assign]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill_stage, "distill", interrupted)
+    monkeypatch.setattr(student_run, "distill", interrupted)
     result = _run(teacher_ckpt, tmp_path, params)
     assert isinstance(result.exception, Injected)
     assert work_dir(tmp_path / "s.bank.h5").exists() and not (tmp_path / "s.bank.h5").exists()
-    monkeypatch.setattr(distill_stage, "distill", real)
+    monkeypatch.setattr(student_run, "distill", real)
     result = _run(teacher_ckpt, tmp_path, params)
     assert result.exit_code == 0, result.output
     _check_bank(tmp_path / "s.bank.h5", rounds, rows)

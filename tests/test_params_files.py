@@ -10,33 +10,29 @@ fails here instead of hours into a GPU run.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dfkd_common import __version__
-from dfkd_common.augment_ops import augment_config
 from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
+from dfkd_common.config import given, resolve
 from dfkd_common.data import get_dataset
-from dfkd_common.data.offline_pool import DEFAULTS as POOL_DEFAULTS
+from dfkd_common.data.offline_pool import OfflinePool
 from dfkd_common.engine import Engine
 from dfkd_common.jobs import Job
 from dfkd_common.loops.synthesis_rounds import split_params
 from dfkd_common.models import build_model
 from dfkd_common.online.base import RecordedFeed
+from dfkd_common.retrieval import RetrieveRun
+from dfkd_common.runs.student_run import online_feed, resolve_run
+from dfkd_common.runs.teacher_run import TeacherRun
 from dfkd_common.student import StudentSide, TermSetup
 from dfkd_common.synthesis import build_synthesizer
-from dfkd_common.variation.augment import AugmentConfig
+from dfkd_common.variation.augment import AugmentRun
 from dfkd_common.variation.models import VARIATIONS
 from dfkd_common.variation.prior import PriorConfig
-from stages import augment as augment_stage
-from stages import distill as distill_stage
-from stages import retrieve as retrieve_stage
-from stages import synthesize as synthesize_stage
-from stages import teacher as teacher_stage
-from stages.common import apply_overrides, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILES = [ROOT / "params.yaml", *sorted((ROOT / "pipelines").glob("*/params.yaml"))]
@@ -64,45 +60,35 @@ def sections(path: Path, section: str) -> list[str]:
 
 @pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.parent.name if p.parent != ROOT else "default")
 def test_shipped_params_build(path: Path, tmp_path: Path) -> None:
-    t_params = apply_overrides(load_params(path, "teacher"), None, defaults=teacher_stage.DEFAULTS, where="teacher",
-                               types=teacher_stage.TYPES)
-    info = get_dataset(t_params["dataset"]).info  # static: nothing is downloaded
-    teacher = build_model(t_params["arch"], info.num_classes, info.channels, info.mean, info.std,
-                          **t_params["arch_kwargs"])
+    t_cfg = resolve(TeacherRun, path, "teacher", seed_from="seed")
+    info = get_dataset(t_cfg.dataset, **t_cfg.dataset_kwargs).info  # static: nothing is downloaded
+    teacher = build_model(t_cfg.arch, info.num_classes, info.channels, info.mean, info.std, **t_cfg.arch_kwargs)
     ckpt = tmp_path / "teacher.safetensors"
-    meta = ModelMeta(t_params["arch"], {}, info, {"test_acc": 0.9}, {}, now(), __version__, "teacher")
-    save_model(ckpt, teacher, meta)
+    save_model(ckpt, teacher, ModelMeta(t_cfg.arch, {}, info, {"test_acc": 0.9}, {}, now(), __version__, "teacher"))
     teacher = load_model(ckpt)[0]
     engine = Engine.create("cpu", amp=False)
     runs = online_runs(path.parent / "dvc.yaml")
     built = []
     for name in sections(path, "distill"):  # every run the file configures, online or from a bank
-        params = distill_stage.resolve_params(path, name)
-        student = build_model(params["student"], info.num_classes, info.channels, info.mean, info.std,
-                              **params["student_kwargs"])
-        StudentSide(student, params["weights"], params["terms"], TermSetup(teacher, student, info.channels,
-                                                                             info.image_size, 0.9))
-        augment_config(params["augment"])
+        cfg = resolve_run(path, name, online=runs.get(name))
+        student = build_model(cfg.student, info.num_classes, info.channels, info.mean, info.std, **cfg.student_kwargs)
+        StudentSide(student, cfg.weights, cfg.terms, TermSetup(teacher, student, info.channels, info.image_size, 0.9))
         if name in runs:
-            cfg = {k: v for k, v in dict(params["online"]).items() if k != "method"}
+            online = {k: v for k, v in cfg.online.items() if k != "method"}
             with Job(tmp_path / f"{name}.h5", {}) as job:
-                feed = distill_stage.online_feed(runs[name], cfg, teacher, ckpt, info, None, job, params, engine)
+                feed = online_feed(runs[name], online, teacher, ckpt, info, None, job, cfg, engine)
             assert isinstance(feed, RecordedFeed)
             built.append(name)
     assert sorted(built) == sorted(runs), "every online run of dvc.yaml has a params section"
     for method in sections(path, "synthesize"):
-        _, cfg = split_params(synthesize_stage.resolve_params(path, method))
-        build_synthesizer(method, teacher, info, cfg, engine)
+        _, method_cfg = split_params(given(path, "synthesize", method, seed_from="method_seed"), method)
+        build_synthesizer(method, teacher, info, method_cfg, engine)
     for name in [None, *sections(path, "retrieve")]:
-        apply_overrides(load_params(path, "retrieve", name), None, defaults=retrieve_stage.DEFAULTS,
-                        where="retrieve", types=retrieve_stage.TYPES)
+        resolve(RetrieveRun, path, "retrieve", name, seed_from="method_seed")
     for name in [None, *sections(path, "augment")]:  # the model comes from the CLI: the pipeline's is the prior
-        params = apply_overrides(load_params(path, "augment", name), None, defaults=augment_stage.DEFAULTS,
-                                 where="augment", types=augment_stage.TYPES)
-        cfg = AugmentConfig(**{k: params[k] for k in asdict(AugmentConfig())})
-        VARIATIONS.get("sdedit-prior").check(cfg.variation)
+        run = resolve(AugmentRun, path, "augment", name, seed_from="method_seed")
+        VARIATIONS.get("sdedit-prior").check(run.variation)
     if "prior" in yaml.safe_load(path.read_text()):
-        PriorConfig(**apply_overrides(load_params(path, "prior"), None, defaults=asdict(PriorConfig()),
-                                      where="prior"))
+        resolve(PriorConfig, path, "prior", seed_from="seed")
     if "pool" in yaml.safe_load(path.read_text()):
-        apply_overrides(load_params(path, "pool"), None, defaults=POOL_DEFAULTS, where="pool")
+        resolve(OfflinePool, path, "pool", seed_from="seed")

@@ -267,12 +267,14 @@ def test_a_small_online_rgal_run_beats_chance_widely_on_real_digits(tmp_path: Pa
 
 
 def test_online_rgal_alone_runs_the_published_student_objective(tmp_path: Path) -> None:
-    from stages import distill as distill_stage
+    from dfkd_common.runs.student_run import resolve_run
 
     empty = tmp_path / "p.yaml"
     empty.write_text("{}\n")
-    rgal = distill_stage.resolve_params(empty, None, online="rgal")
-    assert rgal["weights"] == {"kd": 1.0, "striplet": 0.1, "cd": 0.1} and rgal["terms"]["kd"]["tau"] == 20.0
-    assert distill_stage.resolve_params(empty, None, online="nayer")["weights"] == {"kd": 1.0}
-    own = distill_stage.resolve_params(empty, None, ["weights={kd: 1.0}"], online="rgal")
-    assert own["weights"] == {"kd": 1.0}  # a run's own objective replaces the method's
+    rgal = resolve_run(empty, None, online="rgal")
+    assert rgal.weights == {"kd": 1.0, "striplet": 0.1, "cd": 0.1} and rgal.terms["kd"]["tau"] == 20.0
+    assert resolve_run(empty, None, online="nayer").weights == {"kd": 1.0}
+    own = resolve_run(empty, None, ["weights={kd: 1.0}"], online="rgal")
+    assert own.weights == {"kd": 1.0}  # a run's own objective replaces the method's
+    added = resolve_run(empty, None, ["weights.cd=0.5"], online="rgal")
+    assert added.weights == {"kd": 1.0, "striplet": 0.1, "cd": 0.5}  # a --set into it adds to the method's

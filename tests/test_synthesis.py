@@ -91,10 +91,11 @@ def test_synthesis_resumes_without_duplicate_rounds(tmp_path: Path, teacher_ckpt
 
     monkeypatch.setattr(cls, "synthesize", dying)
     with pytest.raises(KeyboardInterrupt):
-        run_synthesis("deepinversion", teacher, meta, teacher_ckpt, out, *split_params(params), engine)
+        run_synthesis("deepinversion", teacher, meta, teacher_ckpt, out, *split_params(params, "deepinversion"), engine)
     assert not out.exists() and work_dir(out).exists()
     monkeypatch.setattr(cls, "synthesize", original)
-    result = run_synthesis("deepinversion", teacher, meta, teacher_ckpt, out, *split_params(params), engine)
+    result = run_synthesis("deepinversion", teacher, meta, teacher_ckpt, out, *split_params(params, "deepinversion"),
+                           engine)
     bank = load_bank(out)
     assert result["images"] == 64
     assert bank.rounds.tolist() == [0] * 16 + [1] * 16 + [2] * 16 + [3] * 16

@@ -17,7 +17,7 @@ from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
 from dfkd_common.inspect import bank_summary, save_pairs_grid
 from dfkd_common.jobs import work_dir
-from dfkd_common.variation.augment import AugmentConfig, augment_bank, convert, embed, variation_seed, vary_and_score
+from dfkd_common.variation.augment import BankAugmentation, augment_bank, convert, embed, variation_seed, vary_and_score
 from dfkd_common.variation.models import SDEditPrior, open_variation_model
 from dfkd_common.variation.prior import random_prior_like
 from tests.test_cli_errors import assert_one_line_error, dfkd
@@ -58,7 +58,7 @@ def run(teacher_ckpt: Path, bank: Path, model: str | Path, out: Path, **cfg: obj
     teacher, meta = load_model(teacher_ckpt, engine.device)
     variation = dict(cfg.pop("variation", {"steps": 2}))  # type: ignore[call-overload]
     on_batch = cfg.pop("on_batch", None)
-    c = AugmentConfig(**{"batch_size": 8, "flush_every": 1, **cfg})  # type: ignore[arg-type]
+    c = BankAugmentation(**{"batch_size": 8, "flush_every": 1, **cfg})  # type: ignore[arg-type]
     vm = open_variation_model(str(model), engine.device, variation)
     return augment_bank(teacher, meta, teacher_ckpt, load_bank(bank), vm, out, engine, c, on_batch=on_batch)
 

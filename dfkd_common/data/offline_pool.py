@@ -20,14 +20,16 @@ picked from each source. Its ``dataset`` attribute describes the image format on
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dfkd_common.bank import BankHeader
+from dfkd_common.config import values
 from dfkd_common.data.datasets import DatasetInfo, resize_uint8
 from dfkd_common.data.wild import convert_channels
 from dfkd_common.errors import DfkdError
@@ -38,16 +40,18 @@ SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", 
                   "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "moon", "page", "retina", "rocket",
                   "text")
 SOURCE_NAMES = ["digits", "skimage", "sklearn", "noise"]
-DEFAULTS: dict[str, Any] = {
-    "image_size": 32,
-    "channels": 1,
-    "digits_variants": 3,  # jittered copies per sklearn digit, besides the original
-    "photo_crops": 40000,  # split between the skimage and sklearn photos in proportion to their counts
-    "noise": 1000,
-    "elastic": 1.5,  # elastic distortion of the digit copies, in pixels (0: affine only)
-    "min_crop": 12,  # smallest crop side in pixels; the largest is the photo's short side
-    "seed": 0,
-}
+@dataclass(frozen=True)
+class OfflinePool:
+    """What the demo pool holds (``dfkd pool build``; recorded in the bank's params)."""
+
+    image_size: int = 32
+    channels: Literal[1, 3] = 1
+    digits_variants: int = 3  # jittered copies per sklearn digit, besides the original
+    photo_crops: int = 40000  # split between the skimage and sklearn photos in proportion to their counts
+    noise: int = 1000
+    elastic: float = 1.5  # elastic distortion of the digit copies, in pixels (0: affine only)
+    min_crop: int = 12  # smallest crop side in pixels; the largest is the photo's short side
+    seed: int = 0
 
 
 def _to_chw(arr: np.ndarray) -> torch.Tensor:
@@ -153,17 +157,14 @@ def noise_images(n: int, size: int, channels: int, rng: np.random.Generator) -> 
     return torch.cat([white, smooth_t])
 
 
-def build_offline_pool(out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+def build_offline_pool(out: Path, cfg: OfflinePool) -> dict[str, Any]:
     """Write the demo pool bank to ``out`` (through the job driver: locked, atomic); returns counts per source."""
-    cfg = {**DEFAULTS, **cfg}
-    size, channels = int(cfg["image_size"]), int(cfg["channels"])
-    if channels not in (1, 3):
-        raise DfkdError(f"offline pool: channels must be 1 or 3, not {channels}")
+    size, channels = cfg.image_size, cfg.channels
     # a pool describes its image format only: no classes (its rows carry no labels)
     info = DatasetInfo("wild:offline", channels, size, 0, (), (0.5,) * channels, (0.25,) * channels).to_dict()
     header = BankHeader(channels=channels, image_size=size, kind="merged", method="offline-pool", dataset=info,
-                        params=cfg, seed=int(cfg["seed"]), optional=("source",), source_names=SOURCE_NAMES)
-    with Job(out, {"pool": cfg}) as job:
+                        params=values(cfg), seed=cfg.seed, optional=("source",), source_names=SOURCE_NAMES)
+    with Job(out, {"pool": values(cfg)}) as job:
         if job.state is None:  # a resume after the rows were written only has to publish them
             job.checkpoint(_write_pool_rows(job, header, cfg))
         state = job.state
@@ -172,19 +173,19 @@ def build_offline_pool(out: Path, cfg: dict[str, Any]) -> dict[str, Any]:
     return dict(state)
 
 
-def _write_pool_rows(job: Job, header: BankHeader, cfg: dict[str, Any]) -> dict[str, Any]:
-    size, channels = int(cfg["image_size"]), int(cfg["channels"])
-    rng = np.random.default_rng(int(cfg["seed"]))
-    digits = convert_channels(render_digits(size, int(cfg["digits_variants"]), rng, float(cfg["elastic"])), channels)
+def _write_pool_rows(job: Job, header: BankHeader, cfg: OfflinePool) -> dict[str, Any]:
+    size, channels = cfg.image_size, cfg.channels
+    rng = np.random.default_rng(cfg.seed)
+    digits = convert_channels(render_digits(size, cfg.digits_variants, rng, cfg.elastic), channels)
     photos = installed_photos()
-    n_crops = int(cfg["photo_crops"])
+    n_crops = cfg.photo_crops
     total = sum(len(v) for v in photos.values())
     n_sk = round(n_crops * len(photos["skimage"]) / total)
     parts = [
         (0, digits),
-        (1, random_crops(photos["skimage"], n_sk, size, channels, int(cfg["min_crop"]), rng)),
-        (2, random_crops(photos["sklearn"], n_crops - n_sk, size, channels, int(cfg["min_crop"]), rng)),
-        (3, noise_images(int(cfg["noise"]), size, channels, rng)),
+        (1, random_crops(photos["skimage"], n_sk, size, channels, cfg.min_crop, rng)),
+        (2, random_crops(photos["sklearn"], n_crops - n_sk, size, channels, cfg.min_crop, rng)),
+        (3, noise_images(cfg.noise, size, channels, rng)),
     ]
     images = torch.cat([p for _, p in parts])
     source = torch.cat([torch.full((len(p),), k, dtype=torch.int16) for k, p in parts])

@@ -24,7 +24,8 @@ from dfkd_common.engine import Engine
 from dfkd_common.jobs import Job
 from dfkd_common.loops.runner import LAYOUT, JobStore, Loop, Runner
 from dfkd_common.models import Classifier
-from dfkd_common.synthesis import Synthesizer, build_synthesizer
+from dfkd_common.synthesis import SYNTHESIZERS, Synthesizer, build_synthesizer
+from dfkd_common.synthesis.base import SynthesisConfig
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,11 @@ class SynthesisRun:
     channels_last: bool = True  # the engine's memory format (1-channel pixel optimisation: off is faster)
 
 
-def split_params(params: Mapping[str, Any], where: str = "synthesize") -> tuple[SynthesisRun, dict[str, Any]]:
-    """A ``synthesize`` section's params -> the run's (checked) and the method's (checked by the method)."""
+def split_params(params: Mapping[str, Any], method: str) -> tuple[SynthesisRun, SynthesisConfig]:
+    """A ``synthesize`` section's params -> the run's config and the method's, each checked (one error line)."""
     run_keys = values(SynthesisRun())
-    run = parse(SynthesisRun, {k: v for k, v in params.items() if k in run_keys}, where)
-    return run, {k: v for k, v in params.items() if k not in run_keys}
+    run = parse(SynthesisRun, {k: v for k, v in params.items() if k in run_keys}, method)
+    return run, SYNTHESIZERS.get(method).config({k: v for k, v in params.items() if k not in run_keys})
 
 
 @torch.no_grad()
@@ -84,18 +85,18 @@ class SynthesisLoop(Loop):
 
 
 def run_synthesis(method: str, teacher: Classifier, meta: ModelMeta, teacher_path: Path, out: Path,
-                  run: SynthesisRun, method_params: dict[str, Any], engine: Engine) -> dict[str, Any]:
+                  run: SynthesisRun, method_cfg: SynthesisConfig | Mapping[str, Any], engine: Engine) -> dict[str, Any]:
     """Synthesize ``run.rounds`` rounds of ``method`` into the bank ``out`` (resumable); returns its metrics."""
     info = meta.dataset
     world = current()
     # several ranks: rank r makes rounds r, r + N, ... with its own seed (seed + r); rank 0 merges them by round
-    synth = build_synthesizer(method, teacher, info, method_params, engine, run.seed + world.rank)
+    synth = build_synthesizer(method, teacher, info, method_cfg, engine, run.seed + world.rank)
     mine = list(rank_share(range(run.rounds), world))
     teacher_sum = file_checksum(teacher_path)
     header = BankHeader(channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
-                        dataset=info.to_dict(), params=synth.cfg | {"rounds": run.rounds}, seed=run.seed,
+                        dataset=info.to_dict(), params=synth.provenance() | {"rounds": run.rounds}, seed=run.seed,
                         teacher_checksum=teacher_sum, optional=("teacher_logits",))
-    key = {"method": method, **values(run), **method_params, "teacher": teacher_sum, "runner_layout": LAYOUT,
+    key = {"method": method, **values(run), **values(synth.cfg), "teacher": teacher_sum, "runner_layout": LAYOUT,
            **({"world": world.size} if world.distributed else {})}
     with Job(rank_path(out, world), key) as job:
         loop = SynthesisLoop(synth, mine, header, teacher, engine, job)

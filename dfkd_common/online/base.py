@@ -21,9 +21,10 @@ round is duplicated.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -33,6 +34,7 @@ import torch
 from torch import nn
 
 from dfkd_common.bank import Bank, BankHeader
+from dfkd_common.config import parse
 from dfkd_common.data import DatasetInfo
 from dfkd_common.dist import current, gather_objects
 from dfkd_common.engine import Engine
@@ -41,7 +43,7 @@ from dfkd_common.jobs import Job
 from dfkd_common.loops.distillation import BankFeed
 from dfkd_common.loops.synthesis_rounds import scored_rows
 from dfkd_common.models import Classifier
-from dfkd_common.params import check_params, merge
+from dfkd_common.params import merge
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis import SYNTHESIZERS, Synthesizer, build_synthesizer
 
@@ -96,6 +98,21 @@ def recording(out: str | os.PathLike[str], teacher: Classifier, info: DatasetInf
         yield FeedContext(teacher, info, engine, job, header, **kwargs)
 
 
+@dataclass(frozen=True)
+class NoFeedConfig:
+    """A feed without params of its own."""
+
+
+@dataclass(frozen=True)
+class OnlineFeedConfig:
+    """A synthesizer feed's own params: ``g_loops`` rounds per epoch, ``warmup`` epochs without the student,
+    ``warmup_loops`` rounds per warm-up epoch (None: ``g_loops``)."""
+
+    g_loops: int = 1
+    warmup: int = 0
+    warmup_loops: int | None = None
+
+
 class RecordedFeed(BankFeed):
     """An in-memory bank that mirrors the job's ``bank`` table; base of every online feed.
 
@@ -105,10 +122,10 @@ class RecordedFeed(BankFeed):
     keeping its rounds.
     """
 
-    #: keys of the ``online:`` params that configure the feed itself (the rest configures the method)
-    feed_defaults: ClassVar[dict[str, Any]] = {}
+    #: the ``online:`` params that configure the feed itself (a synthesizer feed: the rest configures the method)
+    Config: ClassVar[type] = NoFeedConfig
 
-    def __init__(self, ctx: FeedContext, cfg: dict[str, Any]) -> None:
+    def __init__(self, ctx: FeedContext, cfg: Any) -> None:
         super().__init__(torch.zeros(0, *ctx.info.shape,
                                      dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), ctx.engine.device)
         self.ctx = ctx
@@ -123,7 +140,7 @@ class RecordedFeed(BankFeed):
         self.rows = 0  # rows recorded
 
     @classmethod
-    def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> RecordedFeed:
+    def create(cls, method: str, ctx: FeedContext, cfg: Mapping[str, Any]) -> RecordedFeed:
         """Build the feed from the ``online:`` params (registered feeds implement this)."""
         raise NotImplementedError
 
@@ -202,20 +219,22 @@ class OnlineFeed(RecordedFeed):
     ``g_loops``).
     """
 
-    feed_defaults: ClassVar[dict[str, Any]] = {"g_loops": 1, "warmup": 0, "warmup_loops": None}
+    Config = OnlineFeedConfig
 
-    def __init__(self, ctx: FeedContext, cfg: dict[str, Any], synth: Synthesizer) -> None:
+    def __init__(self, ctx: FeedContext, cfg: OnlineFeedConfig, synth: Synthesizer) -> None:
         super().__init__(ctx, cfg)
         self.synth = synth
-        self.g_loops = int(cfg["g_loops"])
-        self.warmup = int(cfg["warmup"])
-        self.warmup_loops = int(cfg["warmup_loops"] if cfg["warmup_loops"] is not None else self.g_loops)
+        self.g_loops = cfg.g_loops
+        self.warmup = cfg.warmup
+        self.warmup_loops = cfg.warmup_loops if cfg.warmup_loops is not None else self.g_loops
 
     @classmethod
-    def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> OnlineFeed:
-        feed_cfg, synth_cfg = split_cfg(cls.feed_defaults, cfg)
-        check_params(feed_cfg, cls.feed_defaults, f"{method} online", types={"warmup_loops": int})
-        synth = build_synthesizer(method, ctx.teacher, ctx.info, synth_cfg, ctx.engine, ctx.seed)
+    def create(cls, method: str, ctx: FeedContext, cfg: Mapping[str, Any]) -> OnlineFeed:
+        """The feed's own keys configure it; the rest of ``online:`` configures the synthesizer."""
+        own = {f.name for f in dataclasses.fields(OnlineFeedConfig)}
+        feed_cfg = parse(OnlineFeedConfig, {k: v for k, v in cfg.items() if k in own}, f"{method} online")
+        synth = build_synthesizer(method, ctx.teacher, ctx.info, {k: v for k, v in cfg.items() if k not in own},
+                                  ctx.engine, ctx.seed)
         return cls(ctx, feed_cfg, synth)
 
     @property
@@ -248,13 +267,6 @@ class OnlineFeed(RecordedFeed):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self.synth.load_state_dict(state["synth"])
-
-
-def split_cfg(feed_defaults: dict[str, Any], cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``online:`` params -> (feed params with defaults, method params)."""
-    feed = {k: cfg.get(k, v) for k, v in feed_defaults.items()}
-    rest = {k: v for k, v in cfg.items() if k not in feed_defaults}
-    return feed, rest
 
 
 #: online methods with a feed class of their own (DFAD); any other name is looked up in SYNTHESIZERS

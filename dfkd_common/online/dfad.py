@@ -37,12 +37,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from typing import Any, ClassVar
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from dfkd_common.config import parse
 from dfkd_common.dist import gather_objects
 from dfkd_common.engine import check_finite, fused_adam
 from dfkd_common.errors import DfkdError
@@ -50,7 +52,6 @@ from dfkd_common.functional import l1_discrepancy
 from dfkd_common.models import build_generator
 from dfkd_common.models.hooks import BNStats
 from dfkd_common.online.base import ONLINE, FeedContext, RecordedFeed, frozen
-from dfkd_common.params import check_params, merge
 from dfkd_common.synthesis.base import student_network
 from dfkd_common.synthesis.losses import TERMS, Context
 
@@ -65,48 +66,46 @@ class DFADFeed(RecordedFeed):
 
     per_rank_batches = True
 
-    feed_defaults: ClassVar[dict[str, Any]] = {
-        "nz": 100,  # latent size (MNIST 100, CIFAR 256)
-        "ngf": 64,
-        "head": "dafl",
-        "lr_g": 1e-3,  # Adam
-        "g_schedule": "cosine",  # generator LR follows the student's cosine schedule ("constant": no decay)
-        "betas": [0.9, 0.999],
-        "student_steps": 5,  # student steps per generator step
-        "iterations": 50,  # generator steps per epoch
-        "record": 100,  # images of each epoch kept in the output bank
-        "ie": 0.0,  # weight of DAFL's class-balance entropy term in the generator loss; 0: published DFAD
-        "bn": 0.0,  # weight of DeepInversion's BN-statistics prior in the generator loss; 0: published DFAD
-    }
+    @dataclass(frozen=True)
+    class Config:
+        nz: int = 100  # latent size (MNIST 100, CIFAR 256)
+        ngf: int = 64
+        head: str = "dafl"
+        lr_g: float = 1e-3  # Adam
+        # the generator's LR follows the student's cosine schedule ("constant": no decay)
+        g_schedule: Literal["cosine", "constant"] = "cosine"
+        betas: tuple[float, float] = (0.9, 0.999)
+        student_steps: int = 5  # student steps per generator step
+        iterations: int = 50  # generator steps per epoch
+        record: int = 100  # images of each epoch kept in the output bank
+        ie: float = 0.0  # weight of DAFL's class-balance entropy term in the generator loss; 0: published DFAD
+        bn: float = 0.0  # weight of DeepInversion's BN-statistics prior in the generator loss; 0: published DFAD
 
-    def __init__(self, ctx: FeedContext, cfg: dict[str, Any]) -> None:
-        check_params(cfg, self.feed_defaults, "dfad online")
+    def __init__(self, ctx: FeedContext, cfg: Mapping[str, Any] | Config | None = None) -> None:
+        cfg = cfg if isinstance(cfg, DFADFeed.Config) else parse(DFADFeed.Config, cfg, "dfad online")
         if ctx.initial is not None and len(ctx.initial):
             raise DfkdError("dfad trains on fresh generator samples only; run it without --bank")
-        cfg = merge(self.feed_defaults, cfg)
         super().__init__(ctx, cfg)
         info, engine = ctx.info, ctx.engine
-        self.nz = int(cfg["nz"])
-        self.student_steps = int(cfg["student_steps"])
-        self.iterations = int(cfg["iterations"])
-        self.to_record = int(cfg["record"])
-        self.ie = float(cfg["ie"])
-        self.bn_weight = float(cfg["bn"])
+        self.nz = cfg.nz
+        self.student_steps = cfg.student_steps
+        self.iterations = cfg.iterations
+        self.to_record = cfg.record
+        self.ie = cfg.ie
+        self.bn_weight = cfg.bn
         self.bn: BNStats | None = None
         if self.bn_weight:
             self.bn = BNStats(self.teacher)
             if not len(self.bn):
                 raise DfkdError("dfad: online.bn needs BatchNorm2d layers in the teacher, and it has none")
             self.bn.enable(False)
-        if cfg["g_schedule"] not in ("cosine", "constant"):
-            raise DfkdError(f"dfad: g_schedule must be cosine or constant, got {cfg['g_schedule']!r}")
         if self.student_steps < 1 or self.iterations < 1:
             raise DfkdError("dfad: student_steps and iterations must be >= 1")
         self.generator = engine.model(build_generator(
-            "dcgan", nz=self.nz, ngf=int(cfg["ngf"]), image_size=info.image_size, channels=info.channels,
-            head=str(cfg["head"]), mean=info.mean, std=info.std,
+            "dcgan", nz=self.nz, ngf=cfg.ngf, image_size=info.image_size, channels=info.channels,
+            head=cfg.head, mean=info.mean, std=info.std,
         )).train()
-        self.opt = fused_adam(self.generator.parameters(), lr=float(cfg["lr_g"]), betas=tuple(cfg["betas"]))
+        self.opt = fused_adam(self.generator.parameters(), lr=cfg.lr_g, betas=cfg.betas)
         self.gen = torch.Generator().manual_seed(ctx.seed + 1)
         self.step = 0  # student batches handed out so far (all epochs)
         self.student: nn.Module | None = None
@@ -115,7 +114,7 @@ class DFADFeed(RecordedFeed):
         self.g_sum, self.g_count = 0.0, 0
 
     @classmethod
-    def create(cls, method: str, ctx: FeedContext, cfg: dict[str, Any]) -> DFADFeed:
+    def create(cls, method: str, ctx: FeedContext, cfg: Mapping[str, Any]) -> DFADFeed:
         return cls(ctx, cfg)
 
     def __len__(self) -> int:
@@ -128,10 +127,10 @@ class DFADFeed(RecordedFeed):
     def before_epoch(self, epoch: int, side: nn.Module) -> dict[str, float]:
         self.start()
         scale = 1.0
-        if self.cfg["g_schedule"] == "cosine":
+        if self.cfg.g_schedule == "cosine":
             scale = 0.5 * (1 + math.cos(math.pi * epoch / max(1, self.ctx.epochs)))
         for group in self.opt.param_groups:
-            group["lr"] = float(self.cfg["lr_g"]) * scale
+            group["lr"] = self.cfg.lr_g * scale
         self.student = student_network(side)  # the generator attacks the student network itself
         self.pending_record = self.to_record > 0
         self.g_sum, self.g_count = 0.0, 0

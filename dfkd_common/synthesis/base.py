@@ -4,16 +4,17 @@ A synthesizer only has to :meth:`Synthesizer.synthesize` one round of images (op
 student side, for adversarial methods) and report its state for resuming. Methods are registered classes in
 :data:`SYNTHESIZERS`; they declare their defaults and differ mostly in loss weights and in *what* is optimised
 (pixels, a generator, a generator plus latents): the round loop that optimises it for ``g_steps`` and keeps the
-lowest-loss iterate is :meth:`Synthesizer.optimise`, written once here. The teacher is frozen and in eval mode
-throughout. Loss terms are registered with what they need (:mod:`dfkd_common.synthesis.losses`); a synthesizer
-states what it :meth:`~Synthesizer.provides` beyond the base, and a weighted term it cannot serve is an error when
-it is built.
+lowest-loss iterate is :meth:`Synthesizer.optimise`, written once here. A method's params are its
+:attr:`Synthesizer.Config`, a frozen dataclass that subclasses the base's (or its parent method's) and states only
+the defaults that differ and the params it adds. The teacher is frozen and in eval mode throughout. Loss terms
+are registered with what they need (:mod:`dfkd_common.synthesis.losses`); a synthesizer states what it
+:meth:`~Synthesizer.provides` beyond the base, and a weighted term it cannot serve is an error when it is built.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,14 +22,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from dfkd_common.augment_ops import augment_config, build_augment
-from dfkd_common.config import spec
+from dfkd_common.augment_ops import AugmentConfig, build_augment
+from dfkd_common.config import parse, spec, values
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import Engine, check_finite
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import BNStats, FeatureHooks, Penultimate, stage_outputs
-from dfkd_common.params import check_params, check_weighted_terms, merge
+from dfkd_common.params import check_weighted_terms
 from dfkd_common.registry import Registry
 from dfkd_common.synthesis.losses import TERMS, Context, StageRequest, weighted_sum
 from dfkd_common.tasks import get_task
@@ -43,23 +44,34 @@ class SynthResult:
     logs: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class SynthesisConfig:
+    """What every method takes; a method's ``Config`` subclasses it (or its parent method's)."""
+
+    batch_size: int = 256
+    g_steps: int = 100
+    weights: dict[str, float] = field(default_factory=dict)  # loss term -> weight (merged over the method's)
+    bn_momentum: float = 0.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    terms: dict[str, dict[str, Any]] = field(default_factory=dict)  # {term: {option: value}}, each term's own
+
+
+@dataclass(frozen=True)
+class StudentObjective:
+    """The student objective a method publishes for its online runs (``weights``/``terms`` of ``distill``)."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"kd": 1.0})
+    terms: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
 class Synthesizer(ABC):
     """Base class: owns the frozen teacher, its BN/feature hooks, augmentation and the config."""
 
     name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {
-        "batch_size": 256,
-        "g_steps": 100,
-        "weights": {},
-        "bn_momentum": 0.0,
-        "augment": {"crop_pad": 4, "flip": False, "jitter": 0.0},
-        "terms": {},  # options of loss terms, {term: {option: value}}, checked against each term's own
-    }
-    #: expected types of params whose default is None (see :func:`dfkd_common.params.check_params`)
-    param_types: ClassVar[dict[str, Any]] = {}
-    #: the student objective the method publishes for its online runs (``weights``/``terms`` of ``distill``),
-    #: used by ``dfkd distill --online M`` unless the run's params give their own
-    student_defaults: ClassVar[dict[str, Any]] = {}
+    Config: ClassVar[type[SynthesisConfig]] = SynthesisConfig
+    #: used by ``dfkd distill --online M`` unless the run's params give their own objective; None: the
+    #: distill stage's default (KD)
+    student_objective: ClassVar[StudentObjective | None] = None
     #: what the base serves every term: teacher logits and penultimate features, BN hooks, the student's logits
     BASE_PROVIDES: ClassVar[frozenset[str]] = frozenset({"t_logits", "t_feat", "bn", "s_logits", "stages"})
 
@@ -70,20 +82,24 @@ class Synthesizer(ABC):
 
     @classmethod
     def param_defaults(cls) -> dict[str, Any]:
-        """Every param this method accepts, with its default (the base's, overridden by the method's)."""
-        return merge(Synthesizer.defaults, cls.defaults)
+        """Every param this method accepts, with its default, as plain values (for listings)."""
+        return values(cls.Config())
+
+    @classmethod
+    def config(cls, given: Mapping[str, Any] | SynthesisConfig | None, where: str | None = None) -> Any:
+        """This method's config from a params mapping (checked: one line naming a wrong key) or as given."""
+        return given if isinstance(given, cls.Config) else parse(cls.Config, given, where or cls.name)
 
     def __init__(
         self,
         teacher: Classifier,
         info: DatasetInfo,
-        cfg: dict[str, Any] | None = None,
+        cfg: Mapping[str, Any] | SynthesisConfig | None = None,
         engine: Engine | None = None,
         seed: int = 0,
     ) -> None:
-        defaults = self.param_defaults()
-        check_params(cfg or {}, defaults, self.name, types=self.param_types)
-        self.cfg = merge(defaults, cfg)
+        #: typed as Any so a method reads its own Config's fields (``self.cfg.lr_g``) without a cast
+        self.cfg: Any = self.config(cfg)
         self._term_options: dict[str, Any] = {}
         self.weights: dict[str, float] = self.check_terms()
         #: what the active (non-zero weight) terms need from each step
@@ -94,13 +110,13 @@ class Synthesizer(ABC):
         self.teacher = self.engine.model(teacher).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.bn = BNStats(self.teacher, float(self.cfg["bn_momentum"])) if self.weights.get("bn") else None
+        self.bn = BNStats(self.teacher, self.cfg.bn_momentum) if self.weights.get("bn") else None
         if self.bn is not None and not len(self.bn):
             raise DfkdError(f"{self.name}: weights.bn needs BatchNorm2d layers in the teacher, and it has none")
         if self.bn is not None:
             self.bn.enable(False)
         self.penultimate = Penultimate(self.teacher)
-        self.augment = build_augment(info.image_size, augment_config(self.cfg["augment"]))
+        self.augment = build_augment(info.image_size, self.cfg.augment)
         self.gen = torch.Generator().manual_seed(seed)
         self.device = self.engine.device
         self._stage_paths: dict[int, list[str]] = {}  # stage module paths per network, traced once
@@ -108,7 +124,7 @@ class Synthesizer(ABC):
 
     def check_terms(self) -> dict[str, float]:
         """Weights and term options: registered names, numbers, known options, needs this method can serve."""
-        active = check_weighted_terms(self.name, self.cfg["weights"], self.cfg["terms"], "loss term",
+        active = check_weighted_terms(self.name, self.cfg.weights, self.cfg.terms, "loss term",
                                       TERMS.names(), lambda name: spec(TERMS.get(name).Options))
         for name in (k for k, v in active.items() if v):
             missing = sorted(TERMS.get(name).needs - self.provides())
@@ -122,7 +138,7 @@ class Synthesizer(ABC):
     def term_options(self, name: str) -> Any:
         """The options of term ``name`` for this run (its defaults, overridden by ``terms.<name>``), parsed once."""
         if name not in self._term_options:
-            self._term_options[name] = TERMS.get(name).options(self.cfg["terms"].get(name), self.name)
+            self._term_options[name] = TERMS.get(name).options(self.cfg.terms.get(name), self.name)
         return self._term_options[name]
 
 
@@ -251,8 +267,13 @@ class Synthesizer(ABC):
 
     def end_round(self) -> None:
         """After each round: fold the last batch statistics into the BN EMA (momentum variant)."""
-        if self.bn is not None and self.cfg["bn_momentum"]:
+        if self.bn is not None and self.cfg.bn_momentum:
             self.bn.update_ema()
+
+    def provenance(self) -> dict[str, Any]:
+        """The params a bank records (its ``params`` attribute): the config's values, plus what the method
+        found out when built (NAYER: the embedding source actually used)."""
+        return values(self.cfg)
 
     # -- the interface ---------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int) -> None:
@@ -291,7 +312,7 @@ def build_synthesizer(
     method: str,
     teacher: Classifier,
     info: DatasetInfo,
-    cfg: dict[str, Any] | None = None,
+    cfg: Mapping[str, Any] | SynthesisConfig | None = None,
     engine: Engine | None = None,
     seed: int = 0,
 ) -> Synthesizer:

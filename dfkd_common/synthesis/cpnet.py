@@ -37,15 +37,16 @@ the ``align`` term's options.
 from __future__ import annotations
 
 import functools
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from dfkd_common.augment_ops import AugmentConfig
 from dfkd_common.errors import DfkdError
 from dfkd_common.models.coupled import CoupledGenerator, Stage, teacher_stages
 from dfkd_common.models.hooks import FeatureHooks, MomentumStats
-from dfkd_common.params import merge
 from dfkd_common.synthesis.base import SYNTHESIZERS
 from dfkd_common.synthesis.coupling import CutMix, InverseClassifier, channel_stats
 from dfkd_common.synthesis.losses import Context
@@ -55,18 +56,22 @@ from dfkd_common.synthesis.nayer import NAYER
 @SYNTHESIZERS.register("cpnet")
 class CPNet(NAYER):
     name = "cpnet"
-    defaults: ClassVar[dict[str, Any]] = merge(NAYER.defaults, {
-        "weights": {"bn": 10.0, "oh": 0.5, "adv": 1.33, "align": 1.33, "xn": 1.0},
+
+    @dataclass(frozen=True)
+    class Config(NAYER.Config):
+        weights: dict[str, float] = field(default_factory=lambda: {"bn": 10.0, "oh": 0.5, "adv": 1.33,
+                                                                   "align": 1.33, "xn": 1.0})
         # the released code's colour jitter: 0.1 brightness/contrast/saturation, hue 0.1, probability 0.4
-        "augment": {"crop_pad": 4, "flip": False, "jitter": 0.1, "hue": 0.1, "jitter_p": 0.4},
-        "cutmix": 0.5,
-        "cutmix_mode": "sample",  # a box and lambda per sample (released code); "batch": one per batch
-        "xn_momentum": 0.9,  # L_xn target standardised by batch stats blended with their EMA (released); 0: batch
-        "g_tap": "act",  # stage tensors after LeakyReLU (released code); "bn": BN outputs (dfkd before 0.3)
-        "min_stage_size": 2,  # teacher stages smaller than this (LeNet-5's 1x1) are not mirrored
-        "g_width": 1,  # generator channels per stage = g_width x the teacher's (1: the paper's exact mirror)
-        "g_upsample": "nearest",  # between stages; bilinear avoids nearest's uneven rows at LeNet's 10->28->32
-    })
+        augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_pad=4, jitter=0.1, hue=0.1,
+                                                                             jitter_p=0.4))
+        cutmix: float = 0.5
+        cutmix_mode: Literal["sample", "batch"] = "sample"  # a box and lambda per sample (released); or per batch
+        xn_momentum: float = 0.9  # L_xn target standardised by batch stats blended with their EMA (released); 0
+        g_tap: Literal["act", "bn"] = "act"  # stage tensors after LeakyReLU (released); "bn": BN outputs (< 0.3)
+        min_stage_size: int = 2  # teacher stages smaller than this (LeNet-5's 1x1) are not mirrored
+        g_width: int = 1  # generator channels per stage = g_width x the teacher's (1: the paper's exact mirror)
+        # between stages; bilinear avoids nearest's uneven rows at LeNet's 10->28->32
+        g_upsample: Literal["nearest", "bilinear"] = "nearest"
 
     @classmethod
     def provides(cls) -> frozenset[str]:
@@ -81,28 +86,23 @@ class CPNet(NAYER):
         align = self.term_options("align")
         self.inverse = InverseClassifier(self.teacher.classifier, align.label_smoothing,
                                          align.min_singular).to(self.device)
-        if self.cfg["cutmix_mode"] not in ("sample", "batch"):
-            raise DfkdError(f"cpnet: cutmix_mode must be sample or batch, got {self.cfg['cutmix_mode']!r}")
-        self.cutmix = CutMix(float(self.cfg["cutmix"]), self.gen, str(self.cfg["cutmix_mode"]))
+        self.cutmix = CutMix(self.cfg.cutmix, self.gen, self.cfg.cutmix_mode)
         # per coupled stage: the L_xn targets' statistics and their EMA (the momentum variant of L_bn's)
-        self.xn = [MomentumStats(float(self.cfg["xn_momentum"])) for _ in self.stage_paths]
+        self.xn = [MomentumStats(self.cfg.xn_momentum) for _ in self.stage_paths]
         self.augment = nn.Sequential(self.augment, self.cutmix)
 
     @functools.cached_property
     def stages(self) -> list[Stage]:
         """The teacher's stage boundaries (one dummy forward; needed first by NAYER.__init__'s generator)."""
         return teacher_stages(self.teacher, self.info.channels, self.info.image_size,
-                              int(self.cfg["min_stage_size"]))
+                              self.cfg.min_stage_size)
 
     def make_body(self, nz: int) -> nn.Module:
-        if int(self.cfg["g_width"]) < 1 or self.cfg["g_upsample"] not in ("nearest", "bilinear"):
-            raise DfkdError(f"cpnet: g_width must be >= 1 and g_upsample nearest or bilinear, got "
-                            f"{self.cfg['g_width']!r} and {self.cfg['g_upsample']!r}")
-        if self.cfg["g_tap"] not in ("act", "bn"):
-            raise DfkdError(f"cpnet: g_tap must be act or bn, got {self.cfg['g_tap']!r}")
+        if self.cfg.g_width < 1:
+            raise DfkdError(f"cpnet: g_width must be >= 1, got {self.cfg.g_width!r}")
         return CoupledGenerator(self.stages, nz, self.info.image_size, self.info.channels,
-                                width=int(self.cfg["g_width"]), upsample=str(self.cfg["g_upsample"]),
-                                tap=str(self.cfg["g_tap"]))
+                                width=self.cfg.g_width, upsample=self.cfg.g_upsample,
+                                tap=self.cfg.g_tap)
 
     def generate(self, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         with self.engine.autocast():
@@ -135,7 +135,7 @@ class CPNet(NAYER):
 
     def end_round(self) -> None:
         super().end_round()
-        if float(self.cfg["xn_momentum"]) > 0:
+        if self.cfg.xn_momentum > 0:
             for s in self.xn:
                 s.update()
 

@@ -9,22 +9,22 @@ After every round the head is re-initialised (weights from this synthesizer's ge
 student's steps of the next epoch train it anew. The adversarial term is off (adv 0, as published).
 
 The initial bank is ``dfkd synthesize --method csd`` with ``weights.dda: 0`` (no student exists offline; the term
-is 0 there anyway). Its student objective (``student_defaults``): KD at tau 20 + CE on bank labels + 30 x ``fea``
+is 0 there anyway). Its student objective (``student_objective``): KD at tau 20 + CE on bank labels + 30 x ``fea``
 (the align head) + ``rot`` (trains the head) (:mod:`dfkd_common.student.dda`).
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dfkd_common.errors import DfkdError
 from dfkd_common.models.hooks import Penultimate
-from dfkd_common.params import merge
 from dfkd_common.rotation import ROTATION_HEAD, RotationHeadProvider, rotations
-from dfkd_common.synthesis.base import SYNTHESIZERS, SynthResult, student_network
+from dfkd_common.synthesis.base import SYNTHESIZERS, StudentObjective, SynthResult, student_network
 from dfkd_common.synthesis.geninv import GenerativeInversion
 from dfkd_common.synthesis.losses import Context, term
 
@@ -49,11 +49,13 @@ def rotation_head(student: Any) -> RotationHeadProvider | None:
 @SYNTHESIZERS.register("csd")
 class CSD(GenerativeInversion):
     name = "csd"
-    defaults: ClassVar[dict[str, Any]] = merge(GenerativeInversion.defaults, {
-        "weights": {"adv": 0.0, "dda": 10.0},
-    })
-    student_defaults: ClassVar[dict[str, Any]] = {"weights": {"kd": 1.0, "ce": 1.0, "fea": 30.0, "rot": 1.0},
-                                                  "terms": {"kd": {"tau": 20.0}}}
+
+    @dataclass(frozen=True)
+    class Config(GenerativeInversion.Config):
+        weights: dict[str, float] = field(default_factory=lambda: {"bn": 1.0, "oh": 1.0, "adv": 0.0, "dda": 10.0})
+
+    student_objective = StudentObjective(weights={"kd": 1.0, "ce": 1.0, "fea": 30.0, "rot": 1.0},
+                                         terms={"kd": {"tau": 20.0}})
 
     @classmethod
     def provides(cls) -> frozenset[str]:

@@ -16,32 +16,33 @@ at tau 4: the bank there is distilled offline by the same student loop as every 
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from dfkd_common.augment_ops import AugmentConfig
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_generator
 from dfkd_common.models.hooks import FeatureHooks
-from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
+from dfkd_common.synthesis.base import SYNTHESIZERS, SynthesisConfig, Synthesizer, SynthResult
 from dfkd_common.synthesis.losses import Context
 
 
 @SYNTHESIZERS.register("dafl")
 class DAFL(Synthesizer):
     name = "dafl"
-    defaults: ClassVar[dict[str, Any]] = {
-        "batch_size": 256,
-        "g_steps": 20,
-        "nz": 100,
-        "ngf": 64,
-        "lr_g": 0.02,
-        "weights": {"oh": 1.0, "ie": 5.0, "act": 0.1},
-        "augment": {"crop_pad": 0},
-        "bn_eps": 1e-5,  # the generator's BatchNorm eps (released code: 0.8)
-        "act_layer": None,  # module whose output the act term reads; None = the penultimate features
-    }
-    param_types: ClassVar[dict[str, Any]] = {"act_layer": str}
+
+    @dataclass(frozen=True)
+    class Config(SynthesisConfig):
+        g_steps: int = 20
+        nz: int = 100
+        ngf: int = 64
+        lr_g: float = 0.02
+        weights: dict[str, float] = field(default_factory=lambda: {"oh": 1.0, "ie": 5.0, "act": 0.1})
+        augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_pad=0))
+        bn_eps: float = 1e-5  # the generator's BatchNorm eps (released code: 0.8)
+        act_layer: str | None = None  # module whose output the act term reads; None = the penultimate features
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -49,40 +50,40 @@ class DAFL(Synthesizer):
         self.generator = self.engine.model(
             build_generator(
                 "dcgan",
-                nz=int(self.cfg["nz"]),
-                ngf=int(self.cfg["ngf"]),
+                nz=self.cfg.nz,
+                ngf=self.cfg.ngf,
                 image_size=info.image_size,
                 channels=info.channels,
                 head="dafl",
                 mean=info.mean,
                 std=info.std,
-                bn_eps=float(self.cfg["bn_eps"]),
+                bn_eps=self.cfg.bn_eps,
             )
         )
-        layer = self.cfg["act_layer"]
+        layer = self.cfg.act_layer
         if layer and str(layer) not in dict(self.teacher.named_modules()):
             raise DfkdError(f"dafl: act_layer {layer!r} is not a module of the teacher "
                             f"({type(self.teacher).__name__})")
         self.act_hooks = FeatureHooks(self.teacher, [str(layer)]) if layer else None
-        self.opt = torch.optim.Adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]))
+        self.opt = torch.optim.Adam(self.generator.parameters(), lr=self.cfg.lr_g)
 
     def context(self, x: torch.Tensor, y: torch.Tensor | None, student: Any = None) -> Context:
         """With ``act_layer`` the activation term reads that module's output (DAFL's LeNet-5: the 120-d output
         of the conv stack, ``net.features``) instead of the penultimate features."""
         ctx = super().context(x, y, student)
         if self.act_hooks is not None:
-            ctx.t_feat = self.act_hooks.features[str(self.cfg["act_layer"])].flatten(1)
+            ctx.t_feat = self.act_hooks.features[self.cfg.act_layer].flatten(1)
         return ctx
 
     def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
-        b, nz = int(self.cfg["batch_size"]), int(self.cfg["nz"])
+        b, nz = self.cfg.batch_size, self.cfg.nz
         self.generator.train()
 
         def step() -> tuple[torch.Tensor, Context]:
             x = self.generator(self.noise(b, nz))
             return x, self.context(x, None, student)
 
-        _, _, logs = self.optimise(int(self.cfg["g_steps"]), step, self.opt)  # DAFL samples afresh: no best iterate
+        _, _, logs = self.optimise(self.cfg.g_steps, step, self.opt)  # DAFL samples afresh: no best iterate
         self.end_round()
         x = self.sample(b)
         with torch.no_grad(), self.engine.autocast():
@@ -92,7 +93,7 @@ class DAFL(Synthesizer):
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
         """n images from the current generator (train-mode BN, as DAFL samples)."""
-        return self.generator(self.noise(n, int(self.cfg["nz"]))).float()
+        return self.generator(self.noise(n, self.cfg.nz)).float()
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "generator": self.generator.state_dict(), "opt": self.opt.state_dict()}

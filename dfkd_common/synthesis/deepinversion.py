@@ -10,32 +10,33 @@ The lowest-loss iterate of each round goes to the bank.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
+from dfkd_common.synthesis.base import SYNTHESIZERS, SynthesisConfig, Synthesizer, SynthResult
 from dfkd_common.synthesis.losses import Context
 
 
 @SYNTHESIZERS.register("deepinversion")
 class DeepInversion(Synthesizer):
     name = "deepinversion"
-    defaults: ClassVar[dict[str, Any]] = {
-        "batch_size": 256,
-        "g_steps": 200,
-        "lr": 0.1,
-        "betas": [0.5, 0.99],
-        "weights": {"bn": 1.0, "oh": 1.0, "tv": 0.1, "l2": 0.0},
-    }
+
+    @dataclass(frozen=True)
+    class Config(SynthesisConfig):
+        g_steps: int = 200
+        lr: float = 0.1
+        betas: tuple[float, float] = (0.5, 0.99)
+        weights: dict[str, float] = field(default_factory=lambda: {"bn": 1.0, "oh": 1.0, "tv": 0.1, "l2": 0.0})
 
     def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
-        b, info = int(self.cfg["batch_size"]), self.info
+        b, info = self.cfg.batch_size, self.info
         mean = self.teacher.mean.to(self.device)
         std = self.teacher.std.to(self.device)
         y = self.targets(b, round_index)
         v = self.noise(b, *info.shape).requires_grad_(True)
-        opt = torch.optim.Adam([v], lr=float(self.cfg["lr"]), betas=tuple(self.cfg["betas"]))
+        opt = torch.optim.Adam([v], lr=self.cfg.lr, betas=self.cfg.betas)
 
         lo, hi = (0 - mean) / std, (1 - mean) / std  # [0, 1] in the normalised space, per channel
 
@@ -48,6 +49,6 @@ class DeepInversion(Synthesizer):
             v.copy_(torch.maximum(torch.minimum(v, hi), lo))
 
         project()  # the random start too
-        best_x, _, logs = self.optimise(int(self.cfg["g_steps"]), step, opt, after_step=project)
+        best_x, _, logs = self.optimise(self.cfg.g_steps, step, opt, after_step=project)
         self.end_round()
         return SynthResult(best_x.float().cpu(), y.cpu(), logs)

@@ -23,13 +23,15 @@ start while the convolutional layers keep what they learnt. ``None`` (default) n
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from dfkd_common.augment_ops import AugmentConfig
 from dfkd_common.models import build_generator
-from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
+from dfkd_common.synthesis.base import SYNTHESIZERS, SynthesisConfig, Synthesizer, SynthResult
 from dfkd_common.synthesis.losses import Context
 
 
@@ -47,32 +49,31 @@ def accumulate_grads(meta: nn.Module, fast: nn.Module) -> None:
 @SYNTHESIZERS.register("fast")
 class Fast(Synthesizer):
     name = "fast"
-    defaults: ClassVar[dict[str, Any]] = {
-        "batch_size": 256,
-        "g_steps": 5,
-        "nz": 256,
-        "ngf": 64,
-        "lr_g": 3e-3,  # clone (inner) Adam
-        "lr_z": 0.01,  # the round's latent codes
-        "meta_lr": None,  # None: lr_g * g_steps
-        "betas": [0.5, 0.999],
-        "bn_momentum": 0.9,
-        "weights": {"bn": 10.0, "oh": 0.4, "adv": 1.1},
-        "augment": {"crop_pad": 4, "flip": True},
-        "reset_l0": None,  # synthesis round (1-based) before which the first layer is re-initialised
-    }
-    param_types: ClassVar[dict[str, type]] = {"meta_lr": float, "reset_l0": int}
+
+    @dataclass(frozen=True)
+    class Config(SynthesisConfig):
+        g_steps: int = 5
+        nz: int = 256
+        ngf: int = 64
+        lr_g: float = 3e-3  # clone (inner) Adam
+        lr_z: float = 0.01  # the round's latent codes
+        meta_lr: float | None = None  # None: lr_g * g_steps
+        betas: tuple[float, float] = (0.5, 0.999)
+        bn_momentum: float = 0.9
+        weights: dict[str, float] = field(default_factory=lambda: {"bn": 10.0, "oh": 0.4, "adv": 1.1})
+        augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(crop_pad=4, flip=True))
+        reset_l0: int | None = None  # synthesis round (1-based) before which the first layer is re-initialised
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         info = self.info
         self.generator = self.engine.model(
-            build_generator("dcgan", nz=int(self.cfg["nz"]), ngf=int(self.cfg["ngf"]), image_size=info.image_size,
+            build_generator("dcgan", nz=self.cfg.nz, ngf=self.cfg.ngf, image_size=info.image_size,
                             channels=info.channels, head="sigmoid", mean=info.mean, std=info.std)
         ).train()
-        meta_lr = self.cfg["meta_lr"]
-        meta_lr = float(self.cfg["lr_g"]) * int(self.cfg["g_steps"]) if meta_lr is None else float(meta_lr)
-        self.meta_opt = torch.optim.Adam(self.generator.parameters(), lr=meta_lr, betas=tuple(self.cfg["betas"]))
+        meta_lr = self.cfg.meta_lr
+        meta_lr = self.cfg.lr_g * self.cfg.g_steps if meta_lr is None else float(meta_lr)
+        self.meta_opt = torch.optim.Adam(self.generator.parameters(), lr=meta_lr, betas=self.cfg.betas)
 
     @torch.no_grad()
     def reset_first_layer(self) -> None:
@@ -85,21 +86,21 @@ class Fast(Synthesizer):
             self.meta_opt.state.pop(p, None)
 
     def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
-        if self.cfg["reset_l0"] is not None and round_index + 1 == int(self.cfg["reset_l0"]):
+        if self.cfg.reset_l0 is not None and round_index + 1 == self.cfg.reset_l0:
             self.reset_first_layer()
-        b, nz = int(self.cfg["batch_size"]), int(self.cfg["nz"])
+        b, nz = self.cfg.batch_size, self.cfg.nz
         y = self.targets(b, round_index)
         fast = copy.deepcopy(self.generator).train()
         z = self.noise(b, nz).requires_grad_(True)
-        opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": float(self.cfg["lr_z"])}],
-                               lr=float(self.cfg["lr_g"]), betas=tuple(self.cfg["betas"]))
+        opt = torch.optim.Adam([{"params": fast.parameters()}, {"params": [z], "lr": self.cfg.lr_z}],
+                               lr=self.cfg.lr_g, betas=self.cfg.betas)
         self.meta_opt.zero_grad(set_to_none=True)
 
         def step() -> tuple[torch.Tensor, Context]:
             x = fast(z)
             return x, self.context(x, y, student)
 
-        best_x, _, logs = self.optimise(int(self.cfg["g_steps"]), step, opt,
+        best_x, _, logs = self.optimise(self.cfg.g_steps, step, opt,
                                         after_backward=lambda: accumulate_grads(self.generator, fast))
         self.meta_opt.step()
         self.end_round()

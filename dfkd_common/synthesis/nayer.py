@@ -19,44 +19,43 @@ What differs from the other generator methods:
 
 The class embeddings are kept in the synthesizer's resumable state, so a resumed run reuses the vectors the run
 started with even if the text model changed or went missing, and the source actually used is recorded in
-``cfg["embedding"]["used"]`` (it reaches the bank's params attribute).
+``embedding.used`` of the bank's params attribute (:meth:`NAYER.provenance`).
 """
 
 from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from dfkd_common.embeddings import DEFAULT_TEMPLATE, class_embeddings
+from dfkd_common.embeddings import EmbeddingConfig, class_embeddings
 from dfkd_common.engine import fused_adam
 from dfkd_common.models.conditional import LabelGenerator, NoisyEmbeddingInput
 from dfkd_common.models.generators import DCGenerator
-from dfkd_common.synthesis.base import SYNTHESIZERS, Synthesizer, SynthResult
+from dfkd_common.synthesis.base import SYNTHESIZERS, SynthesisConfig, Synthesizer, SynthResult
 from dfkd_common.synthesis.losses import Context
 
 
 @SYNTHESIZERS.register("nayer")
 class NAYER(Synthesizer):
     name = "nayer"
-    defaults: ClassVar[dict[str, Any]] = {
-        "batch_size": 256,
-        "g_steps": 30,
-        "lr_g": 4e-3,
-        "betas": [0.5, 0.999],
-        "g_life": 10,
-        "ngf": 64,
-        "noisy_chunk": None,  # samples per noisy layer; None = the number of classes
-        "noisy_dim": 1000,  # the noisy layer's output size (the published default); None = the embedding's
-        "bn_momentum": 0.9,
-        "weights": {"bn": 10.0, "oh": 0.5, "adv": 1.33},
-        "embedding": {"source": "auto", "path": None, "template": DEFAULT_TEMPLATE, "dim": 256},
-    }
 
-    param_types: ClassVar[dict[str, type]] = {"noisy_chunk": int, "noisy_dim": int}
+    @dataclass(frozen=True)
+    class Config(SynthesisConfig):
+        g_steps: int = 30
+        lr_g: float = 4e-3
+        betas: tuple[float, float] = (0.5, 0.999)
+        g_life: int = 10
+        ngf: int = 64
+        noisy_chunk: int | None = None  # samples per noisy layer; None = the number of classes
+        noisy_dim: int | None = 1000  # the noisy layer's output size (the published default); None = the embedding's
+        bn_momentum: float = 0.9
+        weights: dict[str, float] = field(default_factory=lambda: {"bn": 10.0, "oh": 0.5, "adv": 1.33})
+        embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -64,28 +63,30 @@ class NAYER(Synthesizer):
         if all(re.fullmatch(r"class_\d+", str(n)) for n in names):
             warnings.warn(f"{self.name}: the teacher's class names are placeholders ({names[0]}, ...); the text "
                           "embeddings carry no class meaning (see the dataset's class-name source)", stacklevel=2)
-        emb = self.cfg["embedding"]
-        result = class_embeddings(
-            self.info.class_names, source=str(emb.get("source", "auto")), path=emb.get("path"),
-            template=str(emb.get("template", DEFAULT_TEMPLATE)), dim=int(emb.get("dim", 256)),
-            seed=int(emb.get("seed", 0)),
-        )
+        emb = self.cfg.embedding
+        result = class_embeddings(self.info.class_names, source=emb.source, path=emb.path, template=emb.template,
+                                  dim=emb.dim, seed=emb.seed)
         self.table = result.vectors
-        self.cfg["embedding"]["used"] = result.source
+        self.embedding_used = result.source  # the source the vectors came from (a resume keeps the first)
         self.generator = self.build_generator()
         self.built_at = 0  # the epoch the current generator was built in
+
+    def provenance(self) -> dict[str, Any]:
+        out = super().provenance()
+        out["embedding"]["used"] = self.embedding_used
+        return out
 
     # -- generator ---------------------------------------------------------------------------------
     def make_body(self, nz: int) -> nn.Module:
         """The image-producing part after the noisy layer (CPNet overrides it with the coupled generator)."""
         info = self.info
-        return DCGenerator(nz=nz, ngf=int(self.cfg["ngf"]), image_size=info.image_size, channels=info.channels,
+        return DCGenerator(nz=nz, ngf=self.cfg.ngf, image_size=info.image_size, channels=info.channels,
                            head="sigmoid")
 
     def build_generator(self) -> LabelGenerator:
-        chunk = int(self.cfg["noisy_chunk"] or self.info.num_classes)
-        dim = self.cfg["noisy_dim"]
-        inputs = NoisyEmbeddingInput(self.table, int(self.cfg["batch_size"]), chunk,
+        chunk = int(self.cfg.noisy_chunk or self.info.num_classes)
+        dim = self.cfg.noisy_dim
+        inputs = NoisyEmbeddingInput(self.table, self.cfg.batch_size, chunk,
                                      int(dim) if dim is not None else None)
         return self.engine.model(LabelGenerator(inputs, self.make_body(inputs.out_dim)))
 
@@ -106,33 +107,33 @@ class NAYER(Synthesizer):
     # -- one round -----------------------------------------------------------------------------------
     def begin_epoch(self, epoch: int) -> None:
         """Rebuild the whole generator once it has lived ``g_life`` epochs (NAYER's ``g_life``)."""
-        if epoch - self.built_at >= int(self.cfg["g_life"]) or epoch < self.built_at:
+        if epoch - self.built_at >= self.cfg.g_life or epoch < self.built_at:
             self.generator = self.build_generator()
             self.built_at = epoch
 
     def synthesize(self, round_index: int, student: Any = None) -> SynthResult:
-        y = self.labels(int(self.cfg["batch_size"]), round_index)
+        y = self.labels(self.cfg.batch_size, round_index)
         self.generator.train()
         self.generator.reinit_noise()
-        opt = fused_adam(self.generator.parameters(), lr=float(self.cfg["lr_g"]), betas=tuple(self.cfg["betas"]))
+        opt = fused_adam(self.generator.parameters(), lr=self.cfg.lr_g, betas=self.cfg.betas)
 
         def step() -> tuple[torch.Tensor, Context]:
             x, g_stages = self.generate(y)
             return x, self.make_context(x, y, student, g_stages)
 
-        best_x, best_loss, logs = self.optimise(int(self.cfg["g_steps"]), step, opt)
+        best_x, best_loss, logs = self.optimise(self.cfg.g_steps, step, opt)
         self.end_round()
         return SynthResult(best_x.clamp(0, 1).cpu(), y.cpu(), {**logs, "best_loss": best_loss})
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "table": self.table, "embedding_used": self.cfg["embedding"]["used"],
+        return {**super().state_dict(), "table": self.table, "embedding_used": self.embedding_used,
                 "generator": self.generator.state_dict(), "built_at": self.built_at}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.table = state["table"].float()
-        self.cfg["embedding"]["used"] = state["embedding_used"]
+        self.embedding_used = str(state["embedding_used"])
         self.generator = self.build_generator()
         self.generator.load_state_dict(state["generator"])
         self.built_at = int(state["built_at"])

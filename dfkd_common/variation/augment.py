@@ -45,8 +45,8 @@ from dfkd_common.variation.models import VariationModel
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as PIL's convert("L")
 
 
-@dataclass
-class AugmentConfig:
+@dataclass(frozen=True)
+class BankAugmentation:
     """What ``dfkd augment`` does; every field is recorded in the bank's params (``variation``: the model's)."""
 
     k: int = 4  # variations per source image (DDA's demo: 4)
@@ -59,8 +59,6 @@ class AugmentConfig:
     variation: dict[str, Any] = field(default_factory=dict)  # the variation model's own params
 
     def __post_init__(self) -> None:
-        self.k, self.sources, self.batch_size = int(self.k), int(self.sources), int(self.batch_size)
-        self.flush_every, self.seed, self.omega = int(self.flush_every), int(self.seed), float(self.omega)
         if self.k < 1:
             raise DfkdError(f"augment: k must be >= 1 (variations per image), got {self.k}")
         if not -1.0 <= self.omega <= 1.0:
@@ -69,6 +67,13 @@ class AugmentConfig:
             raise DfkdError(f"augment: sources must be >= 0 (0: all), got {self.sources}")
         if self.batch_size < 1 or self.flush_every < 1:
             raise DfkdError("augment: batch_size and flush_every must be >= 1")
+
+
+@dataclass(frozen=True)
+class AugmentRun(BankAugmentation):
+    """The ``augment`` section: what the augmentation does and the variation model that makes the variations."""
+
+    model: str | None = None  # NAME, NAME:PATH_OR_HUB_ID or a diffusers pipeline directory (see `dfkd methods`)
 
 
 def convert(images: torch.Tensor, channels: int, size: Size) -> torch.Tensor:
@@ -132,7 +137,7 @@ def vary_and_score(teacher: torch.nn.Module, model: VariationModel, src: torch.T
     return Scored(var8, score, same, var_logits, src_logits)
 
 
-def pick_sources(n: int, cfg: AugmentConfig) -> np.ndarray:
+def pick_sources(n: int, cfg: BankAugmentation) -> np.ndarray:
     """Rows of the bank to vary, sorted: all, or a seeded random ``cfg.sources`` of them."""
     if cfg.sources == 0 or cfg.sources >= n:
         return np.arange(n)
@@ -144,7 +149,7 @@ class AugmentLoop(Loop):
     table (a unit of the runner); the counters per class resume with the job."""
 
     def __init__(self, teacher: torch.nn.Module, model: VariationModel, bank: Bank, rows: np.ndarray,
-                 header: BankHeader, job: Job, engine: Engine, cfg: AugmentConfig, num_classes: int) -> None:
+                 header: BankHeader, job: Job, engine: Engine, cfg: BankAugmentation, num_classes: int) -> None:
         self.teacher, self.model, self.bank, self.rows, self.header = teacher, model, bank, rows, header
         self.job, self.engine, self.cfg, self.num_classes = job, engine, cfg, num_classes
         self.made, self.kept = np.zeros(num_classes, np.int64), np.zeros(num_classes, np.int64)
@@ -191,7 +196,7 @@ class AugmentLoop(Loop):
 
 def augment_bank(
     teacher: torch.nn.Module, meta: ModelMeta, teacher_path: Path, bank: Bank, model: VariationModel, out: Path,
-    engine: Engine, cfg: AugmentConfig, on_batch: Callable[[int], None] | None = None,
+    engine: Engine, cfg: BankAugmentation, on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Make, score, filter and publish the augmented bank (see the module docstring); returns its metrics.
 

@@ -20,20 +20,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 
+from dfkd_common.config import parse, values
 from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
-from dfkd_common.params import check_params
 from dfkd_common.registry import Registry
 
 VARIATIONS: Registry[type[VariationModel]] = Registry("variation model")
 INDEX = "model_index.json"
 HASH_LIMIT = 256 << 20  # files larger than this enter a model's fingerprint by name and size only
+
+
+@dataclass(frozen=True)
+class NoParams:
+    """A variation model without params."""
 
 
 class VariationModel:
@@ -42,23 +49,26 @@ class VariationModel:
     name: ClassVar[str]
     pipeline_class: ClassVar[str]  # the diffusers pipeline class in the directory's model_index.json
     default_source: ClassVar[str | None] = None  # what the bare name loads (a hub id), if anything
-    defaults: ClassVar[dict[str, Any]] = {}  # the model's params (``augment.variation`` in params.yaml)
-    types: ClassVar[dict[str, Any]] = {}
+    Config: ClassVar[type] = NoParams  # the model's params (``augment.variation`` in params.yaml)
 
     channels: int
     size: int
 
-    def __init__(self, source: str, device: torch.device, params: dict[str, Any]) -> None:
+    def __init__(self, source: str, device: torch.device, params: Mapping[str, Any]) -> None:
         self.source = source
         self.device = device
-        self.params = {**self.defaults, **params}
+        self.cfg: Any = self.config(params)
+        self.params = values(self.cfg)  # as recorded (identity)
 
     @classmethod
-    def check(cls, params: dict[str, Any]) -> dict[str, Any]:
-        """The model's params with defaults filled in; an unknown key or a wrong type is one error line."""
-        merged = {**cls.defaults, **(params or {})}
-        check_params(merged, cls.defaults, f"variation model {cls.name}", types=cls.types, prefix="variation.")
-        return merged
+    def config(cls, params: Mapping[str, Any] | None) -> Any:
+        """The model's params over its defaults; an unknown key or a wrong type is one error line."""
+        return parse(cls.Config, params, f"variation model {cls.name}: augment.variation")
+
+    @classmethod
+    def check(cls, params: Mapping[str, Any] | None) -> dict[str, Any]:
+        """The model's params with defaults filled in, as plain values (checked as :meth:`config`)."""
+        return values(cls.config(params))
 
     def identity(self) -> dict[str, Any]:
         """Who made the variations: name, source, fingerprint and params (provenance and resume key)."""
@@ -176,7 +186,12 @@ class SDEditPrior(VariationModel):
 
     name = "sdedit-prior"
     pipeline_class = "DDPMPipeline"
-    defaults: ClassVar[dict[str, Any]] = {"strength": 0.5, "steps": 10, "batch_size": 256}
+
+    @dataclass(frozen=True)
+    class Config:
+        strength: float = 0.5  # SDEdit's: noise to strength x T
+        steps: int = 10  # DDIM steps from there
+        batch_size: int = 256  # the UNet's batch
 
     def __init__(self, source: str, device: torch.device, params: dict[str, Any]) -> None:
         super().__init__(source, device, params)
@@ -184,7 +199,7 @@ class SDEditPrior(VariationModel):
         quiet_hub_libraries()
         from diffusers import DDIMScheduler, DDPMPipeline
 
-        strength, steps = float(self.params["strength"]), int(self.params["steps"])
+        strength, steps = self.cfg.strength, self.cfg.steps
         if not 0.0 < strength <= 1.0:
             raise DfkdError(f"variation.strength must be in (0, 1], got {strength}")
         if steps < 1:
@@ -206,7 +221,7 @@ class SDEditPrior(VariationModel):
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(max(steps, round(steps / strength)))
         self.timesteps = self.scheduler.timesteps[-steps:]
-        self.batch = max(1, int(self.params["batch_size"]))
+        self.batch = max(1, self.cfg.batch_size)
 
     @torch.inference_mode()
     def vary(self, images: torch.Tensor, k: int, generators: list[torch.Generator]) -> torch.Tensor:
@@ -245,10 +260,15 @@ class SDImageVariations(VariationModel):
     name = "sd-image-variations"
     pipeline_class = "StableDiffusionImageVariationPipeline"
     default_source = "lambdalabs/sd-image-variations-diffusers"
-    defaults: ClassVar[dict[str, Any]] = {"guidance": 3.0, "steps": 25, "revision": "v2.0", "dtype": "auto",
-                                          "height": None, "width": None}
-    types: ClassVar[dict[str, Any]] = {"dtype": ("auto", "fp32", "fp16", "bf16"), "revision": str,
-                                       "height": int, "width": int}
+
+    @dataclass(frozen=True)
+    class Config:
+        guidance: float = 3.0
+        steps: int = 25
+        revision: str | None = "v2.0"  # of a hub id (a directory has none)
+        dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # auto: bf16/fp16 on a GPU, fp32 on a CPU
+        height: int | None = None  # None: the UNet's sample size
+        width: int | None = None  # None: the height
 
     def __init__(self, source: str, device: torch.device, params: dict[str, Any]) -> None:
         super().__init__(source, device, params)
@@ -257,8 +277,8 @@ class SDImageVariations(VariationModel):
         quiet_hub_libraries()
         from diffusers import StableDiffusionImageVariationPipeline
 
-        self.dtype = _torch_dtype(str(self.params["dtype"]), device)
-        revision = None if Path(source).is_dir() else self.params["revision"]
+        self.dtype = _torch_dtype(self.cfg.dtype, device)
+        revision = None if Path(source).is_dir() else self.cfg.revision
         try:
             pipe = StableDiffusionImageVariationPipeline.from_pretrained(
                 source, revision=revision, dtype=self.dtype, safety_checker=None)
@@ -272,12 +292,12 @@ class SDImageVariations(VariationModel):
         self.mean = torch.tensor(fe.image_mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(fe.image_std, device=device).view(1, 3, 1, 1)
         self.channels = 3
-        self.size = int(self.params["height"] or pipe.unet.config.sample_size * pipe.vae_scale_factor)
+        self.size = int(self.cfg.height or pipe.unet.config.sample_size * pipe.vae_scale_factor)
 
     def identity(self) -> dict[str, Any]:
         ident = super().identity()
         if not Path(self.source).is_dir():
-            ident["revision"] = self.params["revision"]
+            ident["revision"] = self.cfg.revision
         return ident
 
     def precision(self) -> str:
@@ -288,7 +308,7 @@ class SDImageVariations(VariationModel):
         x = images.to(self.device).float()
         x = F.interpolate(x, size=(self.encoder_size, self.encoder_size), mode="bicubic", align_corners=False)
         x = ((x.clamp(0, 1) - self.mean) / self.std).to(self.dtype)
-        out = self.pipe(image=x, num_images_per_prompt=k, guidance_scale=float(self.params["guidance"]),
-                        num_inference_steps=int(self.params["steps"]), generator=generators, output_type="pt",
-                        height=self.size, width=int(self.params["width"] or self.size)).images
+        out = self.pipe(image=x, num_images_per_prompt=k, guidance_scale=self.cfg.guidance,
+                        num_inference_steps=self.cfg.steps, generator=generators, output_type="pt",
+                        height=self.size, width=self.cfg.width or self.size).images
         return out.float().clamp(0, 1)

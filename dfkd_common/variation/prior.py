@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +29,7 @@ from dfkd_common.extras import need
 PRIOR_INFO = "dfkd_prior.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class PriorConfig:
     """How the prior is built and trained; every field is recorded in ``dfkd_prior.json``."""
 
@@ -45,7 +45,7 @@ class PriorConfig:
     steps: int = 0  # 0: as many as fit in `minutes` (measured after a short warm-up)
     minutes: float = 5.0
     ema_decay: float = 0.999
-    amp: str = "auto"
+    amp: Literal["auto", True, False] = "auto"
     seed: int = 0
 
 
