@@ -21,8 +21,8 @@ def python_blocks() -> list[str]:
 
 def test_the_readme_has_its_examples() -> None:
     blocks = python_blocks()
-    assert len(blocks) == 3  # the h5py snippet, the Python API example, the student term
-    assert "load_model" in blocks[1] and "class CE(StudentTerm)" in blocks[2]
+    assert len(blocks) == 4  # the h5py snippet, the Python API example, the student term, the loop
+    assert "load_model" in blocks[1] and "class CE(StudentTerm)" in blocks[2] and "(Loop)" in blocks[3]
 
 
 def test_the_student_term_shown_is_the_one_in_the_code() -> None:
@@ -39,9 +39,12 @@ def test_the_bank_and_api_examples_run(tmp_path: Path, teacher_ckpt: Path, monke
                     method="dafl", dataset=info.to_dict()) as w:
         w.append(torch.rand(12, 1, 32, 32), torch.arange(12) % 10, 0)
     monkeypatch.chdir(tmp_path)
-    for block in python_blocks()[:2]:
+    blocks = python_blocks()
+    for block in (blocks[0], blocks[1], blocks[3]):
         exec(compile(block, "README.md", "exec"), {})  # the README's own code, as a user would paste it
     out = capsys.readouterr().out
+    assert "{'epoch': 3, 'loss': " in out  # the loop example: three epochs, its state cleared after
+    assert not list((tmp_path / "artifacts").rglob("*.state*"))
     assert "dafl classification (12, 1, 32, 32)" in out
     assert "teacher classification lenet5 {'test_acc':" in out
     assert "torch.Size([16, 1, 32, 32])" in out and "12 classification dafl" in out
