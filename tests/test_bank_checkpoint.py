@@ -6,6 +6,7 @@ import dataclasses
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -21,13 +22,8 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.models import build_model
 
 INFO = get_dataset("mnist5k").info
-
-
-def write_bank(path: Path, n: int = 20, rounds: int = 2, **kw) -> None:
-    with BankWriter(path, channels=1, image_size=32, kind="synthetic", method="test",
-                    dataset=INFO.to_dict(), params={"a": 1}, seed=3, **kw) as w:
-        for r in range(rounds):
-            w.append(torch.rand(n, 1, 32, 32), torch.arange(n) % 10, r)
+#: the banks these tests write: two rounds of 20 images, with params and a seed to read back
+TEST_BANK = {"n": 20, "rounds": 2, "method": "test", "params": {"a": 1}, "seed": 3}
 
 
 def test_bank_round_trip(tmp_path: Path) -> None:
@@ -59,9 +55,9 @@ def test_float_images_are_quantised_from_unit_range(tmp_path: Path) -> None:
     assert int(bank.images[0].max()) == 128 and int(bank.images[2].min()) == 255
 
 
-def test_failed_writer_leaves_no_file_and_keeps_old_bank(tmp_path: Path) -> None:
+def test_failed_writer_leaves_no_file_and_keeps_old_bank(tmp_path: Path, small_bank: Any) -> None:
     path = tmp_path / "b.h5"
-    write_bank(path)
+    small_bank(path, **TEST_BANK)
     before = path.read_bytes()
     with pytest.raises(RuntimeError):
         with BankWriter(path, channels=1, image_size=32, kind="synthetic", method="m", dataset=INFO.to_dict()) as w:
@@ -71,18 +67,18 @@ def test_failed_writer_leaves_no_file_and_keeps_old_bank(tmp_path: Path) -> None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.h5"]  # and nothing half-written is left
 
 
-def test_wrong_schema_version_is_refused(tmp_path: Path) -> None:
+def test_wrong_schema_version_is_refused(tmp_path: Path, small_bank: Any) -> None:
     path = tmp_path / "b.h5"
-    write_bank(path)
+    small_bank(path, **TEST_BANK)
     with h5py.File(path, "a") as h5:
         h5.attrs["schema_version"] = 3  # a version this dfkd does not know: one line that says so
     with pytest.raises(DfkdError, match=r"schema version 3; this dfkd .* reads versions 1, 2"):
         load_bank(path)
 
 
-def test_truncated_and_foreign_files_are_refused(tmp_path: Path) -> None:
+def test_truncated_and_foreign_files_are_refused(tmp_path: Path, small_bank: Any) -> None:
     path = tmp_path / "b.h5"
-    write_bank(path, n=200)
+    small_bank(path, **(TEST_BANK | {"n": 200}))
     data = path.read_bytes()
     (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
     with pytest.raises(DfkdError, match=r"truncated|unreadable"):
@@ -101,9 +97,9 @@ def test_truncated_and_foreign_files_are_refused(tmp_path: Path) -> None:
         load_bank(tmp_path / "rows.h5")
 
 
-def test_bank_compatibility_with_teacher(tmp_path: Path) -> None:
+def test_bank_compatibility_with_teacher(tmp_path: Path, small_bank: Any) -> None:
     path = tmp_path / "b.h5"
-    write_bank(path)
+    small_bank(path, **TEST_BANK)
     bank = load_bank(path)
     bank.check_compatible(INFO)
     with pytest.raises(DfkdError, match=r"1x32x32.*3x32x32"):

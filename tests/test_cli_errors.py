@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,79 +16,56 @@ from dfkd_common.errors import DfkdError
 INFO = get_dataset("mnist5k").info
 
 
-def dfkd(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DFKD_NO_PROGRESS": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], pattern: str) -> None:
-    assert proc.returncode != 0, proc.stdout
-    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert pattern.lower() in lines[0].lower(), lines[0]
-
-
-def small_bank(path: Path, size: int = 32, n: int = 64) -> Path:
-    info = get_dataset("mnist5k").info.to_dict() | {"image_size": size}
-    with BankWriter(path, channels=1, image_size=size, kind="synthetic", method="t", dataset=info) as w:
-        w.append(torch.rand(n, 1, size, size), torch.arange(n) % 10, 0)
-    return path
-
-
-@pytest.fixture()
-def repo() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
 def listing(d: Path) -> list[str]:
     return sorted(p.name for p in d.iterdir())
 
 
-def test_missing_checkpoint(tmp_path: Path, repo: Path) -> None:
+def test_missing_checkpoint(tmp_path: Path, repo: Path, dfkd: Any, one_line_error: Any) -> None:
     proc = dfkd("synthesize", "-m", "dafl", "--teacher", str(tmp_path / "none.safetensors"),
                 "--out", str(tmp_path / "b.h5"), cwd=repo)
-    assert_one_line_error(proc, "checkpoint not found")
+    one_line_error(proc, "checkpoint not found")
     assert listing(tmp_path) == []
 
 
-def test_truncated_checkpoint(tmp_path: Path, repo: Path, teacher_ckpt: Path) -> None:
+def test_truncated_checkpoint(tmp_path: Path, repo: Path, teacher_ckpt: Path, dfkd: Any, one_line_error: Any,
+                              small_bank: Any) -> None:
     data = teacher_ckpt.read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) // 3])
     proc = dfkd("distill", "--teacher", str(cut), "--bank", str(small_bank(tmp_path / "b.h5")),
                 "--out", str(tmp_path / "s.safetensors"), cwd=repo)
-    assert_one_line_error(proc, "safetensors")
+    one_line_error(proc, "safetensors")
     assert "s.safetensors" not in listing(tmp_path)
 
 
-def test_truncated_bank_and_other_schema(tmp_path: Path, repo: Path, teacher_ckpt: Path) -> None:
+def test_truncated_bank_and_other_schema(tmp_path: Path, repo: Path, teacher_ckpt: Path, dfkd: Any,
+                                         one_line_error: Any, small_bank: Any) -> None:
     bank = small_bank(tmp_path / "b.h5", n=400)
     data = bank.read_bytes()
     (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
     proc = dfkd("distill", "--teacher", str(teacher_ckpt), "--bank", str(tmp_path / "cut.h5"),
                 "--out", str(tmp_path / "s.safetensors"), cwd=repo)
-    assert_one_line_error(proc, "cut.h5")
+    one_line_error(proc, "cut.h5")
     with h5py.File(bank, "a") as h5:
         h5.attrs["schema_version"] = 7
     proc = dfkd("bank", "info", str(bank), cwd=repo)
-    assert_one_line_error(proc, "schema version 7")
+    one_line_error(proc, "schema version 7")
     assert not any(n.startswith("s.safetensors") for n in listing(tmp_path))
 
 
-def test_bank_that_does_not_match_the_teacher(tmp_path: Path, repo: Path, teacher_ckpt: Path) -> None:
+def test_bank_that_does_not_match_the_teacher(tmp_path: Path, repo: Path, teacher_ckpt: Path, dfkd: Any,
+                                              one_line_error: Any, small_bank: Any) -> None:
     bank = small_bank(tmp_path / "b28.h5", size=28)
     proc = dfkd("distill", "--teacher", str(teacher_ckpt), "--bank", str(bank),
                 "--out", str(tmp_path / "s.safetensors"), cwd=repo)
-    assert_one_line_error(proc, "1x28x28")
+    one_line_error(proc, "1x28x28")
     info100 = INFO.to_dict() | {"num_classes": 100}
     with BankWriter(tmp_path / "c100.h5", channels=1, image_size=32, kind="synthetic", method="t",
                     dataset=info100) as w:
         w.append(torch.rand(4, 1, 32, 32), [0, 1, 2, 3], 0)
     proc = dfkd("distill", "--teacher", str(teacher_ckpt), "--bank", str(tmp_path / "c100.h5"),
                 "--out", str(tmp_path / "s.safetensors"), cwd=repo)
-    assert_one_line_error(proc, "100 classes")
+    one_line_error(proc, "100 classes")
 
 
 @pytest.mark.parametrize(
@@ -104,19 +78,21 @@ def test_bank_that_does_not_match_the_teacher(tmp_path: Path, repo: Path, teache
          "weights.nope: no such student term"),
     ],
 )
-def test_unknown_names(tmp_path: Path, repo: Path, args: list[str], message: str) -> None:
+def test_unknown_names(tmp_path: Path, repo: Path, args: list[str], message: str, dfkd: Any,
+                       one_line_error: Any) -> None:
     proc = dfkd(*args, "--out", str(tmp_path / "out.bin"), cwd=repo)
-    assert_one_line_error(proc, message)
+    one_line_error(proc, message)
     assert listing(tmp_path) == []
 
 
-def test_nan_loss_stops_without_clobbering_the_old_student(tmp_path: Path, repo: Path, teacher_ckpt: Path) -> None:
+def test_nan_loss_stops_without_clobbering_the_old_student(tmp_path: Path, repo: Path, teacher_ckpt: Path, dfkd: Any,
+                                                           one_line_error: Any, small_bank: Any) -> None:
     bank = small_bank(tmp_path / "b.h5", n=256)
     out = tmp_path / "s.safetensors"
     out.write_bytes(b"previous good student")
     proc = dfkd("distill", "--teacher", str(teacher_ckpt), "--bank", str(bank), "--out", str(out),
                 "--epochs", "3", "--set", "lr=1e30", "--set", "weight_decay=0", cwd=repo)
-    assert_one_line_error(proc, "student loss became")
+    one_line_error(proc, "student loss became")
     assert out.read_bytes() == b"previous good student"
     assert not [n for n in listing(tmp_path) if n.endswith(".partial")]
 
@@ -167,7 +143,7 @@ def test_unknown_keys_are_one_error_line_not_ignored(tmp_path: Path) -> None:
     ("synthesize", "gsteps=5", "dafl: unknown param(s) gsteps"),
 ])
 def test_wrong_param_type_is_one_line(tmp_path: Path, repo: Path, teacher_ckpt: Path, stage: str, override: str,
-                                      pattern: str) -> None:
+                                      pattern: str, dfkd: Any, one_line_error: Any) -> None:
     """A mistyped value from params.yaml or --set is named in one line before any file is written."""
     if stage == "synthesize":
         args = ["synthesize", "-m", "dafl", "--out", str(tmp_path / "b.h5")]
@@ -175,5 +151,5 @@ def test_wrong_param_type_is_one_line(tmp_path: Path, repo: Path, teacher_ckpt: 
         method = "cpnet" if stage == "cpnet" else "dfad"
         args = ["distill", "--name", method, "--online", method, "--out", str(tmp_path / "s.safetensors")]
     proc = dfkd(*args, "--teacher", str(teacher_ckpt), "--set", override, cwd=repo)
-    assert_one_line_error(proc, pattern)
+    one_line_error(proc, pattern)
     assert listing(tmp_path) == []

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 import dfkd_common.runs.student_run as student_run
 from dfkd_common.bank import load_bank
@@ -27,21 +23,14 @@ from dfkd_common.rotation import rotations
 from dfkd_common.student import StudentSide, StudentStep, TermSetup
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.losses import TERMS
-from stages.cli import app
 
 INFO = get_dataset("mnist5k").info
 CIFAR = get_dataset("cifar10").info
 ENGINE = Engine.create("cpu", amp=False, channels_last=False)
+DDA_OPTIONS = {"kd": {"tau": 20.0}}  # the student objective's KD temperature
 REPO = Path(__file__).resolve().parents[1]
 NO_AUG = {"augment": {"crop_pad": 0, "flip": False, "jitter": 0.0}}
 DDA = {"kd": 1.0, "ce": 1.0, "fea": 30.0, "rot": 1.0}
-
-
-def _side(weights: dict[str, float] | None = None, seed: int = 0) -> tuple[torch.nn.Module, StudentSide]:
-    torch.manual_seed(seed)
-    teacher = build_model("lenet5", 10, 1, INFO.mean, INFO.std).eval()
-    student = build_model("lenet5_half", 10, 1, INFO.mean, INFO.std)
-    return teacher, StudentSide(student, weights or DDA, {"kd": {"tau": 20.0}}, TermSetup(teacher, student, 1, 32))
 
 
 def _head_ce(side: StudentSide, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -62,8 +51,8 @@ def test_rotations_are_rotation_major_with_joint_labels() -> None:
     assert torch.equal(xr[2], torch.rot90(x[0], 1, (1, 2))) and torch.equal(xr[6], torch.rot90(x[0], 3, (1, 2)))
 
 
-def test_the_generator_step_raises_the_heads_ce_and_the_heads_step_lowers_it() -> None:
-    teacher, side = _side()
+def test_the_generator_step_raises_the_heads_ce_and_the_heads_step_lowers_it(student_side: Any) -> None:
+    teacher, side = student_side(DDA, DDA_OPTIONS, acc=None)
     synth = build_synthesizer("csd", teacher, INFO, {"weights": {"bn": 0.0, "oh": 0.0, "dda": 1.0}, **NO_AUG}, ENGINE)
     y = torch.arange(32) % 10
     x = torch.rand(32, 1, 32, 32, requires_grad=True)
@@ -91,8 +80,8 @@ def test_the_generator_step_raises_the_heads_ce_and_the_heads_step_lowers_it() -
     assert _head_ce(side, xs, y) < before - 1e-3
 
 
-def test_the_head_is_reinitialised_after_every_round_from_the_synthesizers_generator() -> None:
-    teacher, side = _side()
+def test_the_head_is_reinitialised_after_every_round_from_the_synthesizers_generator(student_side: Any) -> None:
+    teacher, side = student_side(DDA, DDA_OPTIONS, acc=None)
     cfg = {"batch_size": 8, "g_steps": 1, "ngf": 8}
     _, own = side.optimizers("sgd", 0.05, 0.0)
     head = side.terms["rot"].head
@@ -103,14 +92,14 @@ def test_the_head_is_reinitialised_after_every_round_from_the_synthesizers_gener
         build_synthesizer("csd", teacher, INFO, cfg, ENGINE, seed=3).synthesize(0, side)
     after = [p.detach().clone() for p in head.parameters()]
     assert not torch.equal(first[0], after[0]) and p0 not in own[0].state  # fresh weights, momentum cleared
-    _, other = _side(seed=1)
+    _, other = student_side(DDA, DDA_OPTIONS, acc=None, seed=1)
     with frozen(other):
         build_synthesizer("csd", teacher, INFO, cfg, ENGINE, seed=3).synthesize(0, other)
     assert all(torch.equal(a, b) for a, b in zip(after, other.terms["rot"].head.parameters(), strict=True))
 
 
-def test_dda_without_the_rotation_head_is_one_clear_error() -> None:
-    teacher, side = _side({"kd": 1.0})
+def test_dda_without_the_rotation_head_is_one_clear_error(student_side: Any) -> None:
+    teacher, side = student_side({"kd": 1.0}, DDA_OPTIONS, acc=None)
     synth = build_synthesizer("csd", teacher, INFO, {"batch_size": 4, "g_steps": 1, "ngf": 8}, ENGINE)
     with pytest.raises(DfkdError, match="rotation head"), frozen(side):
         synth.synthesize(0, side)
@@ -118,8 +107,8 @@ def test_dda_without_the_rotation_head_is_one_clear_error() -> None:
     assert offline.synthesize(0, None).logs["dda"] == 0.0  # no student offline: the term is 0
 
 
-def test_the_align_head_trains_with_the_student_and_stays_out_of_its_checkpoint() -> None:
-    teacher, side = _side({"fea": 1.0})
+def test_the_align_head_trains_with_the_student_and_stays_out_of_its_checkpoint(student_side: Any) -> None:
+    teacher, side = student_side({"fea": 1.0}, DDA_OPTIONS, acc=None)
     align = side.terms["fea"].align
     assert align[0].in_channels == 60 and align[-1].out_channels == 120  # lenet5_half C5 -> lenet5 C5
     assert all(m.bias is None for m in align if isinstance(m, torch.nn.Conv2d))
@@ -179,15 +168,14 @@ def _dda_params(tmp_path: Path) -> Path:
 
 
 def test_an_interrupted_dda_run_resumes_its_head_and_writes_the_uninterrupted_bank(
-        teacher_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        teacher_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cli: Any) -> None:
     """Epoch 2's round reads the head trained in epoch 1: a resume that lost the head (or its momentum) would
     make other images. Killed after epoch 2, the rerun must write the bank and student of a straight run."""
     params = _dda_params(tmp_path)
 
     def run(out: str) -> Any:
-        return CliRunner().invoke(app, ["distill", "--online", "csd", "--teacher", str(teacher_ckpt),
-                                        "--out", str(tmp_path / out), "--params", str(params),
-                                        "--metrics", str(tmp_path / f"{out}.json"), "--device", "cpu"])
+        return cli("distill", "--online", "csd", "--teacher", teacher_ckpt, "--out", tmp_path / out,
+                   "--params", params, "--metrics", tmp_path / f"{out}.json", "--device", "cpu")
 
     assert run("a.safetensors").exit_code == 0
     real = student_run.distill
@@ -213,24 +201,21 @@ def test_an_interrupted_dda_run_resumes_its_head_and_writes_the_uninterrupted_ba
 
 
 @pytest.mark.slow
-def test_the_dda_chain_beats_chance_widely_on_real_digits(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_the_dda_chain_beats_chance_widely_on_real_digits(tmp_path: Path, teacher_ckpt: Path, dfkd: Any) -> None:
     """csd init bank (dda 0) -> diffusion variations by the committed prior -> dda student on both + online rounds."""
     (tmp_path / "none.yaml").write_text("{}\n")
-    env = {**os.environ, "DFKD_NO_PROGRESS": "1"}
 
-    def cli(*args: str) -> None:
-        proc = subprocess.run([sys.executable, "-m", "stages.cli", *args, "--params", str(tmp_path / "none.yaml")],
-                              cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    def run(*args: str) -> None:
+        dfkd(*args, "--params", tmp_path / "none.yaml", check=True)
 
     init, aug = tmp_path / "csd.h5", tmp_path / "csd_aug.h5"
-    cli("synthesize", "--method", "csd", "--teacher", str(teacher_ckpt), "--out", str(init),
+    run("synthesize", "--method", "csd", "--teacher", str(teacher_ckpt), "--out", str(init),
         "--set", "rounds=4", "--set", "batch_size=64", "--set", "g_steps=20", "--set", "lr_g=0.01",
         "--set", "ngf=16", "--set", "weights.dda=0", "--set", "augment={crop_pad: 2}")
-    cli("augment", "--bank", str(init), "--teacher", str(teacher_ckpt),
+    run("augment", "--bank", str(init), "--teacher", str(teacher_ckpt),
         "--model", str(REPO / "priors/offline-pool-32x1"), "--out", str(aug), "-k", "1", "--sources", "64",
         "--set", "variation={strength: 0.5, steps: 5}")
-    cli("distill", "--online", "csd", "--teacher", str(teacher_ckpt), "--bank", str(init), "--bank", str(aug),
+    run("distill", "--online", "csd", "--teacher", str(teacher_ckpt), "--bank", str(init), "--bank", str(aug),
         "--out", str(tmp_path / "s.safetensors"), "--metrics", str(tmp_path / "m.json"),
         "--set", "epochs=5", "--set", "kd_steps=20", "--set", "batch_size=64", "--set", "online.batch_size=64",
         "--set", "online.g_steps=20", "--set", "online.lr_g=0.01", "--set", "online.ngf=16",

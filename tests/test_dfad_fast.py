@@ -6,11 +6,11 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model
@@ -23,7 +23,6 @@ from dfkd_common.online import build_online_feed, recording
 from dfkd_common.student import STUDENT_TERMS, StudentStep
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.fast import accumulate_grads
-from stages.cli import app
 
 
 def _engine() -> Engine:
@@ -178,14 +177,12 @@ def test_fast_generator_is_dcgan_sigmoid() -> None:
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def _e2e(teacher: Path, tmp_path: Path, method: str, profile: dict) -> dict:
+def _e2e(cli: Any, teacher: Path, tmp_path: Path, method: str, profile: dict) -> dict:
     params = {"seed": 0, "distill": {"common": profile}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     t0 = time.perf_counter()
-    result = CliRunner().invoke(app, [
-        "distill", "--online", method, "--teacher", str(teacher), "--out", str(tmp_path / "s.safetensors"),
-        "--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "m.json"), "--device", "cpu",
-    ])
+    result = cli("distill", "--online", method, "--teacher", teacher, "--out", tmp_path / "s.safetensors",
+                 "--params", tmp_path / "params.yaml", "--metrics", tmp_path / "m.json", "--device", "cpu")
     assert result.exit_code == 0, result.output
     metrics = json.loads(details_path(tmp_path / "m.json").read_text())
     metrics["wall"] = time.perf_counter() - t0
@@ -193,8 +190,8 @@ def _e2e(teacher: Path, tmp_path: Path, method: str, profile: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_dfad_end_to_end_beats_chance(teacher_ckpt: Path, tmp_path: Path) -> None:
-    metrics = _e2e(teacher_ckpt, tmp_path, "dfad", {
+def test_dfad_end_to_end_beats_chance(teacher_ckpt: Path, tmp_path: Path, cli: Any) -> None:
+    metrics = _e2e(cli, teacher_ckpt, tmp_path, "dfad", {
         "student": "lenet5_half", "weights": {"kd": 0.0, "l1": 1.0}, "epochs": 4, "batch_size": 64, "lr": 0.1,
         "weight_decay": 5e-4, "optimizer": "sgd", "augment": {"crop_pad": 0},
         "online": {"iterations": 25, "nz": 64, "ngf": 8, "lr_g": 1e-3, "record": 20},
@@ -204,8 +201,8 @@ def test_dfad_end_to_end_beats_chance(teacher_ckpt: Path, tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_fast_end_to_end_beats_chance(teacher_ckpt: Path, tmp_path: Path) -> None:
-    metrics = _e2e(teacher_ckpt, tmp_path, "fast", {
+def test_fast_end_to_end_beats_chance(teacher_ckpt: Path, tmp_path: Path, cli: Any) -> None:
+    metrics = _e2e(cli, teacher_ckpt, tmp_path, "fast", {
         "student": "lenet5_half", "terms": {"kd": {"tau": 4.0}}, "epochs": 6, "batch_size": 64,
         "kd_steps": 20, "lr": 0.05, "optimizer": "sgd", "augment": {"crop_pad": 2},
         "online": {"g_loops": 2, "warmup": 2, "warmup_loops": 4, "batch_size": 64, "g_steps": 5, "nz": 64,

@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from dfkd_common.bank import BankWriter, load_bank
 from dfkd_common.checkpoint import load_model
@@ -21,9 +20,7 @@ from dfkd_common.models import build_model
 from dfkd_common.retrieval import balanced_quotas, neg_log_pmax
 from dfkd_common.student import STUDENT_TERMS, StudentSide, StudentStep, TermSetup
 from dfkd_common.student.noise_adaptation import transition_matrix
-from stages.cli import app
 
-runner = CliRunner()
 ENGINE = Engine.create("cpu", amp=False, channels_last=False)
 
 
@@ -36,14 +33,6 @@ def write_pool(path: Path, images: torch.Tensor, source: int = 0, names: list[st
     w.append(images, -1, 0, source=source)
     w.close()
     return path
-
-
-def cli(*args: object) -> Any:
-    """Run ``dfkd`` in-process with an empty params file (so the repo's params.yaml never leaks in)."""
-    args_s = [str(a) for a in args]
-    if "--params" in args_s:
-        Path(args_s[args_s.index("--params") + 1]).write_text("{}\n")
-    return runner.invoke(app, args_s)
 
 
 # ------------------------------------------------------------------------------------------- loss
@@ -111,7 +100,7 @@ def test_balanced_quotas_water_fill() -> None:
     assert q.sum() == 101 and q.max() - q.min() <= 1
 
 
-def test_planted_confident_images_are_retrieved_first(teacher_ckpt: Path, mnist_test, tmp_path: Path) -> None:
+def test_planted_confident_images_are_retrieved_first(teacher_ckpt: Path, mnist_test, tmp_path: Path, cli: Any) -> None:
     teacher, _ = load_model(teacher_ckpt)
     scores = neg_log_pmax(predict(teacher, mnist_test.images, ENGINE))
     planted = mnist_test.images[scores.argsort()[:40]]
@@ -144,7 +133,7 @@ def test_planted_confident_images_are_retrieved_first(teacher_ckpt: Path, mnist_
     assert m["selected"] == 40 and m["per_source"]["distract"] > 30
 
 
-def test_balanced_mode_counts_within_one(teacher_ckpt: Path, mnist_test, tmp_path: Path) -> None:
+def test_balanced_mode_counts_within_one(teacher_ckpt: Path, mnist_test, tmp_path: Path, cli: Any) -> None:
     pool = write_pool(tmp_path / "pool.h5", mnist_test.images)
     metrics = tmp_path / "m.json"
     r = cli("retrieve", "--teacher", teacher_ckpt, "--wild", pool, "--out", tmp_path / "b.h5", "--metrics", metrics,
@@ -183,7 +172,7 @@ def test_resumed_scoring_gives_the_same_bank(teacher_ckpt: Path, mnist_test, tmp
 
 
 # ------------------------------------------------------------------------------------- bad inputs
-def test_empty_folder_is_a_one_line_error(teacher_ckpt: Path, tmp_path: Path) -> None:
+def test_empty_folder_is_a_one_line_error(teacher_ckpt: Path, tmp_path: Path, cli: Any) -> None:
     (tmp_path / "wild" / "sub").mkdir(parents=True)
     r = cli("retrieve", "--teacher", teacher_ckpt, "--wild", tmp_path / "wild", "--out", tmp_path / "o.h5",
             "--params", tmp_path / "none.yaml")
@@ -192,7 +181,7 @@ def test_empty_folder_is_a_one_line_error(teacher_ckpt: Path, tmp_path: Path) ->
     assert not (tmp_path / "o.h5").exists()
 
 
-def test_unreadable_image_is_skipped_and_counted(teacher_ckpt: Path, mnist_test, tmp_path: Path) -> None:
+def test_unreadable_image_is_skipped_and_counted(teacher_ckpt: Path, mnist_test, tmp_path: Path, cli: Any) -> None:
     from PIL import Image
 
     wild = tmp_path / "wild"
@@ -210,7 +199,7 @@ def test_unreadable_image_is_skipped_and_counted(teacher_ckpt: Path, mnist_test,
     assert len(load_bank(tmp_path / "o.h5")) == 6
 
 
-def test_unconvertible_channels_and_unknown_sources(teacher_ckpt: Path, tmp_path: Path) -> None:
+def test_unconvertible_channels_and_unknown_sources(teacher_ckpt: Path, tmp_path: Path, cli: Any) -> None:
     pool = write_pool(tmp_path / "two.h5", torch.zeros(4, 2, 8, 8, dtype=torch.uint8))
     r = cli("retrieve", "--teacher", teacher_ckpt, "--wild", pool, "--out", tmp_path / "o.h5",
             "--params", tmp_path / "none.yaml")
@@ -224,7 +213,7 @@ def test_unconvertible_channels_and_unknown_sources(teacher_ckpt: Path, tmp_path
 
 # ------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
-def test_pool_retrieve_dfnd_distill_beats_chance(teacher_ckpt: Path, tmp_path: Path) -> None:
+def test_pool_retrieve_dfnd_distill_beats_chance(teacher_ckpt: Path, tmp_path: Path, cli: Any) -> None:
     pool, bank, student = tmp_path / "pool.h5", tmp_path / "ret.h5", tmp_path / "s.safetensors"
     none = tmp_path / "none.yaml"
     r = cli("pool", "build", "--out", pool, "--params", none, "--set", "digits_variants=2",

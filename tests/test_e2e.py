@@ -4,48 +4,39 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "DFKD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1",
-       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def dfkd(*args: str, cwd: Path = ROOT) -> str:
-    proc = subprocess.run([sys.executable, "-m", "stages.cli", *args], capture_output=True, text=True, cwd=cwd,
-                          env=ENV, timeout=900)
-    assert proc.returncode == 0, proc.stderr + proc.stdout
-    return proc.stdout
 
 
 @pytest.mark.slow
-def test_stages_chain_and_student_beats_chance_on_real_digits(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_stages_chain_and_student_beats_chance_on_real_digits(tmp_path: Path, teacher_ckpt: Path, dfkd: Any) -> None:
+    def run(*args: str) -> str:
+        return dfkd(*args, check=True).stdout
+
     bank, student = tmp_path / "di.h5", tmp_path / "student.safetensors"
-    dfkd("synthesize", "-m", "deepinversion", "--teacher", str(teacher_ckpt), "--out", str(bank),
+    run("synthesize", "-m", "deepinversion", "--teacher", str(teacher_ckpt), "--out", str(bank),
          "--rounds", "4", "--set", "batch_size=128", "--set", "g_steps=40", "--metrics", str(tmp_path / "s.json"))
-    info = dfkd("bank", "info", str(bank), "--json", str(tmp_path / "info.json"))
+    info = run("bank", "info", str(bank), "--json", str(tmp_path / "info.json"))
     assert "deepinversion" in info
     summary = json.loads((tmp_path / "info.json").read_text())
     assert summary["size"] == 512 and len(summary["per_round"]) == 4
     assert summary["agreement"] > 0.9  # the teacher recognises what it dreamed
-    dfkd("bank", "grid", str(bank), "--out", str(tmp_path / "grid.png"), "--per-class", "4")
+    run("bank", "grid", str(bank), "--out", str(tmp_path / "grid.png"), "--per-class", "4")
     assert (tmp_path / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    dfkd("distill", "--teacher", str(teacher_ckpt), "--bank", str(bank), "--out", str(student),
+    run("distill", "--teacher", str(teacher_ckpt), "--bank", str(bank), "--out", str(student),
          "--epochs", "15", "--set", "batch_size=64", "--metrics", str(tmp_path / "m.json"),
          "--plots", str(tmp_path / "plots.json"))
     metrics = json.loads((tmp_path / "m.json").read_text())
     # chance is 0.10 on the 1,000 real held-out digits; 512 inverted images carry far more than that
     assert metrics["test_acc"] > 0.45, metrics
     assert len(json.loads((tmp_path / "plots.json").read_text())) == 15
-    out = dfkd("evaluate", str(student))
+    out = run("evaluate", str(student))
     assert f"{metrics['test_acc']:.4f}" in out
-    dfkd("report", str(tmp_path / "m.json"), "--out-dir", str(tmp_path / "report"))
+    run("report", str(tmp_path / "m.json"), "--out-dir", str(tmp_path / "report"))
     assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / "report.png").exists()
 
 

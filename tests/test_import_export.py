@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
-from typer.testing import CliRunner
 
 from dfkd_common.bank import BankWriter
 from dfkd_common.checkpoint import load_model
@@ -22,32 +20,19 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.imports import KEYMAPS, fold_conv_bias_into_bn, load_weights, read_weights
 from dfkd_common.models import build_model
 from dfkd_common.synthesis import build_synthesizer
-from stages.cli import app
 
 ROOT = Path(__file__).resolve().parents[1]
 AUTHORS = json.loads((ROOT / "tests" / "fixtures" / "authors_keys.json").read_text())
 INFO = get_dataset("mnist5k").info
 
 
-def cli(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DFKD_NO_PROGRESS": "1", "COLUMNS": "200", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "stages.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or ROOT, env=env, timeout=600)
-
-
-def one_line(proc: subprocess.CompletedProcess[str], pattern: str) -> None:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert pattern in lines[0], lines[0]
-
-
 # --------------------------------------------------------------------------------------------- round trip
 def test_a_plain_state_dict_of_a_trained_teacher_imports_with_identical_logits(teacher_ckpt: Path,
-                                                                              tmp_path: Path) -> None:
+                                                                              tmp_path: Path, dfkd: Any) -> None:
     teacher, meta = load_model(teacher_ckpt)
     torch.save({"state_dict": teacher.net.state_dict(), "epoch": 6, "best_acc1": 0.97}, tmp_path / "t.pth")
     out = tmp_path / "imported.safetensors"
-    proc = cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "t.pth", "--dataset", "mnist5k",
+    proc = dfkd("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "t.pth", "--dataset", "mnist5k",
                "--out", out, "--metrics", tmp_path / "m.json", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     imported, imeta = load_model(out)
@@ -57,7 +42,8 @@ def test_a_plain_state_dict_of_a_trained_teacher_imports_with_identical_logits(t
     assert json.loads(details_path(tmp_path / "m.json").read_text())["test_acc"] == pytest.approx(meta.headline)
 
 
-def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path) -> None:
+def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path, dfkd: Any,
+                                                                  one_line_error: Any) -> None:
     marker = tmp_path / "ran"
 
     class Payload:
@@ -65,13 +51,14 @@ def test_a_pickle_that_would_run_code_is_refused_and_runs_nothing(tmp_path: Path
             return (os.system, (f"touch {marker}",))
 
     torch.save({"state_dict": {"w": torch.zeros(1)}, "extra": Payload()}, tmp_path / "evil.pth")
-    proc = cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "evil.pth", "--dataset", "mnist5k",
+    proc = dfkd("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "evil.pth", "--dataset", "mnist5k",
                "--out", tmp_path / "t.safetensors", cwd=tmp_path)
-    one_line(proc, "torch.load(weights_only=True), which refused it")
+    one_line_error(proc, "torch.load(weights_only=True), which refused it", code=2)
     assert not marker.exists() and not (tmp_path / "t.safetensors").exists()
 
 
-def test_each_mismatch_is_one_line_naming_the_first_offending_key(teacher_ckpt: Path, tmp_path: Path) -> None:
+def test_each_mismatch_is_one_line_naming_the_first_offending_key(teacher_ckpt: Path, tmp_path: Path, dfkd: Any,
+                                                                  one_line_error: Any) -> None:
     state = load_model(teacher_ckpt)[0].net.state_dict()
     cases = {
         "missing": ({k: v for k, v in state.items() if k != "fc.bias"}, "missing key fc.bias"),
@@ -82,12 +69,13 @@ def test_each_mismatch_is_one_line_naming_the_first_offending_key(teacher_ckpt: 
     }
     for name, (bad, pattern) in cases.items():
         torch.save(bad, tmp_path / f"{name}.pth")
-        proc = cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / f"{name}.pth", "--dataset",
+        proc = dfkd("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / f"{name}.pth", "--dataset",
                    "mnist5k", "--out", tmp_path / f"{name}.safetensors", cwd=tmp_path)
-        one_line(proc, pattern)
+        one_line_error(proc, pattern, code=2)
     (tmp_path / "junk.pth").write_bytes(b"not a torch file")
-    one_line(cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "junk.pth", "--dataset", "mnist5k",
-                 "--out", tmp_path / "j.safetensors", cwd=tmp_path), "not a readable PyTorch weights file")
+    one_line_error(dfkd("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "junk.pth", "--dataset",
+                        "mnist5k", "--out", tmp_path / "j.safetensors", cwd=tmp_path),
+                   "not a readable PyTorch weights file", code=2)
 
 
 # --------------------------------------------------------------------------------------------- key maps
@@ -132,9 +120,9 @@ def test_folding_a_conv_bias_into_the_next_bn_is_exact() -> None:
     assert torch.allclose(ours(x), theirs(x), atol=1e-5)
 
 
-def test_a_cmi_import_takes_the_authors_normalisation(tmp_path: Path) -> None:
+def test_a_cmi_import_takes_the_authors_normalisation(tmp_path: Path, dfkd: Any) -> None:
     torch.save({"state_dict": _authors_state("cmi", "wrn_16_1")}, tmp_path / "cifar10_wrn16_1.pth")
-    proc = cli("teacher", "import", "--arch", "wrn_16_1", "--weights", tmp_path / "cifar10_wrn16_1.pth",
+    proc = dfkd("teacher", "import", "--arch", "wrn_16_1", "--weights", tmp_path / "cifar10_wrn16_1.pth",
                "--dataset", "cifar10", "--keys", "cmi", "--out", tmp_path / "t.safetensors", "--set",
                f"data_root={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -154,7 +142,7 @@ def test_read_weights_unpacks_nested_and_data_parallel_checkpoints(tmp_path: Pat
 
 
 # ------------------------------------------------------------------------------------------ torchvision
-def test_a_torchvision_resnet18_imports_at_224_and_runs_deepinversion(tmp_path: Path) -> None:
+def test_a_torchvision_resnet18_imports_at_224_and_runs_deepinversion(tmp_path: Path, dfkd: Any) -> None:
     import torchvision
 
     from dfkd_common import tvguard  # noqa: F401
@@ -162,7 +150,7 @@ def test_a_torchvision_resnet18_imports_at_224_and_runs_deepinversion(tmp_path: 
     torch.manual_seed(0)
     reference = torchvision.models.resnet18(num_classes=1000).eval()
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
-    proc = cli("teacher", "import", "--arch", "torchvision:resnet18", "--weights", tmp_path / "r18.pth",
+    proc = dfkd("teacher", "import", "--arch", "torchvision:resnet18", "--weights", tmp_path / "r18.pth",
                "--out", tmp_path / "t.safetensors", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     teacher, meta = load_model(tmp_path / "t.safetensors")
@@ -181,11 +169,12 @@ def test_a_torchvision_resnet18_imports_at_224_and_runs_deepinversion(tmp_path: 
 
 
 # ----------------------------------------------------------------------------------- distill: test sets
-def _custom_teacher(teacher_ckpt: Path, tmp_path: Path) -> Path:
+@pytest.fixture
+def custom_teacher(teacher_ckpt: Path, tmp_path: Path, dfkd: Any) -> Path:
     """The session's teacher imported as if for data nobody has here (no registered dataset)."""
     torch.save(load_model(teacher_ckpt)[0].net.state_dict(), tmp_path / "t.pth")
     out = tmp_path / "custom.safetensors"
-    proc = cli("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "t.pth", "--image-size", 32,
+    proc = dfkd("teacher", "import", "--arch", "lenet5", "--weights", tmp_path / "t.pth", "--image-size", 32,
                "--channels", 1, "--classes", 10, "--mean", "0.1307", "--std", "0.3081", "--out", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     return out
@@ -199,27 +188,25 @@ def _bank_of_real_digits(path: Path, mnist_train, n: int = 400) -> Path:
 
 
 @pytest.mark.slow
-def test_distillation_with_a_folder_test_set_and_with_none(teacher_ckpt: Path, tmp_path: Path, mnist_train,
-                                                           mnist_test) -> None:
+def test_distillation_with_a_folder_test_set_and_with_none(custom_teacher: Path, tmp_path: Path, mnist_train,
+                                                           mnist_test, cli: Any) -> None:
     from PIL import Image
 
-    teacher = _custom_teacher(teacher_ckpt, tmp_path)
+    teacher = custom_teacher
     bank = _bank_of_real_digits(tmp_path / "bank.h5", mnist_train)
     folder = tmp_path / "test"
     for i in range(0, 1000, 4):
         d = folder / str(int(mnist_test.labels[i]))
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(mnist_test.images[i, 0].numpy()).save(d / f"{i}.png")
-    runner = CliRunner()
     common = ["distill", "--teacher", str(teacher), "--bank", str(bank), "--epochs", "6", "--params",
               str(tmp_path / "p.yaml"), "--set", "batch_size=64"]
     (tmp_path / "p.yaml").write_text("{}\n")
-    r = runner.invoke(app, [*common, "--out", str(tmp_path / "a.safetensors"), "--test", str(folder), "--metrics",
-                            str(tmp_path / "a.json")])
+    r = cli(*common, "--out", tmp_path / "a.safetensors", "--test", folder, "--metrics", tmp_path / "a.json")
     assert r.exit_code == 0, r.output
     a = json.loads(details_path(tmp_path / "a.json").read_text())
     assert a["evaluated_on"] == f"test set {folder}" and a["test_acc"] > 0.5  # 250 real digits; chance 0.1
-    r = runner.invoke(app, [*common, "--out", str(tmp_path / "b.safetensors"), "--metrics", str(tmp_path / "b.json")])
+    r = cli(*common, "--out", tmp_path / "b.safetensors", "--metrics", tmp_path / "b.json")
     assert r.exit_code == 0, r.output
     b = json.loads(details_path(tmp_path / "b.json").read_text())
     assert b["evaluated_on"].startswith("agreement with the teacher on 40 bank images held out")
@@ -229,9 +216,10 @@ def test_distillation_with_a_folder_test_set_and_with_none(teacher_ckpt: Path, t
 # ---------------------------------------------------------------------------------------------- export
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "state_dict"])
-def test_exports_match_the_model_and_carry_the_normalisation(fmt: str, teacher_ckpt: Path, tmp_path: Path) -> None:
+def test_exports_match_the_model_and_carry_the_normalisation(fmt: str, teacher_ckpt: Path, tmp_path: Path,
+                                                             dfkd: Any) -> None:
     out = tmp_path / f"model.{fmt}"
-    proc = cli("export", teacher_ckpt, "--format", fmt, "--out", out, cwd=tmp_path)
+    proc = dfkd("export", teacher_ckpt, "--format", fmt, "--out", out, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     model, _ = load_model(teacher_ckpt)
     x = torch.rand(5, 1, 32, 32)

@@ -4,18 +4,15 @@ model takes every registered dataset's input, and a work file is never deleted b
 from __future__ import annotations
 
 import json
-import os
 import struct
-import subprocess
-import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from test_cli_errors import assert_one_line_error, dfkd, small_bank
 
 from dfkd_common.bank import load_bank, verify_bank
 from dfkd_common.checkpoint import (
@@ -71,7 +68,8 @@ def legacy_bank(path: Path, n: int = 32) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------- banks
-def test_a_flipped_byte_in_a_bank_is_one_line_naming_file_and_dataset(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_a_flipped_byte_in_a_bank_is_one_line_naming_file_and_dataset(tmp_path: Path, teacher_ckpt: Path, dfkd: Any,
+                                                                      one_line_error: Any, small_bank: Any) -> None:
     bank = small_bank(tmp_path / "b.h5", n=256)
     assert verify_bank(bank)["checksummed"]
     flip_bank_byte(bank)
@@ -81,26 +79,26 @@ def test_a_flipped_byte_in_a_bank_is_one_line_naming_file_and_dataset(tmp_path: 
                  ["distill", "--teacher", str(teacher_ckpt), "--bank", str(bank),
                   "--out", str(tmp_path / "s.safetensors")]):
         proc = dfkd(*args, cwd=ROOT)
-        assert_one_line_error(proc, "dataset 'images' fails its checksum")
+        one_line_error(proc, "dataset 'images' fails its checksum")
         assert proc.returncode == 2
     assert not (tmp_path / "s.safetensors").exists()
 
 
-def test_a_flipped_byte_in_the_labels_is_caught_too(tmp_path: Path) -> None:
+def test_a_flipped_byte_in_the_labels_is_caught_too(tmp_path: Path, small_bank: Any) -> None:
     bank = small_bank(tmp_path / "b.h5")
     flip_bank_byte(bank, "labels")
     with pytest.raises(DfkdError, match="dataset 'labels' fails its checksum"):
         verify_bank(bank)
 
 
-def test_bank_verify_reports_a_good_bank(tmp_path: Path) -> None:
+def test_bank_verify_reports_a_good_bank(tmp_path: Path, dfkd: Any, small_bank: Any) -> None:
     bank = small_bank(tmp_path / "b.h5")
     proc = dfkd("bank", "verify", str(bank), cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "OK, 64 rows" in proc.stdout and "images" in proc.stdout
 
 
-def test_a_bank_written_before_checksums_opens_with_a_note(tmp_path: Path) -> None:
+def test_a_bank_written_before_checksums_opens_with_a_note(tmp_path: Path, dfkd: Any) -> None:
     bank = legacy_bank(tmp_path / "old.h5")
     with pytest.warns(UserWarning, match="cannot be verified"):
         loaded = load_bank(bank)
@@ -113,14 +111,15 @@ def test_a_bank_written_before_checksums_opens_with_a_note(tmp_path: Path) -> No
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints
-def test_a_flipped_byte_in_a_checkpoint_names_the_tensor(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_a_flipped_byte_in_a_checkpoint_names_the_tensor(tmp_path: Path, teacher_ckpt: Path, dfkd: Any,
+                                                         one_line_error: Any) -> None:
     bad = tmp_path / "t.safetensors"
     bad.write_bytes(teacher_ckpt.read_bytes())
     flip_tensor_byte(bad, "net.fc.weight")
     with pytest.raises(DfkdError, match=r"tensor net\.fc\.weight does not match its recorded checksum"):
         load_model(bad)
     proc = dfkd("evaluate", str(bad), cwd=ROOT)
-    assert_one_line_error(proc, "net.fc.weight does not match")
+    one_line_error(proc, "net.fc.weight does not match")
 
 
 def test_a_checkpoint_without_digests_loads_with_a_note(tmp_path: Path) -> None:
@@ -158,7 +157,8 @@ def test_a_corrupted_state_file_is_refused(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- unwritable outputs
-def test_unwritable_outputs_are_one_line_naming_the_path(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_unwritable_outputs_are_one_line_naming_the_path(tmp_path: Path, teacher_ckpt: Path, dfkd: Any,
+                                                         one_line_error: Any, small_bank: Any) -> None:
     bank = small_bank(tmp_path / "b.h5")
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -172,7 +172,7 @@ def test_unwritable_outputs_are_one_line_naming_the_path(tmp_path: Path, teacher
     ]
     (tmp_path / "m.json").write_text(json.dumps({"name": "x", "test_acc": 0.5}))
     for args, path in cases:
-        assert_one_line_error(dfkd(*args, cwd=ROOT), path)
+        one_line_error(dfkd(*args, cwd=ROOT), path)
 
 
 # ----------------------------------------------------------------------------------------------------- zoo
@@ -219,13 +219,10 @@ def test_a_real_shape_mismatch_is_one_line_before_any_work() -> None:
 
 
 @pytest.mark.slow
-def test_teacher_train_on_digits_with_the_default_arch_beats_chance(tmp_path: Path) -> None:
+def test_teacher_train_on_digits_with_the_default_arch_beats_chance(tmp_path: Path, dfkd: Any) -> None:
     out, metrics = tmp_path / "t.safetensors", tmp_path / "t.json"
-    proc = subprocess.run([sys.executable, "-m", "stages.cli", "teacher", "train", "--dataset", "digits",
-                           "--epochs", "4", "--out", str(out), "--metrics", str(metrics)],  # no params.yaml here
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DFKD_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT)})
-    assert proc.returncode == 0, proc.stderr
+    dfkd("teacher", "train", "--dataset", "digits", "--epochs", "4", "--out", out, "--metrics", metrics,
+         cwd=tmp_path, check=True)  # no params.yaml here
     acc = json.loads(metrics.read_text())["test_acc"]
     assert acc > 0.7, acc  # 10 classes: chance is 0.1
     _, meta = load_model(out)

@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import nn
-from typer.testing import CliRunner
 
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import load_model, load_tree, save_tree
@@ -29,7 +28,6 @@ from dfkd_common.online import build_online_feed, recording
 from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.coupling import CutMix, InverseClassifier, align_term, coupling_loss, renormalise
 from dfkd_common.synthesis.losses import TERMS, Context, onehot_term
-from stages.cli import app
 
 DIGITS = tuple(str(i) for i in range(10))
 TINY = {"batch_size": 20, "g_steps": 2, "augment": {"crop_pad": 2}, "embedding": {"source": "random", "dim": 32}}
@@ -323,7 +321,7 @@ def _bn_distance(teacher: nn.Module, images: torch.Tensor) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["nayer", "cpnet"])
 def test_synthesize_cli_bank_is_recognised_and_matches_bn_statistics(
-    method: str, teacher_ckpt: Path, tmp_path: Path
+    method: str, teacher_ckpt: Path, tmp_path: Path, cli: Any
 ) -> None:
     params: dict[str, Any] = {"seed": 0, "synthesize": {"common": {}, method: {
         "rounds": 4, "batch_size": 40, "g_steps": 40, "ngf": 16, "augment": {"crop_pad": 2},
@@ -331,8 +329,8 @@ def test_synthesize_cli_bank_is_recognised_and_matches_bn_statistics(
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))
     out = tmp_path / f"{method}.h5"
-    res = CliRunner().invoke(app, ["synthesize", "--method", method, "--teacher", str(teacher_ckpt), "--out",
-                                   str(out), "--params", str(pfile), "--device", "cpu"])
+    res = cli("synthesize", "--method", method, "--teacher", teacher_ckpt, "--out", out, "--params", pfile,
+              "--device", "cpu")
     assert res.exit_code == 0, res.output
     bank = load_bank(out)
     assert len(bank) == 160 and sorted(set(np.asarray(bank.rounds).tolist())) == [0, 1, 2, 3]
@@ -357,7 +355,7 @@ def test_synthesize_cli_bank_is_recognised_and_matches_bn_statistics(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["nayer", "cpnet"])
-def test_online_end_to_end_beats_chance(method: str, teacher_ckpt: Path, tmp_path: Path) -> None:
+def test_online_end_to_end_beats_chance(method: str, teacher_ckpt: Path, tmp_path: Path, cli: Any) -> None:
     """``dfkd distill --online`` with NAYER / CPNet: warm-up rounds, then adversarial rounds, KD on the bank."""
     online = {"g_loops": 1, "warmup": 2, "warmup_loops": 3, "batch_size": 40, "g_steps": 10,
               "augment": {"crop_pad": 2, **({"jitter": 0.2} if method == "cpnet" else {})}}
@@ -368,11 +366,9 @@ def test_online_end_to_end_beats_chance(method: str, teacher_ckpt: Path, tmp_pat
         "kd_steps": 20, "lr": 0.05, "optimizer": "sgd", "augment": {"crop_pad": 2}, "online": online}}}
     pfile = tmp_path / "params.yaml"
     pfile.write_text(yaml.safe_dump(params))
-    res = CliRunner().invoke(app, [
-        "distill", "--online", method, "--teacher", str(teacher_ckpt), "--out", str(tmp_path / "s.safetensors"),
-        "--bank-out", str(tmp_path / "bank.h5"), "--params", str(pfile), "--metrics", str(tmp_path / "m.json"),
-        "--device", "cpu",
-    ])
+    res = cli("distill", "--online", method, "--teacher", teacher_ckpt, "--out", tmp_path / "s.safetensors",
+              "--bank-out", tmp_path / "bank.h5", "--params", pfile, "--metrics", tmp_path / "m.json",
+              "--device", "cpu")
     assert res.exit_code == 0, res.output
     metrics = yaml.safe_load(details_path(tmp_path / "m.json").read_text())
     assert metrics["test_acc"] > 0.6, metrics  # chance is 0.1 on the 1,000 real held-out digits

@@ -35,11 +35,6 @@ def _nets() -> tuple[nn.Module, nn.Module]:
             build_model("lenet5_half", 10, 1, INFO.mean, INFO.std))
 
 
-def _side(weights: dict[str, float], options: dict[str, Any] | None = None, acc: float | None = 0.9) -> StudentSide:
-    teacher, student = _nets()
-    return StudentSide(student, weights, options or {}, TermSetup(teacher, student, 1, 32, acc))
-
-
 # --------------------------------------------------------------------------------------- student terms alone
 def test_ce_term_pulls_the_labelled_class_up_and_ignores_unlabelled_rows() -> None:
     ce = STUDENT_TERMS.get("ce")({}, None)  # type: ignore[arg-type]
@@ -72,17 +67,17 @@ def test_l1_term_gradient_points_from_student_to_teacher() -> None:
     assert s.grad is not None and torch.equal(torch.sign(s.grad), -torch.sign(t))
 
 
-def test_unknown_terms_and_options_are_one_line_errors() -> None:
+def test_unknown_terms_and_options_are_one_line_errors(student_side: Any) -> None:
     with pytest.raises(DfkdError, match=r"weights\.nope: no such student term"):
-        _side({"nope": 1.0})
+        student_side({"nope": 1.0})[1]
     with pytest.raises(DfkdError, match=r"unknown param\(s\) terms\.kd\.taux"):
-        _side({"kd": 1.0}, {"kd": {"taux": 4}})
+        student_side({"kd": 1.0}, {"kd": {"taux": 4}})[1]
     with pytest.raises(DfkdError, match="weight 0"):
-        _side({"kd": 0.0})
+        student_side({"kd": 0.0})[1]
 
 
-def test_the_side_sums_weighted_terms_and_describes_its_objective() -> None:
-    side = _side({"kd": 2.0, "ce": 0.5}, {"kd": {"tau": 2.0}})
+def test_the_side_sums_weighted_terms_and_describes_its_objective(student_side: Any) -> None:
+    side = student_side({"kd": 2.0, "ce": 0.5}, {"kd": {"tau": 2.0}})[1]
     x = torch.rand(4, 1, 32, 32)
     s, t, y = side.student(x), torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
     total, logs = side.objective(StudentStep(x, y, s, t))
@@ -130,8 +125,8 @@ register(_Adapter)
 register(_Pairs)
 
 
-def test_parameter_groups_and_own_optimisers() -> None:
-    side = _side({"kd": 1.0, "test_adapter": 1.0, "na": 1.0})
+def test_parameter_groups_and_own_optimisers(student_side: Any) -> None:
+    side = student_side({"kd": 1.0, "test_adapter": 1.0, "na": 1.0})[1]
     opt, own = side.optimizers("sgd", 0.05, 5e-4)
     assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == 0.5
     assert opt.param_groups[1]["params"] == [side.terms["test_adapter"].scale]
@@ -140,23 +135,25 @@ def test_parameter_groups_and_own_optimisers() -> None:
     assert {id(p) for p in opt.param_groups[0]["params"]} == student_ids
 
 
-def test_a_term_on_for_part_of_training_says_so_and_a_capability_is_found_by_name() -> None:
+def test_a_term_on_for_part_of_training_says_so_and_a_capability_is_found_by_name(student_side: Any) -> None:
     """DDP must look for unused parameters exactly when a term is off part of the time (the side says so, from
     the term's own schedule); a synthesizer finds the rotation head by the capability, not by a term's name."""
-    assert not _side({"kd": 1.0}).part_time
-    assert not _side({"kd": 1.0, "striplet": 0.1}).part_time  # published default: always on
-    assert _side({"kd": 1.0, "striplet": 0.1}, {"striplet": {"custom_steps": 0.5}}).part_time
-    side = _side({"kd": 1.0, "rot": 1.0})
-    assert side.provider("rotation_head") is side.terms["rot"] and _side({"kd": 1.0}).provider("rotation_head") is None
+    assert not student_side({"kd": 1.0})[1].part_time
+    assert not student_side({"kd": 1.0, "striplet": 0.1})[1].part_time  # published default: always on
+    assert student_side({"kd": 1.0, "striplet": 0.1}, {"striplet": {"custom_steps": 0.5}})[1].part_time
+    side = student_side({"kd": 1.0, "rot": 1.0})[1]
+    assert side.provider("rotation_head") is side.terms["rot"]
+    assert student_side({"kd": 1.0})[1].provider("rotation_head") is None
 
 
-def test_term_modules_train_are_resumed_and_stay_out_of_the_student(tmp_path: Path, mnist_test) -> None:
+def test_term_modules_train_are_resumed_and_stay_out_of_the_student(tmp_path: Path, mnist_test,
+                                                                    student_side: Any) -> None:
     """Two epochs straight equal one epoch, a stop, and a resumed second epoch: term modules included."""
     images = mnist_test.images[:128]
     cfg = Distillation(epochs=2, batch_size=32, lr=0.05, augment=AugmentConfig(crop_pad=0))
 
     def run(out: str, epochs_then_stop: int | None = None) -> StudentSide:
-        side = _side({"kd": 1.0, "test_adapter": 1.0, "na": 1.0})
+        side = student_side({"kd": 1.0, "test_adapter": 1.0, "na": 1.0})[1]
         teacher = _nets()[0]
         resume = StateFile.for_output(tmp_path / out, {"k": 1})
 
@@ -182,10 +179,10 @@ def test_term_modules_train_are_resumed_and_stay_out_of_the_student(tmp_path: Pa
     assert set(straight.student.state_dict()) == set(_nets()[1].state_dict())  # only the student's weights
 
 
-def test_two_view_batches_and_features_by_stage(mnist_test) -> None:
+def test_two_view_batches_and_features_by_stage(mnist_test, student_side: Any) -> None:
     """A term asking for 2 views gets each image twice, independently augmented, with both networks' features."""
     _Pairs.seen.clear()
-    side = _side({"kd": 1.0, "test_pairs": 1.0})
+    side = student_side({"kd": 1.0, "test_pairs": 1.0})[1]
     cfg = Distillation(epochs=1, batch_size=16, kd_steps=1, augment=AugmentConfig(crop_pad=4))
     distill(_nets()[0], side, BankFeed(mnist_test.images[:16], mnist_test.labels[:16], torch.device("cpu")),
             mnist_test, cfg, ENGINE)
@@ -198,11 +195,12 @@ def test_two_view_batches_and_features_by_stage(mnist_test) -> None:
     assert step.s_feat is not None and step.s_feat.shape == (32, 42) and step.t_feat is not None
 
 
-def test_a_labels_only_objective_skips_the_teacher(mnist_test, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_labels_only_objective_skips_the_teacher(mnist_test, monkeypatch: pytest.MonkeyPatch,
+                                                   student_side: Any) -> None:
     teacher = _nets()[0]
     calls = []
     monkeypatch.setattr(teacher, "forward", lambda x: calls.append(x) or torch.zeros(x.shape[0], 10))
-    side = _side({"ce": 1.0})
+    side = student_side({"ce": 1.0})[1]
     cfg = Distillation(epochs=1, batch_size=16, kd_steps=2)
     distill(teacher, side, BankFeed(mnist_test.images[:32], mnist_test.labels[:32], torch.device("cpu")),
             mnist_test, cfg, ENGINE)
@@ -291,11 +289,11 @@ def test_stage_outputs_for_the_zoo_without_touching_the_random_stream() -> None:
             assert [s.path for s in stages] == expected[arch], arch
 
 
-def test_checkpoint_holds_only_the_students_weights(tmp_path: Path, teacher_ckpt: Path) -> None:
+def test_checkpoint_holds_only_the_students_weights(tmp_path: Path, teacher_ckpt: Path, student_side: Any) -> None:
     from dfkd_common import __version__
     from dfkd_common.checkpoint import ModelMeta, now, save_model
 
-    side = _side({"kd": 1.0, "na": 1.0})
+    side = student_side({"kd": 1.0, "na": 1.0})[1]
     save_model(tmp_path / "s.safetensors", side.student,
                ModelMeta("lenet5_half", {}, INFO, {}, {}, now(), __version__, "student"))
     loaded, _ = load_model(tmp_path / "s.safetensors")

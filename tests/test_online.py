@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 import dfkd_common.runs.student_run as student_run
 from dfkd_common.bank import load_bank
@@ -18,7 +17,6 @@ from dfkd_common.jobs import work_dir
 from dfkd_common.models import build_model
 from dfkd_common.online import frozen
 from dfkd_common.synthesis.losses import Context, adversarial_term, kl_div
-from stages.cli import app
 
 FAST_ONLINE = {"method": "fast", "g_loops": 2, "warmup": 1, "warmup_loops": 3, "batch_size": 32, "g_steps": 2,
                "nz": 16, "ngf": 8, "weights": {"bn": 1.0, "oh": 1.0, "adv": 1.0}, "augment": {"crop_pad": 2}}
@@ -35,11 +33,15 @@ def _params(tmp_path: Path, online: dict[str, Any], loss: str = "kd") -> Path:
     return path
 
 
-def _run(teacher: Path, tmp_path: Path, params: Path, out: str = "s.safetensors") -> Any:
-    return CliRunner().invoke(app, [
-        "distill", "--teacher", str(teacher), "--out", str(tmp_path / out), "--params", str(params),
-        "--metrics", str(tmp_path / f"{out}.json"), "--device", "cpu",
-    ])
+@pytest.fixture
+def distill_run(cli: Any, teacher_ckpt: Path, tmp_path: Path) -> Any:
+    """``dfkd distill`` of the session's teacher with a params file, the student and metrics in tmp_path."""
+
+    def run(params: Path, out: str = "s.safetensors") -> Any:
+        return cli("distill", "--teacher", teacher_ckpt, "--out", tmp_path / out, "--params", params,
+                   "--metrics", tmp_path / f"{out}.json", "--device", "cpu")
+
+    return run
 
 
 # --------------------------------------------------------------------------------- adversarial term
@@ -99,7 +101,7 @@ DFAD_CASE = (DFAD_ONLINE, "l1", list(range(3)), {-1: 10})
 ], ids=["fast-after-epoch", "fast-mid-synthesis", "dfad-mid-epoch"])
 def test_online_resume_after_interruption(
     teacher_ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    online: dict[str, Any], loss: str, rounds: list[int], rows: dict[int, int], where: str,
+    online: dict[str, Any], loss: str, rounds: list[int], rows: dict[int, int], where: str, distill_run: Any,
 ) -> None:
     """Kill a run in epoch 2 (after its KD steps, or inside its synthesis), rerun: every round exactly once."""
     params = _params(tmp_path, online, loss)
@@ -132,23 +134,23 @@ def test_online_resume_after_interruption(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(student_run, "distill", interrupted)
-    result = _run(teacher_ckpt, tmp_path, params)
+    result = distill_run(params)
     assert isinstance(result.exception, Injected)
     assert work_dir(tmp_path / "s.bank.h5").exists() and not (tmp_path / "s.bank.h5").exists()
     monkeypatch.setattr(student_run, "distill", real)
-    result = _run(teacher_ckpt, tmp_path, params)
+    result = distill_run(params)
     assert result.exit_code == 0, result.output
     _check_bank(tmp_path / "s.bank.h5", rounds, rows)
     assert load_bank(tmp_path / "s.bank.h5").attrs["method"] == online["method"]
 
 
-def test_online_unknown_method_fails_cleanly(teacher_ckpt: Path, tmp_path: Path) -> None:
-    result = _run(teacher_ckpt, tmp_path, _params(tmp_path, {"method": "nope"}))
+def test_online_unknown_method_fails_cleanly(teacher_ckpt: Path, tmp_path: Path, distill_run: Any) -> None:
+    result = distill_run(_params(tmp_path, {"method": "nope"}))
     assert result.exit_code == 2
     assert "unknown online method 'nope'" in result.output
 
 
-def test_dfad_refuses_initial_bank_param_typos(teacher_ckpt: Path, tmp_path: Path) -> None:
-    result = _run(teacher_ckpt, tmp_path, _params(tmp_path, {**DFAD_ONLINE, "g_step": 3}, "l1"))
+def test_dfad_refuses_initial_bank_param_typos(teacher_ckpt: Path, tmp_path: Path, distill_run: Any) -> None:
+    result = distill_run(_params(tmp_path, {**DFAD_ONLINE, "g_step": 3}, "l1"))
     assert result.exit_code == 2
     assert "dfad online: unknown param(s) g_step" in result.output

@@ -4,9 +4,9 @@ optional packages (extras) that are named in one line when a stage needs a missi
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import tomllib
@@ -47,27 +47,23 @@ def test_a_missing_optional_package_names_its_extra(monkeypatch: pytest.MonkeyPa
     assert issubclass(MissingExtra, DfkdError)  # so the CLI prints it as one line
 
 
-def test_the_cli_starts_without_any_optional_package(tmp_path: Path) -> None:
+def test_the_cli_starts_without_any_optional_package(tmp_path: Path, fresh_python: Any) -> None:
     """`dfkd methods` imports every stage and registry: none may need an extra just to load."""
     code = ("import sys\n"
             f"for m in {OPTIONAL_MODULES!r}: sys.modules[m] = None\n"
             "sys.argv = ['dfkd', 'methods']\n"
             "from stages.cli import main\n"
             "main()\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = fresh_python(code, check=True)
     assert "synthesis methods" in proc.stdout
 
 
-def test_a_stage_that_needs_a_missing_extra_says_so_in_one_line(tmp_path: Path) -> None:
+def test_a_stage_that_needs_a_missing_extra_says_so_in_one_line(tmp_path: Path, dfkd: Any,
+                                                                 one_line_error: Any) -> None:
     fake = tmp_path / "site" / "mlxtend"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'mlxtend'\", name='mlxtend')\n")
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "DFKD_NO_PROGRESS": "1", "COLUMNS": "200"}
-    proc = subprocess.run([sys.executable, "-m", "stages.cli", "teacher", "train", "--dataset", "mnist5k",
-                           "--out", str(tmp_path / "t.safetensors")], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "pip install 'dfkd[offline]'" in lines[0], proc.stderr
+    proc = dfkd("teacher", "train", "--dataset", "mnist5k", "--out", tmp_path / "t.safetensors", cwd=tmp_path,
+                env={"PYTHONPATH": f"{tmp_path / 'site'}{os.pathsep}{ROOT}"}, timeout=120)  # the fake goes first
+    one_line_error(proc, "pip install 'dfkd[offline]'", code=2)
     assert not (tmp_path / "t.safetensors").exists()

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -73,7 +72,7 @@ def test_the_index_names_exactly_what_each_module_registers(reg: Registry) -> No
     assert not wrong, f"{reg.kind}: (registered by, index says) {wrong}"
 
 
-def test_a_name_imports_its_module_only_when_asked_for() -> None:
+def test_a_name_imports_its_module_only_when_asked_for(fresh_python: Any) -> None:
     code = ("import sys\n"
             "from dfkd_common.synthesis import SYNTHESIZERS\n"
             "from dfkd_common.student import STUDENT_TERMS\n"
@@ -83,7 +82,7 @@ def test_a_name_imports_its_module_only_when_asked_for() -> None:
             "SYNTHESIZERS.get('cpnet')\n"
             "assert 'dfkd_common.synthesis.cpnet' in sys.modules\n"
             "assert 'dfkd_common.synthesis.dafl' not in sys.modules\n")
-    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+    fresh_python(code, check=True)
 
 
 def test_every_command_module_has_its_command() -> None:
@@ -94,25 +93,20 @@ def test_every_command_module_has_its_command() -> None:
 
 @pytest.mark.parametrize("group,sub", [("teacher", "import"), ("pool", "build"), ("prior", "train"),
                                        ("bank", "verify")])
-def test_a_stage_with_sub_commands_stays_a_group(group: str, sub: str) -> None:
+def test_a_stage_with_sub_commands_stays_a_group(group: str, sub: str, cli: Any) -> None:
     """`dfkd pool build`: a typer app with a single command must not collapse into that command."""
-    from typer.testing import CliRunner
-
-    from stages.cli import app
-
-    out = CliRunner().invoke(app, [group, "--help"])
+    out = cli(group, "--help")
     assert out.exit_code == 0 and "Commands" in out.output and sub in out.output, out.output
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["--version"], ["methods"]])
-def test_the_console_script_answers_without_importing_torch(argv: list[str]) -> None:
+def test_the_console_script_answers_without_importing_torch(argv: list[str], fresh_python: Any) -> None:
     code = ("import sys\n"
             f"sys.argv = ['dfkd', *{argv!r}]\n"
             "from stages.cli import main\n"
             "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
             "assert 'torch' not in sys.modules, 'torch imported'\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    proc = fresh_python(code, check=True)
     if argv == ["methods"]:
         assert "tasks: classification" in proc.stdout and "model sources: torchvision, zoo" in proc.stdout
     if argv == ["--version"]:

@@ -152,13 +152,6 @@ def test_triplet_options_are_checked() -> None:
 
 
 # ----------------------------------------------------------------------------------------- student terms
-def _side(weights: dict[str, float]) -> tuple[torch.nn.Module, StudentSide]:
-    torch.manual_seed(0)
-    teacher = build_model("lenet5", 10, 1, INFO.mean, INFO.std).eval()
-    student = build_model("lenet5_half", 10, 1, INFO.mean, INFO.std)
-    return teacher, StudentSide(student, weights, {}, TermSetup(teacher, student, 1, 32, 0.9))
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_striplet_uses_two_views_and_pulls_same_label_views_together(seed: int) -> None:
     """One gradient step on the term brings same-label features closer relative to different-label ones (mean
@@ -188,12 +181,12 @@ def test_striplet_uses_two_views_and_pulls_same_label_views_together(seed: int) 
     assert float(STUDENT_TERMS.get("striplet")({"custom_steps": 0.5}, None)(late)) == 0  # type: ignore[arg-type]
 
 
-def test_cd_adapters_train_resume_and_stay_out_of_the_student(tmp_path: Path, mnist_test) -> None:
+def test_cd_adapters_train_resume_and_stay_out_of_the_student(tmp_path: Path, mnist_test, student_side: Any) -> None:
     images = mnist_test.images[:96]
     cfg = Distillation(epochs=2, batch_size=32, lr=0.05, augment=AugmentConfig(crop_pad=0))
 
     def run(out: str, stop_after: int | None = None) -> StudentSide:
-        teacher, side = _side({"kd": 1.0, "cd": 1.0, "striplet": 0.5})
+        teacher, side = student_side({"kd": 1.0, "cd": 1.0, "striplet": 0.5})
 
         def stop(row: dict[str, float]) -> None:
             if stop_after is not None and row["epoch"] == stop_after:
@@ -209,7 +202,7 @@ def test_cd_adapters_train_resume_and_stay_out_of_the_student(tmp_path: Path, mn
     straight = run("a")
     run("b", stop_after=1)
     resumed = run("b")
-    fresh = _side({"kd": 1.0, "cd": 1.0})[1]
+    fresh = student_side({"kd": 1.0, "cd": 1.0})[1]
     adapter = straight.terms["cd"].adapters[0]
     assert adapter.in_channels == 60 and adapter.out_channels == 120  # lenet5_half -> lenet5, last stage (C5)
     assert not torch.equal(adapter.weight, fresh.terms["cd"].adapters[0].weight)  # it trained

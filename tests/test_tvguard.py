@@ -6,22 +6,20 @@ compiled extension cannot load; dfkd_common.tvguard must make the imports work a
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 
-def test_guard_runs_before_torchvision_in_a_fresh_interpreter() -> None:
+def test_guard_runs_before_torchvision_in_a_fresh_interpreter(fresh_python: Any) -> None:
     code = (
         "import stages.cli, torch, torchvision, torchvision.ops;"
         "from dfkd_common import tvguard;"
         "print(tvguard._state['patched'], hasattr(torch.ops.torchvision, 'nms'))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    out = fresh_python(code, check=True).stdout.split()
     patched, has_nms = out
     assert has_nms == "True"
     # where the compiled extension loads (matching builds), the guard must not have touched anything

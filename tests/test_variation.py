@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,6 @@ from dfkd_common.jobs import work_dir
 from dfkd_common.variation.augment import BankAugmentation, augment_bank, convert, embed, variation_seed, vary_and_score
 from dfkd_common.variation.models import SDEditPrior, open_variation_model
 from dfkd_common.variation.prior import random_prior_like
-from tests.test_cli_errors import assert_one_line_error, dfkd
 
 pytest.importorskip("diffusers")
 REPO = Path(__file__).resolve().parents[1]
@@ -247,21 +247,21 @@ def test_sd_image_variations_through_diffusers_save_and_load(tmp_path: Path, tea
     assert isinstance(vm, SDImageVariations) and vm.precision() == "fp32"
 
 
-def test_augment_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path: Path, teacher_ckpt: Path,
-                                                              digits_bank: Path, tiny_prior: Path) -> None:
+def test_augment_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path: Path, teacher_ckpt: Path, digits_bank: Path,
+                                                              tiny_prior: Path, dfkd: Any, one_line_error: Any) -> None:
     base = ["augment", "--teacher", str(teacher_ckpt), "--bank", str(digits_bank), "--model", str(tiny_prior)]
     out = tmp_path / "aug.h5"
-    assert_one_line_error(dfkd(*base, "--out", str(out), "--omega", "1.5", cwd=REPO), "omega")
-    assert_one_line_error(dfkd(*base, "--out", str(out), "-k", "0", cwd=REPO), "k must be >= 1")
+    one_line_error(dfkd(*base, "--out", str(out), "--omega", "1.5"), "omega")
+    one_line_error(dfkd(*base, "--out", str(out), "-k", "0"), "k must be >= 1")
     wrong = tmp_path / "rgb.h5"
     with BankWriter(wrong, channels=3, image_size=32, kind="synthetic", method="t",
                     dataset=load_bank(digits_bank).dataset) as w:
         w.append(torch.rand(2, 3, 32, 32), [0, 1], 0)
     proc = dfkd("augment", "--teacher", str(teacher_ckpt), "--bank", str(wrong), "--model", str(tiny_prior),
-                "--out", str(out), cwd=REPO)
-    assert_one_line_error(proc, "teacher expects 1x32x32")
-    proc = dfkd(*base[:-1], str(tmp_path / "nowhere"), "--out", str(out), cwd=REPO)
-    assert_one_line_error(proc, "no such directory")
+                "--out", str(out))
+    one_line_error(proc, "teacher expects 1x32x32")
+    proc = dfkd(*base[:-1], str(tmp_path / "nowhere"), "--out", str(out))
+    one_line_error(proc, "no such directory")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rgb.h5"]
 
 
