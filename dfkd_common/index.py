@@ -3,7 +3,7 @@
 Registries are lazy (:mod:`dfkd_common.registry`): a method, a term, a dataset or a model source is imported when
 it is named, not when the package is imported, so a stage loads (and its DVC stage depends on) only the code it
 runs, and ``dfkd --help`` starts without torch. This page is what makes that possible: it is plain data, read
-without importing anything, and ``dfkd methods`` lists every registry from it. ``tests/test_registry.py`` imports
+without importing anything, and ``dfkd methods`` lists every registry from it. ``tests/common/test_registry.py`` imports
 every module of the package and checks that each name here is registered by exactly the module this index gives,
 and that no module registers a name the index lacks, so the index cannot drift from the code.
 

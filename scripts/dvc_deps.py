@@ -10,7 +10,7 @@ stage's worker processes are merged into it).
     python scripts/dvc_deps.py            # measure (about 4 minutes on 2 cores) and report what differs
     python scripts/dvc_deps.py --write    # ... and rewrite the code deps in dvc.yaml
 
-``tests/test_e2e.py`` runs the same measurement inside its ``dvc repro`` test and fails when dvc.yaml misses a
+``tests/pipeline/test_e2e.py`` runs the same measurement inside its ``dvc repro`` test and fails when dvc.yaml misses a
 file a stage imports or lists one it does not. Deps are files, never directories: DVC hashes everything in a
 directory, so a file added to it later (a new task, a new method) would re-run stages that never import it. Stages
 of one ``foreach`` share their deps: items that run different code belong in different stages. Frozen stages

@@ -1,5 +1,5 @@
 """Records which project modules a process imported, for ``scripts/dvc_deps.py`` (which puts this folder first on
-``PYTHONPATH`` of a measuring run, in ``tests/test_e2e.py`` and when a developer measures or rewrites deps).
+``PYTHONPATH`` of a measuring run, in ``tests/pipeline/test_e2e.py`` and when a developer measures or rewrites deps).
 
 At exit, every Python process started with ``DFKD_IMPORT_LOG=DIR`` writes ``DIR/<pid>.json``: the DVC stage it ran
 for (``DVC_STAGE``, which DVC sets for every stage command and its children), its command line, and the files under

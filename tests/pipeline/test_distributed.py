@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from dfkd_common.bank import BankWriter, load_bank
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 3
 ENV = {**os.environ, "DFKD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "DFKD_DIST_TIMEOUT_MIN": "1"}
 

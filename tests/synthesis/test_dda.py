@@ -28,7 +28,7 @@ INFO = get_dataset("mnist5k").info
 CIFAR = get_dataset("cifar10").info
 ENGINE = Engine.create("cpu", amp=False, channels_last=False)
 DDA_OPTIONS = {"kd": {"tau": 20.0}}  # the student objective's KD temperature
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NO_AUG = {"augment": {"crop_pad": 0, "flip": False, "jitter": 0.0}}
 DDA = {"kd": 1.0, "ce": 1.0, "fea": 30.0, "rot": 1.0}
 

@@ -12,7 +12,7 @@ import torch
 from dfkd_common.bank import BankWriter
 from dfkd_common.checkpoint import read_meta
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def python_blocks() -> list[str]:

@@ -23,7 +23,7 @@ from dfkd_common.checkpoint import load_model, read_meta
 from dfkd_common.data import get_dataset
 from dfkd_common.errors import DfkdError
 
-OLD = Path(__file__).parent / "fixtures" / "v0.2"
+OLD = Path(__file__).resolve().parents[1] / "fixtures" / "v0.2"
 INFO = get_dataset("mnist5k").info
 
 

@@ -34,7 +34,7 @@ from dfkd_common.variation.augment import AugmentRun
 from dfkd_common.variation.models import VARIATIONS
 from dfkd_common.variation.prior import PriorConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARAMS_FILES = [ROOT / "params.yaml", *sorted((ROOT / "pipelines").glob("*/params.yaml"))]
 
 

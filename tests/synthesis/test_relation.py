@@ -27,7 +27,7 @@ from dfkd_common.synthesis.losses import TERMS
 
 INFO = get_dataset("mnist5k").info
 ENGINE = Engine.create("cpu", amp=False, channels_last=False)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -26,7 +26,7 @@ from dfkd_common.synthesis.losses import TERMS
 from dfkd_common.tasks import TASKS
 from dfkd_common.variation.models import VARIATIONS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ALL = [TASKS, SOURCES, DATASETS, MODELS, GENERATORS, SYNTHESIZERS, TERMS, STUDENT_TERMS, ONLINE, VARIATIONS, KEYMAPS]
 
 ZOO = ["lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "vgg11_bn"]

@@ -23,7 +23,7 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job, OutputLock, work_dir
 from dfkd_common.loops.synthesis_rounds import run_synthesis, split_params
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INFO = get_dataset("mnist5k").info
 HEADER = BankHeader(channels=1, image_size=32, kind="synthetic", method="t", dataset=INFO.to_dict())
 

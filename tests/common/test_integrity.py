@@ -28,7 +28,7 @@ from dfkd_common.data import DATASETS, get_dataset
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import MODELS, build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INFO = get_dataset("mnist5k").info
 
 

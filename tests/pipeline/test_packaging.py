@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from dfkd_common.errors import DfkdError
 from dfkd_common.extras import PACKAGES, MissingExtra, need
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 OPTIONAL_MODULES = sorted(PACKAGES)
 

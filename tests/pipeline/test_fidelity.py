@@ -24,7 +24,7 @@ from dfkd_common.synthesis import build_synthesizer
 from dfkd_common.synthesis.deepinversion import DeepInversion
 from dfkd_common.synthesis.losses import Context, entropy_balance_term
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENGINE = Engine.create("cpu", amp=False, channels_last=False)
 
 

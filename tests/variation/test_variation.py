@@ -23,7 +23,7 @@ from dfkd_common.variation.models import SDEditPrior, open_variation_model
 from dfkd_common.variation.prior import random_prior_like
 
 pytest.importorskip("diffusers")
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PRIOR = REPO / "priors" / "offline-pool-32x1"
 CPU = torch.device("cpu")
 

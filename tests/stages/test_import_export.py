@@ -21,7 +21,7 @@ from dfkd_common.imports import KEYMAPS, fold_conv_bias_into_bn, load_weights, r
 from dfkd_common.models import build_model
 from dfkd_common.synthesis import build_synthesizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AUTHORS = json.loads((ROOT / "tests" / "fixtures" / "authors_keys.json").read_text())
 INFO = get_dataset("mnist5k").info
 
