@@ -129,7 +129,8 @@ def spec(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def given(path: Path, section: str, profile: str | None = None, sets: list[str] | None = None,
-          seed_from: str | None = None, seeded: Mapping[str, Any] | None = None, **cli: Any) -> dict[str, Any]:
+          seed_from: str | None = None, seeded: Mapping[str, Any] | None = None, profile_required: bool = True,
+          **cli: Any) -> dict[str, Any]:
     """What a run was given, unparsed: the params file's section (``common`` + ``profile``), then the options
     given on the command line (None: not given), then ``--set`` pairs (``seeded``: values a ``--set`` into a
     mapping the file does not give starts from).

@@ -97,63 +97,134 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
     }
 
 
+#: the smallest side a tile is drawn at (a 32x32 image is enlarged 2x, an 8x8 one 6x) so its content is visible
+MIN_TILE = 56
+
+
+def teacher_view(bank: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per row: the teacher's probability of the row's label and its predicted class, from the stored
+    ``teacher_logits`` (None when the bank has none)."""
+    logits = bank.extra.get("teacher_logits")
+    if logits is None or logits.ndim != 2 or not len(bank):
+        return None
+    prob = torch.softmax(logits.float(), dim=1)
+    labels = bank.labels.clamp(min=0)
+    return prob.gather(1, labels[:, None]).squeeze(1), prob.argmax(1)
+
+
 def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_index: int | None = None,
               seed: int = 0) -> int:
-    """Write a PNG with one row per class of up to ``per_class`` random samples; returns images shown."""
+    """Write a PNG with one row per class of up to ``per_class`` random samples; returns images shown.
+
+    The grid explains itself: a title (bank, method, kind, which rounds, what the captions are), each row named
+    by its class, each tile captioned with the teacher's confidence in the row's class where the bank stored the
+    teacher's logits (a red caption names the class the teacher sees instead), and a class with fewer images
+    than columns shows empty cells, never black images."""
     bank = load_bank(path)
     rng = np.random.default_rng(seed)
     keep = torch.ones(len(bank), dtype=torch.bool)
     if round_index is not None:
         keep &= bank.rounds == round_index
     num_classes = int(bank.dataset.get("num_classes") or (int(bank.labels.max()) + 1 if len(bank) else 1))
-    c, h, w = bank.image_shape
-    tiles, shown = [], 0
+    names = list(bank.dataset.get("class_names") or [])
+    name = [names[k] if k < len(names) else str(k) for k in range(num_classes)]
+    view = teacher_view(bank)
+    tiles: list[torch.Tensor | None] = []
+    captions: list[tuple[str, bool] | None] = []
+    shown = 0
     for k in range(num_classes):
         idx = torch.nonzero(keep & (bank.labels == k)).flatten().numpy()
         pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
         for i in range(per_class):
-            tiles.append(bank.images[int(pick[i])] if i < len(pick) else torch.zeros(c, h, w, dtype=torch.uint8))
+            if i >= len(pick):
+                tiles.append(None)
+                captions.append(None)
+                continue
+            row = int(pick[i])
+            tiles.append(bank.images[row])
+            if view is None:
+                captions.append(None)
+            else:
+                p, pred = float(view[0][row]), int(view[1][row])
+                captions.append((f"{100 * p:.0f}%" + ("" if pred == k else f" {name[pred]}"), pred != k))
         shown += len(pick)
-    names = list(bank.dataset.get("class_names") or [])
-    write_grid(tiles, per_class, out, [names[k] if k < len(names) else str(k) for k in range(num_classes)])
+    rounds = bank.rounds[keep]
+    which = (f"round {round_index}" if round_index is not None else
+             f"rounds {int(rounds.min())}-{int(rounds.max())}" if len(rounds) else "no rows")
+    title = [f"{Path(path).name}: {bank.attrs.get('method') or '?'} ({bank.attrs.get('kind') or '?'}), "
+             f"{int(keep.sum()):,} images, {which}",
+             f"rows: class; {per_class} random samples each" + (
+                 "; caption: teacher's confidence in the row's class (red: it sees another)" if view is not None
+                 else "; no teacher logits stored: dfkd bank info --teacher T re-scores")]
+    image = render_grid(tiles, per_class, title, row_labels=name, captions=captions if view is not None else None)
+    _save_png(image, out)
     return shown
 
 
-def write_grid(tiles: list[torch.Tensor], nrow: int, out: str | Path, row_labels: list[str] | None = None) -> None:
-    """uint8 (C, H, W) tiles as a PNG grid of ``nrow`` columns, small images enlarged, rows optionally named."""
-    from PIL import Image
-    from torchvision.utils import make_grid
+def render_grid(tiles: list[torch.Tensor | None], ncol: int, title: list[str], row_labels: list[str] | None = None,
+                col_labels: list[str] | None = None, captions: list[tuple[str, bool] | None] | None = None) -> Any:
+    """uint8 (C, H, W) tiles (None: an empty cell, drawn as an outlined blank) in rows of ``ncol``, under a
+    ``title`` (one line each), with optional row labels on the left, column labels on top and a caption under
+    each tile (text, whether to draw it as a warning). Small images are enlarged (nearest) to :data:`MIN_TILE`."""
+    from PIL import Image, ImageDraw
 
+    c, h, w = next(t.shape for t in tiles if t is not None) if any(t is not None for t in tiles) else (1, 8, 8)
+    scale = max(1, -(-MIN_TILE // max(h, w)))
+    th, tw = h * scale, w * scale
+    font, small = _font(14), _font(11)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def text_w(text: str, f: Any) -> int:
+        return int(probe.textlength(text, font=f))
+
+    pad, line, cap = 6, 18, (14 if captions else 0)
+    left = (max(text_w(t, font) for t in row_labels) + 2 * pad) if row_labels else pad
+    top = pad + line * len(title) + (line if col_labels else 0) + pad
+    rows = -(-len(tiles) // ncol)
+    width = max(left + ncol * (tw + pad) + pad, max(text_w(t, font) for t in title) + 2 * pad)
+    height = top + rows * (th + cap + pad) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(title):
+        draw.text((pad, pad + i * line), text, fill=(0, 0, 0), font=font)
+    for j, text in enumerate(col_labels or []):
+        draw.text((left + j * (tw + pad), top - line - pad // 2), text, fill=(60, 60, 60), font=small)
+    for r in range(rows):
+        y = top + r * (th + cap + pad)
+        if row_labels and r < len(row_labels):
+            draw.text((pad, y + th // 2 - 8), row_labels[r], fill=(0, 0, 0), font=font)
+        for j in range(ncol):
+            i = r * ncol + j
+            if i >= len(tiles):
+                break
+            x = left + j * (tw + pad)
+            tile = tiles[i]
+            if tile is None:
+                draw.rectangle((x, y, x + tw - 1, y + th - 1), outline=(200, 200, 200))
+                continue
+            arr = tile.permute(1, 2, 0).numpy()
+            im = Image.fromarray(arr[..., 0], mode="L") if c == 1 else Image.fromarray(arr, mode="RGB")
+            canvas.paste(im.convert("RGB").resize((tw, th), Image.NEAREST), (x, y))
+            if captions and captions[i] is not None:
+                text, warn = captions[i]  # type: ignore[misc]
+                draw.text((x, y + th + 1), text, fill=(200, 0, 0) if warn else (60, 60, 60), font=small)
+    return canvas
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow before 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def _save_png(image: Any, out: str | Path) -> None:
     from dfkd_common.engine import atomic_path
 
-    c, h, w = tiles[0].shape
-    grid = make_grid(torch.stack(tiles), nrow=nrow, padding=2, pad_value=128)
-    arr = grid.permute(1, 2, 0).numpy()
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr, mode="L" if c == 1 else "RGB")
-    scale = max(1, 256 // max(h, w))
-    img = img.resize((img.width * scale // 2 or 1, img.height * scale // 2 or 1), Image.NEAREST) if scale > 2 else img
-    if row_labels:
-        img = label_rows(img, row_labels)
     with atomic_path(out, suffix=".png") as tmp:
-        img.save(tmp, format="PNG")
-
-
-def label_rows(img: Any, labels: list[str]) -> Any:
-    """The image with a left margin naming each of its equally tall rows (class names on a class grid)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    if not labels:
-        return img
-    font = ImageFont.load_default()
-    draw = ImageDraw.Draw(img)
-    width = max(int(draw.textlength(t, font=font)) for t in labels) + 8
-    out = Image.new(img.mode, (img.width + width, img.height), 255 if img.mode == "L" else (255, 255, 255))
-    out.paste(img, (width, 0))
-    draw = ImageDraw.Draw(out)
-    row = img.height / len(labels)
-    for i, text in enumerate(labels):
-        draw.text((4, int(i * row + row / 2 - 6)), text, fill=0 if img.mode == "L" else (0, 0, 0), font=font)
-    return out
+        image.save(tmp, format="PNG")
 
 
 def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None = None, rows: int = 10,
@@ -162,7 +233,9 @@ def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None
 
     Sources are drawn with at least one kept variation, cycling through the classes so every class shows. The
     parent is ``parent`` or the path the bank recorded, and must match the checksum the bank recorded (a grid
-    must never pair variations with the wrong sources). Returns the variations shown.
+    must never pair variations with the wrong sources). A header names the columns (source, then variations
+    1..k), each row is named by its class, and a variation the filter dropped is an empty cell. Returns the
+    variations shown.
     """
     from dfkd_common.errors import DfkdError
 
@@ -189,16 +262,24 @@ def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None
         for c in sorted(by_class):
             if by_class[c] and len(order) < rows:
                 order.append(by_class[c].pop())
-    c, h, w = src.image_shape
-    blank = torch.full((c, h, w), 0, dtype=torch.uint8)
-    tiles, shown = [], 0
+    names = list(bank.dataset.get("class_names") or [])
+    tiles: list[torch.Tensor | None] = []
+    labels, shown = [], 0
     for p in order:
         kept = torch.nonzero(pidx == p).flatten()[:k]
         tiles.append(src.images[p])
         tiles.extend(bank.images[int(i)] for i in kept)
-        tiles.extend(blank for _ in range(k - len(kept)))
+        tiles.extend(None for _ in range(k - len(kept)))
+        label = int(src.labels[p])
+        labels.append(names[label] if 0 <= label < len(names) else str(label))
         shown += len(kept)
     if not tiles:
         raise DfkdError(f"{path} holds no variations")
-    write_grid(tiles, k + 1, out)
+    title = [f"{Path(path).name}: variations of {parent_path.name} ({bank.attrs.get('method') or '?'}), "
+             f"{len(bank):,} kept of {stats.get('made', '?')} made",
+             "rows: a source image (its class on the left), then its variations the teacher kept; an empty cell: "
+             "a variation the filter dropped"]
+    image = render_grid(tiles, k + 1, title, row_labels=labels,
+                        col_labels=["source", *(f"variation {i + 1}" for i in range(k))])
+    _save_png(image, out)
     return shown

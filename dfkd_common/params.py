@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ from typing import Any
 import yaml
 
 from dfkd_common.errors import DfkdError
+
+#: where params came from, said once by the stage (see :func:`read_section`)
+log = logging.getLogger("dfkd.params")
 
 _NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
           dict: "a mapping"}
@@ -150,26 +154,44 @@ def check_weighted_terms(
     return {k: float(v) for k, v in weights.items()}
 
 
-def read_section(path: Path, section: str, profile: str | None = None, seed_from: str | None = None) -> dict[str, Any]:
+def read_section(path: Path, section: str, profile: str | None = None, seed_from: str | None = None,
+                 profile_required: bool = True) -> dict[str, Any]:
     """``section.common`` merged with ``section.<profile>`` of a params file (or the flat section when it has no
     ``common``). A missing ``params.yaml`` in the working directory is an empty file; any other missing file is
-    an error. ``seed_from``: the top-level key whose value a section without ``seed`` takes."""
+    an error. ``seed_from``: the top-level key whose value a section without ``seed`` takes.
+
+    A ``profile`` is a name the user chose (``--name``): in a params file that does not have it, it is one error
+    line listing the sections there are, never a silent fall-back to ``common`` (``profile_required=False``: a
+    profile that may be absent, such as a synthesis method that keeps its defaults). Where the params came from
+    is logged (``dfkd.params``), so a stage can say it once: a run on built-in defaults must not pass unnoticed.
+    """
     if not path.exists():
         if path == Path("params.yaml"):
+            log.info("params: built-in defaults (no params.yaml in %s)", Path.cwd())
             return {}
         raise DfkdError(f"params file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise DfkdError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise DfkdError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
     sec = data.get(section) or {}
     if not isinstance(sec, dict):
         raise DfkdError(f"{path}: section {section!r} must be a mapping")
+    profiles = sorted(k for k, v in sec.items() if k != "common" and isinstance(v, dict)) if "common" in sec else []
+    if profile and profile_required and profile not in profiles:
+        raise DfkdError(f"{path}: no section {section}.{profile} (--name names one of: "
+                        f"{', '.join(profiles) or f'none; {section} has no named sections'})")
     out = dict(sec.get("common", {})) if "common" in sec else dict(sec)
-    if profile and isinstance(sec.get(profile), dict):
+    used = ["common"] if "common" in sec else ([section] if sec else [])
+    if profile and profile in profiles:
         out = merge(out, sec[profile])
+        used.append(profile)
     if seed_from and "seed" not in out and seed_from in data:
         out["seed"] = data[seed_from]
+    log.info("params: %s", f"{path}, section {section} ({' + '.join(used)})" if used
+             else f"{path} has no {section} section: built-in defaults")
     return out
 
 

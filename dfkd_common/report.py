@@ -69,6 +69,34 @@ def markdown_table(rows: list[dict[str, Any]], teacher: dict[str, Any] | None) -
     return "\n".join(lines) + "\n"
 
 
+def student_rows(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """One row per student run, for DVC's plots of the report's views (``dvc.yaml``: final headline metric as a
+    fraction of the teacher's, and against wall time)."""
+    return [{"student": str(r.get("name", "?")), key: round(100 * float(r[key]), 2),
+             "x_teacher": None if r.get("ratio_to_teacher") is None else round(float(r["ratio_to_teacher"]), 4),
+             "wall_time_s": round(total_seconds(r), 1)} for r in rows]
+
+
+def headline(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, key: str) -> dict[str, float]:
+    """Each student's headline metric (%, the mean over its runs) and the teacher's, by name: a flat metrics file
+    that ``dvc exp show`` shows as one short column per student (the README's seed-study command)."""
+    out = {"teacher": round(100 * float(teacher[key]), 2)} if teacher and teacher.get(key) is not None else {}
+    out.update({name: round(statistics.fmean(100 * float(r[key]) for r in runs), 2)
+                for name, runs in group(rows).items()})
+    return out
+
+
+#: line styles cycled with 10 colours, so 40 curves stay distinguishable (15 students shared 10 colours)
+STYLES = ("-", "--", ":", "-.")
+
+
+def style(i: int) -> dict[str, Any]:
+    """Colour and line style of the i-th method, the same in every panel."""
+    import matplotlib.pyplot as plt
+
+    return {"color": plt.get_cmap("tab10")(i % 10), "ls": STYLES[(i // 10) % len(STYLES)]}
+
+
 def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, Any] | None = None) -> str:
     matplotlib = need("matplotlib", "dfkd report's plot")
     matplotlib.use("Agg")
@@ -83,10 +111,11 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
         tmp.write_text(md)
     write_json(out_dir / "report.json", {"teacher": teacher, "students": [
         {k: v for k, v in r.items() if k != "history"} for r in rows]})
+    write_json(out_dir / "students.json", student_rows(rows, key))
+    write_json(out_dir / "headline.json", headline(rows, teacher, key))
 
     groups = group(rows)
     t_acc = (teacher or {}).get(key)
-    colours = plt.get_cmap("tab10")
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 5.2))
     # 1: x teacher, zoomed, per method with its spread
     names = list(groups)
@@ -94,8 +123,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
         vals = [r["ratio_to_teacher"] if r.get("ratio_to_teacher") is not None else r[key]
                 for r in groups[name]]
         m, s = spread(vals)
-        ax1.errorbar([m], [i], xerr=[s], fmt="o", color=colours(i % 10), capsize=4)
-        ax1.scatter(vals, [i] * len(vals), s=12, color=colours(i % 10), alpha=0.5)
+        ax1.errorbar([m], [i], xerr=[s], fmt="o", color=style(i)["color"], capsize=4)
+        ax1.scatter(vals, [i] * len(vals), s=12, color=style(i)["color"], alpha=0.5)
     ax1.set_yticks(range(len(names)), names)
     ax1.invert_yaxis()
     if t_acc:
@@ -107,7 +136,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
     for i, name in enumerate(names):
         xs = [total_seconds(r) for r in groups[name]]
         ys = [100 * r[key] for r in groups[name]]
-        ax2.scatter(xs, ys, color=colours(i % 10), label=name)
+        ax2.scatter(xs, ys, color=style(i)["color"], marker="os^D"[(i // 10) % 4], label=name)
         ax2.annotate(name, (statistics.fmean(xs), statistics.fmean(ys)), fontsize=8, xytext=(4, 4),
                      textcoords="offset points")
     if t_acc:
@@ -121,8 +150,7 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
     for i, name in enumerate(names):
         hist = groups[name][0].get("history") or []
         if hist:
-            ax3.plot([h["epoch"] for h in hist], [100 * h[key] for h in hist], color=colours(i % 10),
-                     label=name, lw=1.2)
+            ax3.plot([h["epoch"] for h in hist], [100 * h[key] for h in hist], label=name, lw=1.4, **style(i))
     accs = [100 * h[key] for r in rows for h in (r.get("history") or [])]
     if accs:
         lo = sorted(accs)[len(accs) // 10]  # the first epochs' low values would flatten the rest

@@ -133,7 +133,7 @@ def score_pool(
     loop = ScoreLoop(teacher, pool, engine, cfg, job)
     runner = Runner(JobStore(job, "score"), every=cfg.flush_every, keep=False,
                     after_unit=(lambda done, logs: on_batch((logs or {})["scored"])) if on_batch else None)
-    result = runner.run(loop, -(-n // cfg.batch_size), "score pool")
+    result = runner.run(loop, -(-n // cfg.batch_size), "score pool", "batch")
     start = min(result.resumed_at * cfg.batch_size, n)
     unreadable = n - sum(int(s["valid"].sum()) for s in job.shards("scores"))
     return {"scored": n - start, "resumed_at": start, "seconds": result.seconds,
@@ -292,7 +292,7 @@ def retrieve(
         assert state is not None
         loop = GatherLoop(teacher, header, pool, job, engine, cfg, state["loop"])
         Runner(gather, every=cfg.flush_every, keep=False).run(loop, -(-len(loop.rows) // cfg.batch_size),
-                                                              "write bank")
+                                                              "write bank", "batch")
         scoring, skipped = loop.scoring, loop.skipped
         written = bank_summary(job, info, pool.names)
         job.publish_bank(header, {"wild_sources": [{"spec": s.spec, "rows": len(s)} for s in pool.sources],

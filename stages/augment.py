@@ -33,7 +33,8 @@ def main(
     same_label: bool | None = typer.Option(None, "--same-label/--any-label",
                                            help="also require the teacher's label to be unchanged"),
     sources: int | None = typer.Option(None, "--sources", help="vary a seeded random N of the bank (0: all)"),
-    seed: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None, help="seed of this run (default: the params section's, else the file's "
+                                    "top-level one)"),
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,

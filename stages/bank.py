@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -14,6 +15,8 @@ from dfkd_common.inspect import bank_summary, save_grid, save_pairs_grid
 from stages.common import errors, stage_app
 
 app = stage_app("bank")
+#: the most per-round rows ``bank info`` shows before it groups consecutive rounds
+ROUND_ROWS = 10
 out_console = Console()
 
 
@@ -23,15 +26,19 @@ def info(
     bank: Path = typer.Argument(..., help="bank (.h5)"),
     teacher: Path | None = typer.Option(None, "--teacher", help="re-score with this teacher"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the summary as JSON"),
+    all_rounds: bool = typer.Option(False, "--all-rounds", help="one row per round (default: at most "
+                                    f"{ROUND_ROWS} rows, consecutive rounds grouped)"),
 ) -> None:
     """Size, shape, provenance, per-class and per-round counts, teacher agreement, lineage."""
     ensure_writable(json_out)
     s = bank_summary(bank, teacher)
     head = Table(title=f"bank {bank}", show_header=False)
+    shown = {"size": f"{s['size']:,}", "agreement": _pct(s.get("agreement")),
+             "mean_confidence": _pct(s.get("mean_confidence"))}
     for key in ("kind", "task", "method", "size", "image_shape", "seed", "created_at", "version", "integrity",
                 "teacher_checksum", "parent_checksum", "agreement", "mean_confidence", "agreement_source"):
         if s.get(key) not in (None, ""):
-            head.add_row(key, str(s[key]))
+            head.add_row(key, shown.get(key, str(s[key])))
     if s.get("augment"):
         a = s["augment"]
         head.add_row("augmented from", f"{a.get('parent_path')} ({a.get('sources')} of {a.get('parent_rows')} "
@@ -48,11 +55,13 @@ def info(
         classes.add_row(str(row["class"]), row["name"], str(row["count"]),
                         _pct(row.get("agreement")), _pct(row.get("confidence")), *extra)
     out_console.print(classes)
-    rounds = Table(title="per round")
+    per_round = s["per_round"] if all_rounds else grouped_rounds(s["per_round"])
+    rounds = Table(title="per round" + ("" if per_round is s["per_round"] else
+                                        f" ({len(s['per_round'])} rounds, grouped)"))
     for col in ("round", "count", "agreement"):
         rounds.add_column(col, justify="right")
-    for row in s["per_round"]:
-        rounds.add_row(str(row["round"]), str(row["count"]), _pct(row.get("agreement")))
+    for row in per_round:
+        rounds.add_row(str(row["round"]), f"{row['count']:,}", _pct(row.get("agreement")))
     out_console.print(rounds)
     if s.get("per_source"):
         src = Table(title="per source")
@@ -67,6 +76,23 @@ def info(
 
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def grouped_rounds(rows: list[dict[str, Any]], most: int = ROUND_ROWS) -> list[dict[str, Any]]:
+    """At most ``most`` rows: consecutive rounds in equal groups (``"0-3"``), counts summed, agreement the mean
+    over the group's images (a DAFL bank has 40 rounds: a screen of near-identical rows says less)."""
+    if len(rows) <= most:
+        return rows
+    size = -(-len(rows) // most)
+    out = []
+    for i in range(0, len(rows), size):
+        part = rows[i : i + size]
+        count = sum(int(r["count"]) for r in part)
+        known = [r for r in part if r.get("agreement") is not None]
+        agree = (sum(r["agreement"] * r["count"] for r in known) / sum(r["count"] for r in known)
+                 if known and sum(r["count"] for r in known) else None)
+        out.append({"round": f"{part[0]['round']}-{part[-1]['round']}", "count": count, "agreement": agree})
+    return out
 
 
 @app.command("verify")

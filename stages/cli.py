@@ -51,10 +51,27 @@ def _load(name: str, obj: Any) -> click.Command:
     if isinstance(obj, typer.Typer):
         cmd = typer.main.get_group(obj)  # a group even with one sub-command (`dfkd pool build`)
     else:
-        single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+        single = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
         single.command(name)(obj)
         cmd = typer.main.get_command(single)
     cmd.name = name
+    return _plain_help(cmd)
+
+
+def _plain_help(cmd: click.Command) -> click.Command:
+    """Help as a terminal shows it: docstrings' reST literals (````--test````) as plain text, and an option that
+    takes several values named by what it takes (``--bank BANK``), not by its Python type."""
+    cmd.help = (cmd.help or "").replace("``", "") or None
+    for param in cmd.params:  # options by what they have (typer's option class is not always click's)
+        if hasattr(param, "help"):
+            param.help = (param.help or "").replace("``", "") or None
+        if getattr(param, "multiple", False) and param.metavar is None:
+            param.metavar = (param.name or "value").upper()
+        elif param.nargs == -1 and param.metavar is None:  # an argument taking several values: its name says it
+            param.metavar = (param.name or "value").upper()
+            param.display_type_rich = lambda ctx: None  # type: ignore[attr-defined]  # typer appends <list[Path]>
+    for sub in getattr(cmd, "commands", {}).values():
+        _plain_help(sub)
     return cmd
 
 
@@ -65,6 +82,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: a flag shows no type (typer's rich help shows --help <bool>)
 )
 
 

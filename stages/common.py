@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import os
 import re
 import signal
 import warnings
@@ -16,6 +18,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+import stages
 from dfkd_common.dist import World
 from dfkd_common.dist import current as current_world
 from dfkd_common.dist import init as init_world
@@ -37,7 +40,7 @@ def stage_app(name: str) -> typer.Typer:
     """The typer app of a stage with sub-commands, its help the one ``dfkd --help`` lists for it (the index's)."""
     from dfkd_common.index import COMMANDS
 
-    return typer.Typer(help=COMMANDS[name][2], no_args_is_help=True, add_completion=False)
+    return typer.Typer(help=COMMANDS[name][2], no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 
 def _one_line_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
@@ -45,6 +48,31 @@ def _one_line_warning(message: Warning | str, category: type[Warning], filename:
     """Warnings as one line each (``note:`` for artifacts that cannot be verified), not file:line noise."""
     kind = "note" if category.__name__ == "UnverifiedWarning" else "warning"
     err_console.print(f"[yellow]{kind}:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
+class _Notices(logging.Handler):
+    """The library's notices (logger ``dfkd``: where params came from, a resumed run, what a test folder needed)
+    as plain lines on the console, each distinct line once, from the process that prints (rank 0)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: set[str] = set()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text in self.seen or os.environ.get("RANK", "0") != "0":
+            return
+        self.seen.add(text)
+        console.print(escape(text), highlight=False, soft_wrap=True)
+
+
+def show_notices() -> None:
+    """Route the library's notices to the console (once per process; every stage command does it)."""
+    logger = logging.getLogger("dfkd")
+    if not any(isinstance(h, _Notices) for h in logger.handlers):
+        logger.addHandler(_Notices())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _error(text: str) -> None:
@@ -61,6 +89,10 @@ def errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        show_notices()
+        starting = signal.getsignal(signal.SIGINT)
+        if starting is stages._interrupted_while_starting:  # from here an interrupt is handled below, resumably
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = _one_line_warning
@@ -82,8 +114,11 @@ def errors(fn: F) -> F:
                    "command to resume")
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]: rerun the same command to resume")
+            err_console.print(escape(stages.INTERRUPTED), highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
+        finally:
+            if starting is stages._interrupted_while_starting:  # the command is done: exit at once again
+                signal.signal(signal.SIGINT, starting)
 
     return wrapper  # type: ignore[return-value]
 

@@ -24,8 +24,9 @@ def main(
     plots: Path | None = typer.Option(None, "--plots", help="per-epoch metrics JSON (dvc plots)"),
     name: str | None = typer.Option(None, "--name", help="params profile under distill: (e.g. the method)"),
     student: str | None = typer.Option(None, "--student", help="student architecture"),
-    epochs: int | None = typer.Option(None),
-    seed: int | None = typer.Option(None),
+    epochs: int | None = typer.Option(None, help="epochs (default: the params section's)"),
+    seed: int | None = typer.Option(None, help="seed of this run (default: the params section's, else the file's "
+                                    "top-level one)"),
     test: Path | None = typer.Option(None, "--test", help="labelled test set: a folder of class folders, or a bank "
                                      "(.h5) with labels (default: the teacher dataset's test split)"),
     params_file: Path = ParamsOpt,

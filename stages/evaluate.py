@@ -19,7 +19,7 @@ def main(
     checkpoint: Path = typer.Argument(..., help="model checkpoint (.safetensors)"),
     dataset: str | None = typer.Option(None, help="dataset (default: the checkpoint's)"),
     split: str = typer.Option("test"),
-    data_root: Path | None = typer.Option(None),
+    data_root: Path | None = typer.Option(None, help="where the dataset's files are (default: ~/.cache/dfkd/data)"),
     metrics: Path | None = typer.Option(None, "--metrics"),
     device: str = DeviceOpt,
 ) -> None:

@@ -19,7 +19,8 @@ app = stage_app("pool")
 def build(
     out: Path = typer.Option(..., "--out", help="pool bank to write (.h5, kind merged)"),
     metrics: Path | None = typer.Option(None, "--metrics", help="per-source counts JSON"),
-    seed: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None, help="seed of this run (default: the params section's, else the file's "
+                                    "top-level one)"),
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
 ) -> None:

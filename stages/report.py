@@ -20,7 +20,8 @@ def main(
     out_dir: Path = typer.Option(Path("artifacts/reports"), "--out-dir"),
     teacher_metrics: Path | None = typer.Option(None, "--teacher-metrics"),
 ) -> None:
-    """Write report.md, report.json and report.png under OUT_DIR."""
+    """Write report.md, report.json, report.png, students.json (the plots' rows) and headline.json (each
+    student's headline metric, for dvc exp show) under OUT_DIR."""
     ensure_writable(out_dir / "report.md")
     rows = []
     for path in metrics:

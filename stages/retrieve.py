@@ -38,7 +38,8 @@ def main(
     random: bool = typer.Option(False, "--random", help="random selection baseline (same size, same pool)"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
     workers: int | None = typer.Option(None, "--workers", help="reader processes (0: read in this process)"),
-    seed: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None, help="seed of this run (default: the params section's, else the file's "
+                                    "top-level one)"),
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,

@@ -19,9 +19,11 @@ from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors, join_wo
 def resolve_params(params_file: Path, method: str, sets: list[str] | None = None,
                    **cli: Any) -> tuple[SynthesisRun, SynthesisConfig]:
     """The run's config and the method's: ``synthesize.common`` + ``synthesize.<method>`` of the file (``seed``:
-    the top-level ``method_seed`` unless the section gives one), then the CLI; checked (one error line)."""
+    the top-level ``method_seed`` unless the section gives one; a method without a section of its own keeps its
+    defaults), then the CLI; checked (one error line)."""
     SYNTHESIZERS.get(method)  # unknown names fail before any work
-    return split_params(given(params_file, "synthesize", method, sets, seed_from="method_seed", **cli), method)
+    return split_params(given(params_file, "synthesize", method, sets, seed_from="method_seed",
+                              profile_required=False, **cli), method)
 
 
 @errors
@@ -31,7 +33,8 @@ def main(
     out: Path = typer.Option(..., "--out", help="bank to write (.h5)"),
     metrics: Path | None = typer.Option(None, "--metrics", help="synthesis metrics JSON"),
     rounds: int | None = typer.Option(None, help="synthesis rounds (each adds batch_size images)"),
-    seed: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None, help="seed of this run (default: the params section's, else the file's "
+                                    "top-level one)"),
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,

@@ -29,8 +29,9 @@ def train(
     metrics: Path | None = typer.Option(None, "--metrics", help="metrics JSON to write"),
     dataset: str | None = typer.Option(None, help="registered dataset name"),
     arch: str | None = typer.Option(None, help="registered model name"),
-    epochs: int | None = typer.Option(None),
-    seed: int | None = typer.Option(None),
+    epochs: int | None = typer.Option(None, help="epochs (default: the params section's)"),
+    seed: int | None = typer.Option(None, help="seed of this run (default: the params section's, else the file's "
+                                    "top-level one)"),
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +38,9 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
 from dfkd_common.geometry import Size, as_hw
 from dfkd_common.registry import Registry
+
+#: what a test folder needed to fit the model (said by the stage that reads it)
+log = logging.getLogger("dfkd.data")
 
 DEFAULT_ROOT = Path.home() / ".cache" / "dfkd" / "data"
 
@@ -329,18 +334,26 @@ def imagefolder(
     return DatasetSpec(info, load)
 
 
-def _pil_load(path: str, mode: str, size: Size) -> Any:
+def _pil_load(path: str, mode: str, size: Size, seen: Counter[str] | None = None) -> Any:
+    """The image at ``path`` in ``mode`` at ``size`` (bilinear, which PIL antialiases when shrinking); ``seen``
+    counts what had to change (``resized from HxW``, ``converted from MODE``) so a caller can say so."""
     from PIL import Image
 
     h, w = as_hw(size)
     with Image.open(path) as im:
+        if seen is not None:
+            if im.mode != mode:
+                seen[f"converted from {im.mode} to {mode}"] += 1
+            if (im.height, im.width) != (h, w):
+                seen[f"resized from {im.height}x{im.width}"] += 1
         return im.convert(mode).resize((w, h), Image.BILINEAR)
 
 
 def folder_split(root: str | Path, info: DatasetInfo) -> ArraySplit:
-    """A labelled test set from ``root/<class>/*`` (images resized to the model's input), classes matched to
-    ``info`` by name where every folder names one of its classes, else by sorted order (ImageFolder's rule,
-    which needs as many folders as classes)."""
+    """A labelled test set from ``root/<class>/*`` (images brought to the model's input: its channels, and its
+    size by a bilinear resize), classes matched to ``info`` by name where every folder names one of its classes,
+    else by sorted order (ImageFolder's rule, which needs as many folders as classes). What had to be converted
+    is logged in one line (``dfkd.data``): a folder of other sizes or colours is measured, never silently."""
     root = Path(root)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not folders:
@@ -354,15 +367,21 @@ def folder_split(root: str | Path, info: DatasetInfo) -> ArraySplit:
         raise DfkdError(f"test set {root}: its {len(folders)} class folders neither name the model's classes nor "
                         f"number {info.num_classes}")
     mode = "L" if info.channels == 1 else "RGB"
-    images, labels = [], []
+    images, labels, seen = [], [], Counter[str]()
     for f in folders:
         for path in sorted(p for p in (root / f).iterdir() if p.is_file()):
             try:
-                img = _pil_load(str(path), mode, info.image_size)
+                img = _pil_load(str(path), mode, info.image_size, seen)
             except OSError:
-                continue  # not an image
+                seen["skipped (not an image)"] += 1
+                continue
             images.append(torch.from_numpy(np.array(img)).reshape(*info.image_size, info.channels))
             labels.append(index[f])
     if not images:
         raise DfkdError(f"test set {root}: no readable images in its class folders")
+    h, w = info.image_size
+    changes = "; ".join(f"{n} {what}" for what, n in sorted(seen.items()))
+    log.info("test set %s: %d images in %d classes%s", root, len(images), len(folders),
+             f", brought to the model's input {info.channels}x{h}x{w}: {changes}" if changes else
+             f", all {info.channels}x{h}x{w} as the model takes them")
     return ArraySplit(torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels), info)

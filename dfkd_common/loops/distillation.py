@@ -209,7 +209,7 @@ def distill(
     loop = StudentLoop(teacher, side, feed, test, cfg, engine)
     runner = Runner(store, on_unit=(lambda done, logs: on_epoch(logs or {})) if on_epoch else None)
     try:
-        result = runner.run(loop, cfg.epochs, "distill")
+        result = runner.run(loop, cfg.epochs, "distill", "epoch")
         feed.finish()
         return evaluate(loop.side.student, test, engine), result.history
     finally:

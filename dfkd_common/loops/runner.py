@@ -22,6 +22,7 @@ they would add, this runner and the engine had to do anyway.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -34,6 +35,9 @@ from dfkd_common.engine import progress, rng_state, set_rng_state
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job
 from dfkd_common.params import params_hash
+
+#: a resumed run says so (the stage prints it: ``stages.common.show_notices``)
+log = logging.getLogger("dfkd.runner")
 
 #: the layout of the runner's state; part of every key, so state written by another layout starts over
 LAYOUT = 2
@@ -64,6 +68,9 @@ class Loop:
 class Store(Protocol):
     """Where a run's state is checkpointed (:class:`StateFile`, :class:`JobStore`)."""
 
+    #: where the state lives, for the line a resumed run prints
+    where: Path
+
     def load(self) -> dict[str, Any] | None: ...
 
     def save(self, state: dict[str, Any]) -> None: ...
@@ -81,6 +88,10 @@ class StateFile:
 
     path: Path
     key: str
+
+    @property
+    def where(self) -> Path:
+        return self.path
 
     @classmethod
     def for_output(cls, output: str | os.PathLike[str], params: dict[str, Any]) -> StateFile:
@@ -116,6 +127,10 @@ class JobStore:
 
     job: Job
     phase: str = "run"
+
+    @property
+    def where(self) -> Path:
+        return self.job.work
 
     def load(self) -> dict[str, Any] | None:
         state = self.job.state
@@ -157,7 +172,9 @@ class Runner:
     on_unit: Callable[[int, dict[str, Any] | None], None] | None = None
     after_unit: Callable[[int, dict[str, Any] | None], None] | None = None
 
-    def run(self, loop: Loop, total: int, label: str) -> RunResult:
+    def run(self, loop: Loop, total: int, label: str, unit: str = "step") -> RunResult:
+        """Units ``0..total-1`` of ``loop`` after the last checkpoint; ``label`` and ``unit`` (epoch, round,
+        batch) name them in the progress bar and in the line a resumed run prints."""
         result = RunResult()
         state = self.store.load() if self.store is not None else None
         if state is not None:
@@ -166,6 +183,7 @@ class Runner:
                                int(state["done"]))
             assert self.store is not None
             self.store.restore_rng(state)
+            log.info("%s: resuming after %s %d of %d (state: %s)", label, unit, result.done, total, self.store.where)
         with progress() as bar:
             start = result.done
             tid = bar.add_task(label, total=total, completed=start, info=f"resumed at {start}" if start else "")

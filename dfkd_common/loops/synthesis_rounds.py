@@ -100,7 +100,7 @@ def run_synthesis(method: str, teacher: Classifier, meta: ModelMeta, teacher_pat
            **({"world": world.size} if world.distributed else {})}
     with Job(rank_path(out, world), key) as job:
         loop = SynthesisLoop(synth, mine, header, teacher, engine, job)
-        result = Runner(JobStore(job), keep=False).run(loop, len(mine), f"synthesize {method}")
+        result = Runner(JobStore(job), keep=False).run(loop, len(mine), f"synthesize {method}", "round")
         seconds = max(gather_objects(result.seconds)) if world.distributed else result.seconds  # the slowest rank
         n = job.publish_ranks(header, {"synthesis_seconds": seconds, "precision": engine.precision},
                               order=lambda cols: cols["round"], out=out)

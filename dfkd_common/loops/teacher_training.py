@@ -98,5 +98,5 @@ def train_teacher(model: nn.Module, train: ArraySplit, test: ArraySplit, cfg: Te
                   ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Train ``model`` (resumable through ``store``); returns its final test metrics and the per-epoch history."""
     loop = TeacherLoop(model, train, test, cfg, engine)
-    result = Runner(store, on_unit=on_epoch).run(loop, cfg.epochs, "teacher")
+    result = Runner(store, on_unit=on_epoch).run(loop, cfg.epochs, "teacher", "epoch")
     return evaluate(loop.model, test, engine), result.history

@@ -22,7 +22,7 @@ from dfkd_common.config import REPLACES, resolve, values
 from dfkd_common.dist import World, barrier, current, main_first, rank_path
 from dfkd_common.engine import Engine, seed_everything, write_json, write_metrics
 from dfkd_common.errors import DfkdError
-from dfkd_common.evaluation import evaluation_split
+from dfkd_common.evaluation import evaluate, evaluation_split
 from dfkd_common.jobs import Job, OutputLock
 from dfkd_common.loops.distillation import BankFeed, Distillation, distill
 from dfkd_common.loops.runner import JobStore, StateFile, Store
@@ -141,7 +141,11 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
         chosen = evaluation_split(info, cfg.test, cfg.test_dataset, cfg.data_root, cfg.holdout, cfg.seed, data,
                                   t_model, engine, method is not None)
     test, data = chosen.split, chosen.train
-    say(f"evaluated on {chosen.described}")
+    # the teacher measured on the same split as the student: x_teacher compares like with like (a --test folder
+    # is not the teacher's own test split; on held-out bank images the teacher agrees with itself)
+    t_scores = evaluate(t_model, test, engine)
+    say(f"evaluated on {chosen.described}; teacher {t_meta.task.headline_label} there "
+        f"{t_scores[t_meta.task.headline]:.4f}")
     s_model = build_for(cfg.student, info, cfg.student_kwargs)
     # the teacher checkpoint's measured accuracy, for terms that need it (na: the Q diagonal)
     side = StudentSide(s_model, cfg.weights, cfg.terms,
@@ -168,7 +172,7 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
             feed = BankFeed(data.images, data.labels, engine.device)
             store = StateFile.for_output(rank_path(paths.out, world), key)  # every rank resumes its own state
             source = f"{names} ({len(data)} images)"
-        say(f"distill {cfg.student} from {source}, teacher {t_meta.task.headline_label} {t_meta.headline}")
+        say(f"distill {cfg.student} from {source}")
         say(f"student: {side.describe()}; {engine.describe()}"
             + (f"; {world.size} processes (DDP), {cfg.batch_size} images per rank and step" if world.distributed
                else ""))
@@ -182,8 +186,8 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
             meta = ModelMeta(cfg.student, cfg.student_kwargs, info, scores,
                              {**values(cfg), "bank": paths.bank_described()}, now(), __version__, "student")
             save_model(paths.out, s_model, meta)
-            summary = summarise(cfg, paths, name, t_meta, scores, history, seconds, chosen.described, data, engine,
-                                world)
+            summary = summarise(cfg, paths, name, t_meta, scores, t_scores, history, seconds, chosen.described, data,
+                                engine, world)
             if isinstance(feed, RecordedFeed) and job is not None:
                 stats = feed.stats()
                 job.publish_bank(feed.ctx.header, stats)
@@ -196,18 +200,18 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
             job.done = True  # rank 0 published the bank: this rank's copy of the work goes
     if world.main:
         headline = t_meta.task.headline
-        say(f"student {scores[headline]:.4f} on {chosen.described} (teacher {t_meta.headline}) -> {paths.out}")
+        say(f"student {scores[headline]:.4f} on {chosen.described} (teacher {t_scores[headline]:.4f}) -> {paths.out}")
     return summary
 
 
 def summarise(cfg: StudentRun, paths: Paths, name: str | None, t_meta: ModelMeta, scores: dict[str, float],
-              history: list[dict[str, Any]], seconds: float, evaluated_on: str, data: Bank | None, engine: Engine,
-              world: World) -> dict[str, Any]:
-    """The run's summary: the final student's scores on real held-out data beside the teacher's, and the
-    best epoch's labelled as chosen on test (for reference only)."""
+              t_scores: dict[str, float], history: list[dict[str, Any]], seconds: float, evaluated_on: str,
+              data: Bank | None, engine: Engine, world: World) -> dict[str, Any]:
+    """The run's summary: the final student's scores on real held-out data beside the teacher's on the same data
+    (``t_scores``), and the best epoch's labelled as chosen on test (for reference only)."""
     task = t_meta.task
     headline = task.headline
-    acc, t_acc = scores[headline], t_meta.headline
+    acc, t_acc = scores[headline], t_scores[headline]
     return {"name": name or cfg.student, "task": task.name, **scores,
             f"teacher_{headline.removeprefix('test_')}": t_acc,
             "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": paths.bank_described(),

@@ -226,7 +226,8 @@ def augment_bank(
         loop = AugmentLoop(teacher, model, bank, rows, header, job, engine, cfg, num_classes)
         runner = Runner(JobStore(job), every=cfg.flush_every, keep=False,
                         after_unit=(lambda done, logs: on_batch((logs or {})["cursor"])) if on_batch else None)
-        seconds = runner.run(loop, -(-len(rows) // cfg.batch_size), f"augment ({model.name}, k {cfg.k})").seconds
+        seconds = runner.run(loop, -(-len(rows) // cfg.batch_size), f"augment ({model.name}, k {cfg.k})",
+                             "batch").seconds
         made, kept, agree = loop.made, loop.kept, loop.agree
         if world.distributed:  # the run's figures: every rank's counts, the slowest rank's time
             shares = gather_objects((made, kept, agree, seconds))

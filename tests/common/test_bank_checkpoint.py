@@ -152,21 +152,3 @@ def test_state_tree_round_trips_optimizer_and_rng(tmp_path: Path) -> None:
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
     set_rng_state(back["rng"])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
-
-
-def test_class_grid_names_each_row(tmp_path: Path) -> None:
-    """`dfkd bank grid` writes the class name left of each row: the margin holds dark text pixels per row."""
-    from PIL import Image
-
-    from dfkd_common.inspect import save_grid
-
-    info = get_dataset("mnist5k").info.to_dict() | {"class_names": [f"c{i}" for i in range(10)]}
-    path = tmp_path / "b.h5"
-    with BankWriter(path, channels=1, image_size=32, kind="synthetic", method="t", dataset=info) as w:
-        w.append(torch.full((20, 1, 32, 32), 200, dtype=torch.uint8), torch.arange(20) % 10, 0)
-    save_grid(path, tmp_path / "g.png", per_class=2)
-    img = np.asarray(Image.open(tmp_path / "g.png"))
-    margin = img[:, :10]
-    rows = np.array_split(margin, 10, axis=0)
-    assert all((r < 100).any() for r in rows)  # text in every row's margin
-    assert (img[:, 30:] > 100).all()  # the tiles (light, on grey padding) hold no text
