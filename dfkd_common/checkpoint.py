@@ -39,7 +39,7 @@ from safetensors.torch import save
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import atomic_path
 from dfkd_common.errors import DfkdError
-from dfkd_common.models import Classifier, build_for, resolve
+from dfkd_common.models import Classifier, build_for, resolve, user_code
 from dfkd_common.tasks import Task, get_task
 
 SCHEMA_VERSION = 2
@@ -96,6 +96,8 @@ class ModelMeta:
     version: str
     kind: str  # teacher | student | ...
     digests: dict[str, str] | None = None  # tensor name -> sha256, filled by save_model; None: written before 0.2
+    code: dict[str, str] | None = None  # user code (arch module:Class): its source file and sha256, by save_model
+    features: dict[str, Any] | None = None  # feature sites named by module path (penultimate, stages), if any
 
     @property
     def task(self) -> Task:
@@ -123,6 +125,8 @@ class ModelMeta:
                 "created_at": self.created_at,
                 "version": self.version,
                 DIGESTS: self.digests,
+                **({"code": self.code} if self.code else {}),
+                **({"features": self.features} if self.features else {}),
             }
         )
 
@@ -152,6 +156,8 @@ class ModelMeta:
             version=d.get("version", ""),
             kind=kind,
             digests=d.get(DIGESTS),
+            code=d.get("code"),
+            features=d.get("features"),
         )
 
 
@@ -178,7 +184,10 @@ def _write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metad
 
 def save_model(path: str | os.PathLike[str], model: Classifier, meta: ModelMeta) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    meta = dataclasses.replace(meta, digests=digests(state))
+    ref = user_code.parse(meta.arch)
+    meta = dataclasses.replace(meta, digests=digests(state),
+                               code=user_code.fingerprint(ref) if ref is not None else meta.code,
+                               features=getattr(model, "feature_paths", None) or meta.features)
     _write(path, state, {"dfkd": meta.to_json()})
 
 
@@ -199,7 +208,11 @@ def read_meta(path: str | os.PathLike[str]) -> ModelMeta:
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[Classifier, ModelMeta]:
     """Rebuild a model from its checkpoint alone; eval mode."""
     meta = read_meta(path)
-    model = build_for(meta.arch, meta.dataset, meta.arch_kwargs)
+    # user code: only if trusted (one line if not)
+    model = build_for(meta.arch, meta.dataset, meta.arch_kwargs, meta.features)
+    ref = user_code.parse(meta.arch)
+    if ref is not None:
+        user_code.check_fingerprint(ref, meta.code, str(path))
     from safetensors.torch import load_file
 
     try:

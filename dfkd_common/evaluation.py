@@ -73,7 +73,8 @@ def evaluation_split(info: DatasetInfo, test: str | None, test_dataset: str | No
     name = test_dataset or info.name
     same = {"image_size": info.image_size, "channels": info.channels} if name.startswith("imagefolder:") else {}
     if name in DATASETS or name.startswith("imagefolder:"):
-        return EvaluationSplit(get_dataset(name, **same).load("test", data_root), f"{name} test split", bank)
+        split = get_dataset(name, **same).load("test", data_root, info.image_size)  # at the teacher's input size
+        return EvaluationSplit(split, f"{name} test split", bank)
     if online or bank is None or len(bank) < 2:
         raise DfkdError(f"no test set for {name}: give one with --test FOLDER (class folders) or --test BANK.h5 "
                         "(a bank with labels)")

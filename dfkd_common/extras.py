@@ -34,6 +34,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "matplotlib": ("matplotlib", "report"),
     "onnx": ("onnx", "export"),
     "onnxruntime": ("onnxruntime", "export"),
+    "timm": ("timm", "timm"),
 }
 
 

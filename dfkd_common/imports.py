@@ -119,11 +119,16 @@ KEYMAPS.register("dfad")(KeyMap(
 ))
 
 
+#: what wrappers put in front of every key of a saved state dict: DataParallel/DDP, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``path``: safetensors, or a ``.pth``/``.pt`` read with ``torch.load(weights_only=True)``.
 
     A checkpoint dict holding the state dict under one of :data:`NESTED` is unpacked; a ``module.`` prefix
-    (``nn.DataParallel``) is dropped. A file whose pickle holds anything but weights is refused unread.
+    (``nn.DataParallel``, DDP) and an ``_orig_mod.`` prefix (``torch.compile``) are dropped, in any nesting; tensors
+    saved on a GPU load on the CPU. A file whose pickle holds anything but weights is refused unread.
     """
     path = Path(path)
     if not path.is_file():
@@ -159,8 +164,13 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise DfkdError(f"{path} holds no state dict (a mapping of names to tensors, possibly under "
                         f"{' / '.join(NESTED)})")
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+    stripped = True
+    while state and stripped:  # saved from several GPUs (module.) or from torch.compile (_orig_mod.), or both
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                stripped = True
     return state
 
 

@@ -24,6 +24,8 @@ INDEX: dict[str, dict[str, str]] = {
     "model source": {
         "zoo": "dfkd_common.models.sources",
         "torchvision": "dfkd_common.models.sources",
+        "timm": "dfkd_common.models.sources",
+        "code": "dfkd_common.models.sources",
     },
     "dataset": {name: _DATA for name in ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")},
     "model": {name: _ZOO for name in ("lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2",
@@ -111,3 +113,8 @@ def names(kind: str) -> list[str]:
 def online_methods() -> list[str]:
     """``dfkd distill --online`` takes a feed of its own (DFAD) or any synthesis method in the loop."""
     return sorted(set(INDEX["online method"]) | set(INDEX["synthesis method"]))
+
+
+#: the methods that serve a teacher without BatchNorm (named by every refusal of one that needs it)
+WITHOUT_BN = ("dafl (dfkd synthesize -m dafl), published dfad (dfkd distill --online dfad), dfnd (dfkd retrieve), "
+              "or any method with --set weights.bn=0")

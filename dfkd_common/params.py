@@ -195,6 +195,23 @@ def read_section(path: Path, section: str, profile: str | None = None, seed_from
     return out
 
 
+def read_trust(path: Path) -> list[str]:
+    """The params file's top-level ``trust_code``: the modules whose model code a pipeline's stages may import
+    (:mod:`dfkd_common.models.user_code`); none where the file or the key is absent."""
+    if not path.exists():
+        return []
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DfkdError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+    trusted = data.get("trust_code", []) if isinstance(data, dict) else []
+    if isinstance(trusted, str):
+        trusted = [trusted]
+    if not isinstance(trusted, list) or not all(isinstance(t, str) for t in trusted):
+        raise DfkdError(f"{path}: trust_code must be a list of module names, got {trusted!r}")
+    return list(trusted)
+
+
 def set_pairs(sets: list[str] | None, into: dict[str, Any] | None = None) -> dict[str, Any]:
     """``--set dotted.key=value`` pairs (values parsed as YAML) assigned into ``into`` (a copy): the leaf given is
     set as it is (``--set weights={kd: 1}`` gives exactly that objective)."""

@@ -15,7 +15,7 @@ from dfkd_common.engine import Engine, ensure_writable, seed_everything, write_m
 from dfkd_common.errors import DfkdError
 from dfkd_common.variation.augment import AugmentRun, BankAugmentation, augment_bank
 from dfkd_common.variation.models import open_variation_model
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors, join_world
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, TrustOpt, allow_code, console, errors, join_world
 
 
 @errors
@@ -38,6 +38,7 @@ def main(
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,
+    trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Make K variations of every image of BANK with MODEL, keep those whose teacher embedding stays within
     OMEGA of their source's, and write them as an augmented bank (labels, round and parent_index from the
@@ -48,6 +49,7 @@ def main(
         raise DfkdError("no variation model: give --model (a directory, sdedit-prior:DIR, sd-image-variations) or "
                         "augment.model in the params file")
     cfg = BankAugmentation(**{f.name: getattr(run, f.name) for f in fields(BankAugmentation)})
+    allow_code(trust_code, params_file)
     ensure_writable(out, metrics)
     world = join_world()  # under torchrun: source batches split across ranks, merged by rank 0
     seed_everything(cfg.seed)

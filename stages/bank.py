@@ -12,7 +12,7 @@ from rich.table import Table
 from dfkd_common.bank import bank_info, verify_bank
 from dfkd_common.engine import ensure_writable, write_json
 from dfkd_common.inspect import bank_summary, save_grid, save_pairs_grid
-from stages.common import errors, stage_app
+from stages.common import TrustOpt, allow_code, errors, stage_app
 
 app = stage_app("bank")
 #: the most per-round rows ``bank info`` shows before it groups consecutive rounds
@@ -28,8 +28,10 @@ def info(
     json_out: Path | None = typer.Option(None, "--json", help="also write the summary as JSON"),
     all_rounds: bool = typer.Option(False, "--all-rounds", help="one row per round (default: at most "
                                     f"{ROUND_ROWS} rows, consecutive rounds grouped)"),
+    trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Size, shape, provenance, per-class and per-round counts, teacher agreement, lineage."""
+    allow_code(trust_code)
     ensure_writable(json_out)
     s = bank_summary(bank, teacher)
     head = Table(title=f"bank {bank}", show_header=False)

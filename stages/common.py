@@ -24,6 +24,8 @@ from dfkd_common.dist import current as current_world
 from dfkd_common.dist import init as init_world
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import OutputLock
+from dfkd_common.models import user_code
+from dfkd_common.params import read_trust
 
 #: what a collective's failure says (gloo's path prefix is stripped from the message shown)
 _COLLECTIVE = re.compile(r"\[[^\]]*(gloo|nccl|c10d)[^\]]*\]\s*", re.IGNORECASE)
@@ -34,6 +36,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="params file; the stage reads its own section")
 SetOpt = typer.Option(None, "--set", help="override a param: dotted.key=value (YAML value); repeatable")
 DeviceOpt = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N")
+TrustOpt = typer.Option(None, "--trust-code", metavar="MODULE", help="import the model code of MODULE (a module, a "
+                        ".py file or its stem) that a checkpoint names; repeatable")
+
+
+def allow_code(trusted: list[str] | None, params_file: Path | None = None, *arches: str | None) -> None:
+    """What user model code this run may import: ``--trust-code``, the params file's ``trust_code``, and the
+    architectures the user named for this run (``--arch``, ``--student``; see
+    :mod:`dfkd_common.models.user_code`)."""
+    user_code.trust(*(trusted or []), *(read_trust(params_file) if params_file is not None else []))
+    for arch in arches:
+        if arch:
+            user_code.trust_reference(arch)
 
 
 def stage_app(name: str) -> typer.Typer:

@@ -8,7 +8,7 @@ import typer
 
 from dfkd_common.engine import ensure_writable
 from dfkd_common.runs.student_run import Paths, StudentRun, resolve_run, run
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors, join_world
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, TrustOpt, allow_code, console, errors, join_world
 
 
 @errors
@@ -32,6 +32,7 @@ def main(
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,
+    trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Distill a student from a bank and evaluate it on real test data (the teacher dataset's test split, or
     ``--test``; for a teacher imported for data not here, its agreement with the teacher on held-out bank images).
@@ -42,6 +43,7 @@ def main(
     """
     cfg: StudentRun = resolve_run(params_file, name, sets, online=online, student=student, epochs=epochs,
                                   seed=seed, test=str(test) if test else None)
+    allow_code(trust_code, params_file, cfg.student)  # the student named for this run is the user's to run
     ensure_writable(out, metrics, plots, bank_out)
     join_world()
     run(cfg, Paths(teacher, out, list(banks or []), bank_out, metrics, plots), online, name, device, say=console.print)

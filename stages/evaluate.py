@@ -11,7 +11,7 @@ from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine, ensure_writable, write_metrics
 from dfkd_common.errors import DfkdError
 from dfkd_common.evaluation import evaluate
-from stages.common import DeviceOpt, console, errors
+from stages.common import DeviceOpt, TrustOpt, allow_code, console, errors
 
 
 @errors
@@ -22,12 +22,14 @@ def main(
     data_root: Path | None = typer.Option(None, help="where the dataset's files are (default: ~/.cache/dfkd/data)"),
     metrics: Path | None = typer.Option(None, "--metrics"),
     device: str = DeviceOpt,
+    trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Print (and optionally write) the checkpoint's metrics on SPLIT of its dataset (or --dataset)."""
+    allow_code(trust_code)
     ensure_writable(metrics)
     engine = Engine.create(device, amp=False)
     model, meta = load_model(checkpoint, engine.device)
-    data = get_dataset(dataset or meta.dataset.name).load(split, data_root)
+    data = get_dataset(dataset or meta.dataset.name).load(split, data_root, meta.dataset.image_size)
     task = meta.task
     if data.info.task != task.name:
         raise DfkdError(f"{checkpoint} is a {task.name} model; dataset {data.info.name} holds {data.info.task} "

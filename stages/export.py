@@ -10,7 +10,7 @@ import typer
 from dfkd_common.checkpoint import load_model
 from dfkd_common.deploy import export
 from dfkd_common.engine import ensure_writable
-from stages.common import console, errors
+from stages.common import TrustOpt, allow_code, console, errors
 
 
 @errors
@@ -21,10 +21,12 @@ def main(
     batch: int = typer.Option(4, "--batch", help="batch of random images the export is checked on"),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="largest output difference accepted"),
     opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+    trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Export a checkpoint to ONNX or TorchScript (images in [0, 1] of any size: resize and normalisation inside)
     or a plain state dict, checked against the model's own outputs before it is kept; FILE.json beside it says
     what input it takes."""
+    allow_code(trust_code)
     ensure_writable(out, out.with_name(out.name + ".json"))
     model, meta = load_model(checkpoint, "cpu")
     done = export(model, meta, checkpoint, fmt, out, batch, tolerance, opset)

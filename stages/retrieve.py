@@ -21,7 +21,7 @@ from dfkd_common.engine import (
 from dfkd_common.errors import DfkdError
 from dfkd_common.geometry import shape_str
 from dfkd_common.retrieval import RetrieveConfig, RetrieveRun, retrieve
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, TrustOpt, allow_code, console, errors
 
 
 @errors
@@ -43,6 +43,7 @@ def main(
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,
+    trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Score every image of the wild pool by -log p_max and write the NUM_SELECT most confident as a bank.
 
@@ -51,6 +52,7 @@ def main(
     run = resolve(RetrieveRun, params_file, "retrieve", name, sets, seed_from="method_seed",
                   wild=list(wild) if wild else None, num_select=num_select, balance=balance, batch_size=batch_size,
                   workers=workers, seed=seed, selection="random" if random else None)
+    allow_code(trust_code, params_file)
     ensure_writable(out, metrics)
     specs = [run.wild] if isinstance(run.wild, str) else list(run.wild)
     if not specs:

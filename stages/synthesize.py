@@ -13,7 +13,7 @@ from dfkd_common.engine import Engine, ensure_writable, seed_everything, write_m
 from dfkd_common.loops.synthesis_rounds import SynthesisRun, run_synthesis, split_params
 from dfkd_common.synthesis import SYNTHESIZERS
 from dfkd_common.synthesis.base import SynthesisConfig
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors, join_world
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, TrustOpt, allow_code, console, errors, join_world
 
 
 def resolve_params(params_file: Path, method: str, sets: list[str] | None = None,
@@ -38,9 +38,11 @@ def main(
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,
+    trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Synthesize a bank with METHOD; rerunning an interrupted command resumes it."""
     run, method_cfg = resolve_params(params_file, method, sets, rounds=rounds, seed=seed)
+    allow_code(trust_code, params_file)
     ensure_writable(out, metrics)
     world = join_world()  # under torchrun: rounds split across ranks, merged by rank 0
     seed_everything(run.seed)

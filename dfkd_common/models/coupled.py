@@ -32,6 +32,7 @@ from torch import nn
 
 from dfkd_common.errors import DfkdError
 from dfkd_common.geometry import Size, as_hw
+from dfkd_common.index import WITHOUT_BN
 from dfkd_common.models.generators import GENERATORS
 from dfkd_common.models.hooks import Stage, bn_stages
 
@@ -43,7 +44,7 @@ def teacher_stages(model: nn.Module, channels: int, image_size: Size, min_size: 
     if not stages:
         raise DfkdError(
             f"{type(model).__name__} has no BatchNorm2d on a feature map of at least {min_size}x{min_size}: "
-            "CPNet's coupled generator mirrors the teacher's BN stages"
+            f"CPNet's coupled generator mirrors the teacher's BN stages; methods that need none: {WITHOUT_BN}"
         )
     return stages
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dfkd_common.errors import DfkdError
 from dfkd_common.geometry import Size, as_hw
 
 
@@ -89,9 +90,19 @@ def bn_stages(model: nn.Module, channels: int, image_size: Size, min_size: int =
     return _last_per_resolution(seen, min_size)
 
 
+def _named(model: nn.Module, key: str) -> Any:
+    """A feature site the user named for a :class:`~dfkd_common.models.zoo.Classifier` (paths inside its ``net``,
+    returned as paths in ``model``), or None."""
+    value = getattr(model, "feature_paths", {}).get(key)
+    if not value:
+        return None
+    return [f"net.{p}" for p in value] if isinstance(value, list) else f"net.{value}"
+
+
 def stage_outputs(model: nn.Module, channels: int, image_size: Size, min_size: int = 1) -> list[Stage]:
     """For each spatial resolution (largest first), the map a stage makes there: the output of the last *block*
-    (a module with children) to finish at that resolution, else of the last layer.
+    (a module with children) to finish at that resolution, else of the last layer. Stages the user named
+    (``features.stages``) are taken as given, in that order.
 
     Blocks first, because a pre-activation network's next block starts with a BatchNorm at the old resolution
     (a WRN's ``block2.0.bn1`` runs on ``block1``'s output): the stage is ``block1``, not that BN. This gives
@@ -99,6 +110,13 @@ def stage_outputs(model: nn.Module, channels: int, image_size: Size, min_size: i
     Functional ops (``F.relu`` in a ``forward``) are invisible to hooks, so a map can be pre-activation.
     """
     calls = [c for c in trace(model, channels, image_size) if c.output is not None]
+    named = _named(model, "stages")
+    if named:
+        shapes = {c.path: c.output for c in calls}
+        missing = [p for p in named if p not in shapes]
+        if missing:
+            raise DfkdError(f"features.stages: {missing[0].removeprefix('net.')} makes no N x C x H x W map")
+        return [Stage(p, *shapes[p]) for p in named if min(shapes[p][1:]) >= min_size]  # type: ignore[misc]
     blocks = {c.output[1:] for c in calls if c.container}
     seen = [Stage(c.path, *c.output) for c in calls if c.container or c.output[1:] not in blocks]
     return _last_per_resolution(seen, min_size)
@@ -245,13 +263,66 @@ def module_path(model: nn.Module, target: nn.Module) -> str:
     raise KeyError("module not found in model")
 
 
+def penultimate_site(model: nn.Module) -> tuple[str | None, str]:
+    """Where a :class:`Classifier`'s penultimate feature is: (module path, ``"input"`` or ``"output"``).
+
+    In order: the module the user named (``features.penultimate``: its output); the input of the last
+    ``nn.Linear`` that makes the logits (a ``Sequential`` head with Dropout and ReLU between Linear layers
+    included); for a network whose logits come from a functional call (``F.linear`` last in ``forward``),
+    ``(None, "output")``: :class:`Penultimate` then takes the output of the last layer to run before the logits
+    that is flat (N x D, or N x D x 1 x 1 after a global pool)."""
+    named = _named(model, "penultimate")
+    if named:
+        return named, "output"
+    try:
+        return module_path(model, model.classifier), "input"  # type: ignore[attr-defined]
+    except (TypeError, AttributeError):
+        return None, "output"
+
+
 class Penultimate(FeatureHooks):
-    """Capture the classifier's input (the penultimate feature) of a :class:`Classifier`."""
+    """Capture the penultimate feature of a :class:`Classifier` (see :func:`penultimate_site`)."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.path = module_path(model, model.classifier)  # type: ignore[attr-defined]
-        super().__init__(model, [self.path], capture="input")
+        path, capture = penultimate_site(model)
+        self.path = path or ""
+        self._flat: torch.Tensor | None = None
+        if path is not None:
+            super().__init__(model, [path], capture=capture)
+            return
+        super().__init__(model, [])
+        for name, mod in model.named_modules():  # discovered on every forward: the last flat output of a layer
+            if name and next(mod.children(), None) is None:
+                self.handles.append(mod.register_forward_hook(self._flat_hook))
+
+    def _flat_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and (output.dim() == 2 or (output.dim() == 4 and output.shape[2:]
+                                                                          == (1, 1))):
+            self._flat = output.flatten(1)
 
     @property
     def value(self) -> torch.Tensor:
-        return self.features[self.path]
+        if not self.path:
+            if self._flat is None:
+                raise DfkdError("no penultimate feature found: no layer makes a flat N x D output before the "
+                                "logits; name one with --set features.penultimate=MODULE_PATH")
+            return self._flat
+        value = self.features[self.path]
+        return value.flatten(1) if value.dim() == 4 else value
+
+
+def describe_network(model: nn.Module, arch: str, info: Any) -> str:
+    """What discovery found on ``model`` for data ``info``, in one line: its input, classes, BatchNorm layers,
+    penultimate feature and stages (said before long work, so a wrong guess is seen at once and can be named
+    with ``--set features.penultimate=PATH`` / ``features.stages=[...]``)."""
+    h, w = info.image_size
+    bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    path, capture = penultimate_site(model)
+    pen = (f"{capture} of {path.removeprefix('net.')}" if path else "the last flat layer output (functional head)")
+    try:
+        stages = ", ".join(f"{s.path.removeprefix('net.')} {s.channels}x{s.height}x{s.width}"
+                           for s in stage_outputs(model, info.channels, info.image_size))
+    except DfkdError as exc:
+        stages = f"none ({exc})"
+    return (f"{arch}: input {info.channels}x{h}x{w}, {getattr(model, 'num_classes', '?')} classes, "
+            f"{bn} BatchNorm2d layer(s), penultimate feature: {pen}; stages: {stages or 'none'}")

@@ -23,6 +23,7 @@ before any work starts, not a conv2d traceback mid-run.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,23 +37,33 @@ MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 
 
 class Classifier(nn.Module):
-    """``net`` behind a fixed input normalisation; input images are float in [0, 1]."""
+    """``net`` behind a fixed input normalisation; input images are float in [0, 1].
 
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
+    ``num_classes``: how many logits ``net`` makes (default: the last ``nn.Linear``'s outputs). ``features``: the
+    feature sites the user named where discovery (:mod:`dfkd_common.models.hooks`) would guess wrong, as module
+    paths inside ``net``: ``penultimate`` (a module whose output is the penultimate feature) and ``stages`` (the
+    modules whose outputs are the stage maps). They travel in the model's checkpoint.
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], num_classes: int | None = None,
+                 features: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        self._num_classes = num_classes
+        self.feature_paths: dict[str, Any] = dict(features or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
 
     @property
     def classifier(self) -> nn.Linear:
-        """The last Linear layer: its input is the penultimate feature, its (W, b) the class hyperplanes."""
+        """The last Linear layer making the logits: its input is the penultimate feature, its (W, b) the class
+        hyperplanes. A network whose logits come from a functional call has none (TypeError)."""
         last = None
         for m in self.net.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and (self._num_classes is None or m.out_features == self._num_classes):
                 last = m
         if last is None:
             raise TypeError("model has no nn.Linear classifier")
@@ -60,24 +71,31 @@ class Classifier(nn.Module):
 
     @property
     def num_classes(self) -> int:
-        return self.classifier.out_features
+        return self._num_classes if self._num_classes is not None else self.classifier.out_features
+
+
+class InputRejected(DfkdError):
+    """A network cannot take an input shape (:func:`check_input`)."""
 
 
 @torch.no_grad()
 def check_input(model: Classifier, arch: str, channels: int, image_size: Size) -> None:
-    """One eval-mode forward of zeros: raise :class:`DfkdError` when ``model`` cannot take this input shape."""
+    """One eval-mode forward of zeros: raise :class:`InputRejected` when ``model`` cannot take this input shape
+    (a layer's shape error, or a network's own check of its input: an assertion, a ValueError) or does not map it
+    to ``num_classes`` logits."""
     was_training = model.training
     model.eval()
     shape = shape_str(channels, image_size)
     try:
         out = model(torch.zeros(2, channels, *as_hw(image_size)))
-    except RuntimeError as exc:
-        reason = (str(exc).strip().splitlines() or ["shape mismatch"])[0]
-        raise DfkdError(f"model {arch} cannot take {shape} inputs ({reason})") from None
+    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputRejected(f"model {arch} cannot take {shape} inputs ({reason})") from None
     finally:
         model.train(was_training)
-    if tuple(out.shape) != (2, model.num_classes):
-        raise DfkdError(f"model {arch} maps {shape} inputs to {tuple(out.shape[1:])}, not {model.num_classes} logits")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, model.num_classes):
+        got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputRejected(f"model {arch} maps {shape} inputs to {got}, not {model.num_classes} logits")
 
 
 # ----------------------------------------------------------------------------------------------- LeNet-5

@@ -49,6 +49,7 @@ from dfkd_common.dist import gather_objects
 from dfkd_common.engine import check_finite, fused_adam
 from dfkd_common.errors import DfkdError
 from dfkd_common.functional import l1_discrepancy
+from dfkd_common.index import WITHOUT_BN
 from dfkd_common.models import build_generator
 from dfkd_common.models.hooks import BNStats
 from dfkd_common.online.base import ONLINE, FeedContext, RecordedFeed, frozen
@@ -97,7 +98,8 @@ class DFADFeed(RecordedFeed):
         if self.bn_weight:
             self.bn = BNStats(self.teacher)
             if not len(self.bn):
-                raise DfkdError("dfad: online.bn needs BatchNorm2d layers in the teacher, and it has none")
+                raise DfkdError("dfad: online.bn needs BatchNorm2d layers in the teacher, and it has none; published "
+                                f"DFAD (online.bn 0) needs none, nor do {WITHOUT_BN}")
             self.bn.enable(False)
         if self.student_steps < 1 or self.iterations < 1:
             raise DfkdError("dfad: student_steps and iterations must be >= 1")

@@ -25,7 +25,7 @@ from dfkd_common.imports import KEYMAPS, KeyMap, load_weights, read_weights
 from dfkd_common.jobs import OutputLock
 from dfkd_common.loops.runner import StateFile
 from dfkd_common.loops.teacher_training import TeacherTraining, train_teacher
-from dfkd_common.models import build_for
+from dfkd_common.models import build_fitting, describe_network
 from dfkd_common.tasks import get_task
 
 
@@ -37,6 +37,10 @@ class TeacherRun(TeacherTraining):
     dataset_kwargs: dict[str, Any] = field(default_factory=dict, metadata=REPLACES)  # e.g. imagefolder's root
     arch: str = "lenet5"
     arch_kwargs: dict[str, Any] = field(default_factory=dict, metadata=REPLACES)
+    # the input size the network takes (None: the dataset's stored size, else its source size, the first it takes)
+    image_size: int | None = None
+    # feature sites named by module path where discovery guesses wrong: {penultimate: PATH, stages: [PATH, ...]}
+    features: dict[str, Any] = field(default_factory=dict, metadata=REPLACES)
     data_root: str | None = None
     amp: Literal["auto", True, False] = False
     # import (dfkd teacher import): train or import, the weights file, the key map of its authors' code
@@ -51,11 +55,12 @@ def train(cfg: TeacherRun, out: Path, metrics: Path | None = None, device: str =
     world = current()
     seed_everything(cfg.seed)
     spec = get_dataset(cfg.dataset, **cfg.dataset_kwargs)
-    info = spec.info
-    model = build_for(cfg.arch, info, cfg.arch_kwargs)
+    model, info = build_fitting(cfg.arch, spec.info, [cfg.image_size] if cfg.image_size else spec.sizes,
+                                cfg.arch_kwargs, cfg.features)
+    say(describe_network(model, cfg.arch, info))
     with main_first():  # one download, not one per rank
-        train_split = spec.load("train", cfg.data_root)
-        test_split = spec.load("test", cfg.data_root)
+        train_split = spec.load("train", cfg.data_root, info.image_size)
+        test_split = spec.load("test", cfg.data_root, info.image_size)
     engine = Engine.create(device, amp=cfg.amp)
     say(f"teacher {cfg.arch} on {info.name}: {len(train_split)} train / {len(test_split)} test; "
         f"{engine.describe()}" + (f"; {world.size} processes (DDP)" if world.distributed else ""))
@@ -109,7 +114,10 @@ def import_teacher(cfg: TeacherRun, out: Path, described: InputDescription, use_
     spec = get_dataset(cfg.dataset, **cfg.dataset_kwargs) if use_dataset else None
     info = imported_info(spec.info if spec else None, cfg.arch, keymap, described)
     kwargs = {**(keymap.arch_kwargs.get(cfg.arch, {}) if keymap else {}), **cfg.arch_kwargs}
-    model = build_for(cfg.arch, info, kwargs)
+    size = described.image_size or cfg.image_size
+    sizes = [size] if size else spec.sizes if spec is not None else [info.image_size]
+    model, info = build_fitting(cfg.arch, info, sizes, kwargs, cfg.features)
+    say(describe_network(model, cfg.arch, info))
     state = read_weights(cfg.weights)
     if keymap is not None:
         state = keymap.convert(cfg.arch, state)
@@ -120,7 +128,7 @@ def import_teacher(cfg: TeacherRun, out: Path, described: InputDescription, use_
     if spec is not None:
         why = ""
         try:
-            scores = evaluate(engine.model(model), spec.load("test", cfg.data_root), engine)
+            scores = evaluate(engine.model(model), spec.load("test", cfg.data_root, info.image_size), engine)
         except (DfkdError, OSError, RuntimeError) as exc:  # e.g. a dataset that must be downloaded, offline
             why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
     record = {"imported_from": cfg.weights, "keys": cfg.keys, "weights_sha256": file_checksum(cfg.weights),

@@ -27,6 +27,7 @@ from dfkd_common.config import parse, spec, values
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import Engine, check_finite
 from dfkd_common.errors import DfkdError
+from dfkd_common.index import WITHOUT_BN
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import BNStats, FeatureHooks, Penultimate, stage_outputs
 from dfkd_common.params import check_weighted_terms
@@ -112,7 +113,8 @@ class Synthesizer(ABC):
             p.requires_grad_(False)
         self.bn = BNStats(self.teacher, self.cfg.bn_momentum) if self.weights.get("bn") else None
         if self.bn is not None and not len(self.bn):
-            raise DfkdError(f"{self.name}: weights.bn needs BatchNorm2d layers in the teacher, and it has none")
+            raise DfkdError(f"{self.name}: weights.bn matches the teacher's BatchNorm statistics, and it has no "
+                            f"BatchNorm2d layer; methods that need none: {WITHOUT_BN}")
         if self.bn is not None:
             self.bn.enable(False)
         self.penultimate = Penultimate(self.teacher)
