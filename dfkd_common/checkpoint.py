@@ -184,9 +184,7 @@ def _write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metad
 
 def save_model(path: str | os.PathLike[str], model: Classifier, meta: ModelMeta) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    ref = user_code.parse(meta.arch)
-    meta = dataclasses.replace(meta, digests=digests(state),
-                               code=user_code.fingerprint(ref) if ref is not None else meta.code,
+    meta = dataclasses.replace(meta, digests=digests(state), code=user_code.code_fingerprint(meta.arch) or meta.code,
                                features=getattr(model, "feature_paths", None) or meta.features)
     _write(path, state, {"dfkd": meta.to_json()})
 
@@ -210,9 +208,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     meta = read_meta(path)
     # user code: only if trusted (one line if not)
     model = build_for(meta.arch, meta.dataset, meta.arch_kwargs, meta.features)
-    ref = user_code.parse(meta.arch)
-    if ref is not None:
-        user_code.check_fingerprint(ref, meta.code, str(path))
+    user_code.check_fingerprint(meta.arch, meta.code, str(path))
     from safetensors.torch import load_file
 
     try:

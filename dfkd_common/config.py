@@ -137,8 +137,10 @@ def given(path: Path, section: str, profile: str | None = None, sets: list[str] 
 
     ``seed_from`` names the top-level key a section without its own ``seed`` takes it from (``seed`` for the
     teacher and the pool, ``method_seed`` for the method stages): said by each stage, never copied silently.
+    ``profile_required``: see :func:`~dfkd_common.params.read_section`.
     """
-    out = merge(read_section(path, section, profile, seed_from), {k: v for k, v in cli.items() if v is not None})
+    out = merge(read_section(path, section, profile, seed_from, profile_required),
+                {k: v for k, v in cli.items() if v is not None})
     for name, value in (seeded or {}).items():
         out.setdefault(name, copy.deepcopy(value))
     return set_pairs(sets, out)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,6 +134,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise DfkdError(f"weights file not found: {path}")
+    if _is_torchscript(path):
+        raise DfkdError(f"{path} is a TorchScript program, not a weights file: import it with --arch "
+                        f"torchscript:{path} (it carries its own code, which runs once you allow it)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -172,6 +176,14 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
                 state = {k[len(prefix):]: v for k, v in state.items()}
                 stripped = True
     return state
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (``torch.jit.save``): a zip with the program's code, unlike ``torch.save``'s."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(n.endswith("/constants.pkl") or "/code/" in n for n in archive.namelist())
 
 
 def _is_state(obj: Mapping[str, Any]) -> bool:

@@ -26,6 +26,7 @@ INDEX: dict[str, dict[str, str]] = {
         "torchvision": "dfkd_common.models.sources",
         "timm": "dfkd_common.models.sources",
         "code": "dfkd_common.models.sources",
+        "torchscript": "dfkd_common.models.sources",
     },
     "dataset": {name: _DATA for name in ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")},
     "model": {name: _ZOO for name in ("lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2",

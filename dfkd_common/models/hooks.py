@@ -20,6 +20,17 @@ from torch import nn
 from dfkd_common.errors import DfkdError
 from dfkd_common.geometry import Size, as_hw
 
+#: what serves a TorchScript program, whose layers no hook reaches
+LOGITS_ONLY = ("the methods that read only its logits serve it: published dfad (dfkd distill --online dfad), dfnd "
+               "(dfkd retrieve), dafl with --set weights.act=0")
+
+
+def add_hook(module: nn.Module, fn: Any, pre: bool = False) -> Any:
+    """``module.register_forward_(pre_)hook(fn)``; a TorchScript program's layers take none: one error line."""
+    if isinstance(module, torch.jit.ScriptModule):
+        raise DfkdError(f"the network is a TorchScript program: hooks cannot reach its layers ({LOGITS_ONLY})")
+    return module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -52,13 +63,13 @@ def trace(model: nn.Module, channels: int, image_size: Size) -> list[Traced]:
     def chw(t: Any) -> tuple[int, int, int] | None:
         return tuple(int(d) for d in t.shape[1:]) if isinstance(t, torch.Tensor) and t.dim() == 4 else None  # type: ignore[return-value]
 
-    def hook(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def record(mod: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         calls.append(Traced(names[mod], type(mod), chw(inputs[0]) if inputs else None, chw(output),
                             next(mod.children(), None) is not None))
 
     for module in model.modules():
         if module is not model:
-            handles.append(module.register_forward_hook(hook))
+            handles.append(add_hook(module, record))
     was_training = model.training
     try:
         param = next(model.parameters(), None)
@@ -166,7 +177,7 @@ class BNStatsHook(MomentumStats):
         self.module = module
         self.loss: torch.Tensor | None = None
         self.enabled = True
-        self.handle = module.register_forward_hook(self._hook)
+        self.handle = add_hook(module, self._hook)
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not self.enabled:
@@ -228,9 +239,9 @@ class FeatureHooks:
                 raise KeyError(f"no module {path!r} in {type(model).__name__}")
             mod = modules[path]
             if capture == "input":
-                self.handles.append(mod.register_forward_pre_hook(self._pre(path)))
+                self.handles.append(add_hook(mod, self._pre(path), pre=True))
             else:
-                self.handles.append(mod.register_forward_hook(self._post(path)))
+                self.handles.append(add_hook(mod, self._post(path)))
 
     def _pre(self, path: str) -> Any:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -293,7 +304,7 @@ class Penultimate(FeatureHooks):
         super().__init__(model, [])
         for name, mod in model.named_modules():  # discovered on every forward: the last flat output of a layer
             if name and next(mod.children(), None) is None:
-                self.handles.append(mod.register_forward_hook(self._flat_hook))
+                self.handles.append(add_hook(mod, self._flat_hook))
 
     def _flat_hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
         if isinstance(output, torch.Tensor) and (output.dim() == 2 or (output.dim() == 4 and output.shape[2:]

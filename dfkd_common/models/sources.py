@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -165,5 +166,19 @@ class UserCode(ModelSource):
         return user_code.build(ref, num_classes, in_channels, **kwargs)
 
 
+class TorchScript(ModelSource):
+    """A TorchScript program (``torchscript:path/to/model.pt``), trusted like your own code: it carries its own
+    program, and its weights come from the artifact. Hooks cannot reach its layers, so it serves the methods that
+    read only a teacher's logits (:data:`~dfkd_common.models.hooks.LOGITS_ONLY`)."""
+
+    name = "torchscript"
+
+    def build(self, name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
+        if kwargs:
+            raise DfkdError(f"torchscript:{name} takes no architecture options (got {', '.join(kwargs)})")
+        return user_code.load_program(Path(name))
+
+
 SOURCES.register("timm")(Timm())
+SOURCES.register("torchscript")(TorchScript())
 SOURCES.register("code")(UserCode())

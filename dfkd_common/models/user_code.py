@@ -95,6 +95,53 @@ def trust_reference(arch: str) -> None:
     ref = parse(arch)
     if ref is not None:
         trust(*ref.names)
+    program = program_path(arch)
+    if program is not None:
+        trust(*_path_names(program))
+
+
+# -- TorchScript programs (``torchscript:PATH``): they carry their own code, so they are trusted the same way ----
+PROGRAM = "torchscript:"
+
+
+def program_path(arch: str) -> Path | None:
+    """The file of a ``torchscript:PATH`` reference (None: another kind of reference)."""
+    return Path(arch[len(PROGRAM):]) if arch.startswith(PROGRAM) else None
+
+
+def _path_names(path: Path) -> tuple[str, ...]:
+    return (str(path), str(path.resolve()), path.stem)
+
+
+def load_program(path: Path) -> nn.Module:
+    """A TorchScript program, loaded only if trusted (``--trust-code PATH`` or its stem): ``torch.jit.load`` runs
+    the code the file carries."""
+    if not any(n in _TRUSTED for n in _path_names(path)):
+        raise DfkdError(f"model {PROGRAM}{path} is a TorchScript program, which carries code: allow it first with "
+                        f"--trust-code {path.stem} (pipelines: trust_code: [{path.stem}] in params.yaml)")
+    if not path.is_file():
+        raise DfkdError(f"model {PROGRAM}{path}: no such file")
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated.*")
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise DfkdError(f"{path} is not a TorchScript program ({(str(exc).strip().splitlines() or ['?'])[0]})"
+                        ) from None
+
+
+def code_fingerprint(arch: str) -> dict[str, str] | None:
+    """What a checkpoint of ``arch`` records of the code it runs: the defining source file (your module) or the
+    program file (TorchScript) and its sha256; None for dfkd's zoo, torchvision and timm."""
+    ref = parse(arch)
+    if ref is not None:
+        return fingerprint(ref)
+    program = program_path(arch)
+    if program is not None and program.is_file():
+        return {"ref": arch, "file": str(program.resolve()), "sha256": hashlib.sha256(program.read_bytes()).hexdigest()}
+    return None
 
 
 def is_trusted(ref: CodeRef) -> bool:
@@ -182,11 +229,11 @@ def fingerprint(ref: CodeRef) -> dict[str, str]:
     return {"ref": str(ref), "file": str(path), "sha256": digest}
 
 
-def check_fingerprint(ref: CodeRef, recorded: dict[str, str] | None, where: str) -> None:
-    """Warn (one line) when the source file's bytes differ from those the checkpoint ``where`` recorded."""
+def check_fingerprint(arch: str, recorded: dict[str, str] | None, where: str) -> None:
+    """Warn (one line) when the code file's bytes differ from those the checkpoint ``where`` recorded."""
     if not recorded or not recorded.get("sha256"):
         return
-    now = fingerprint(ref)
-    if now["sha256"] and now["sha256"] != recorded["sha256"]:
-        warnings.warn(f"{where}: the source of {ref} ({now['file']}) changed since the checkpoint was written "
+    now = code_fingerprint(arch)
+    if now and now["sha256"] and now["sha256"] != recorded["sha256"]:
+        warnings.warn(f"{where}: the code of {arch} ({now['file']}) changed since the checkpoint was written "
                       f"(sha256 {recorded['sha256'][:12]} then, {now['sha256'][:12]} now)", stacklevel=2)

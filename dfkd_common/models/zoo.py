@@ -88,7 +88,7 @@ def check_input(model: Classifier, arch: str, channels: int, image_size: Size) -
     shape = shape_str(channels, image_size)
     try:
         out = model(torch.zeros(2, channels, *as_hw(image_size)))
-    except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
+    except (RuntimeError, ValueError, AssertionError, IndexError, torch.jit.Error) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InputRejected(f"model {arch} cannot take {shape} inputs ({reason})") from None
     finally:

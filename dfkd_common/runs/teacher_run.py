@@ -25,7 +25,7 @@ from dfkd_common.imports import KEYMAPS, KeyMap, load_weights, read_weights
 from dfkd_common.jobs import OutputLock
 from dfkd_common.loops.runner import StateFile
 from dfkd_common.loops.teacher_training import TeacherTraining, train_teacher
-from dfkd_common.models import build_fitting, describe_network
+from dfkd_common.models import build_fitting, describe_network, user_code
 from dfkd_common.tasks import get_task
 
 
@@ -108,7 +108,8 @@ def import_teacher(cfg: TeacherRun, out: Path, described: InputDescription, use_
     key, with the accuracy on the dataset's test split where one can be loaded (else recorded as unmeasured).
     ``use_dataset``: whether ``cfg.dataset`` describes the input (named on the command line, or in the params
     file when the input is not described)."""
-    if not cfg.weights:
+    program = user_code.program_path(cfg.arch)
+    if not cfg.weights and program is None:
         raise DfkdError("missing parameter(s): weights (give them in params.yaml or on the CLI)")
     keymap = KEYMAPS.get(cfg.keys) if cfg.keys else None
     spec = get_dataset(cfg.dataset, **cfg.dataset_kwargs) if use_dataset else None
@@ -118,10 +119,11 @@ def import_teacher(cfg: TeacherRun, out: Path, described: InputDescription, use_
     sizes = [size] if size else spec.sizes if spec is not None else [info.image_size]
     model, info = build_fitting(cfg.arch, info, sizes, kwargs, cfg.features)
     say(describe_network(model, cfg.arch, info))
-    state = read_weights(cfg.weights)
-    if keymap is not None:
-        state = keymap.convert(cfg.arch, state)
-    load_weights(model.net, state, cfg.weights)
+    if cfg.weights:  # a TorchScript program without --weights keeps its own
+        state = read_weights(cfg.weights)
+        if keymap is not None:
+            state = keymap.convert(cfg.arch, state)
+        load_weights(model.net, state, cfg.weights)
     engine = Engine.create(device, amp=False)
     scores: dict[str, float] = {}
     why = "no registered dataset with a test split"
@@ -131,7 +133,8 @@ def import_teacher(cfg: TeacherRun, out: Path, described: InputDescription, use_
             scores = evaluate(engine.model(model), spec.load("test", cfg.data_root, info.image_size), engine)
         except (DfkdError, OSError, RuntimeError) as exc:  # e.g. a dataset that must be downloaded, offline
             why = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-    record = {"imported_from": cfg.weights, "keys": cfg.keys, "weights_sha256": file_checksum(cfg.weights),
+    source = cfg.weights or str(program)
+    record = {"imported_from": source, "keys": cfg.keys, "weights_sha256": file_checksum(source),
               "arch_kwargs": kwargs}
     meta = ModelMeta(cfg.arch, kwargs, info, scores, record, now(), __version__, "teacher")
     task = meta.task

@@ -117,7 +117,8 @@ class Synthesizer(ABC):
                             f"BatchNorm2d layer; methods that need none: {WITHOUT_BN}")
         if self.bn is not None:
             self.bn.enable(False)
-        self.penultimate = Penultimate(self.teacher)
+        # hooked only where an active term reads it: a teacher hooks cannot reach (TorchScript) serves the others
+        self.penultimate = Penultimate(self.teacher) if "t_feat" in self.needs else None
         self.augment = build_augment(info.image_size, self.cfg.augment)
         self.gen = torch.Generator().manual_seed(seed)
         self.device = self.engine.device
@@ -187,7 +188,7 @@ class Synthesizer(ABC):
             t_logits=t_logits.float(),
             y=y,
             s_logits=None if (s_logits is None or "s_logits" not in self.needs) else s_logits.float(),
-            t_feat=self.penultimate.value,
+            t_feat=self.penultimate.value if self.penultimate is not None else None,
             bn=self.bn,
             xa=xa,
             stages=stages,
