@@ -1,9 +1,13 @@
-"""The README's Python examples run as written (against a teacher and a bank at the paths they name)."""
+"""The README's examples run as written: its Python (against a teacher and a bank at the paths they name) and the
+"Your teacher in" shell session."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,3 +52,18 @@ def test_the_bank_and_api_examples_run(tmp_path: Path, teacher_ckpt: Path, monke
     assert "dafl classification (12, 1, 32, 32)" in out
     assert "teacher classification lenet5 {'test_acc':" in out
     assert "torch.Size([16, 1, 32, 32])" in out and "12 classification dafl" in out
+
+
+@pytest.mark.slow
+def test_your_teacher_in_runs_as_written(tmp_path: Path) -> None:
+    """The "Your teacher in" example, pasted into a shell in an empty folder: the own class by file path, imported
+    at the 28x28 it takes, trusted by name in the later stages."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Your teacher in"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    env = {**os.environ, "DFKD_NO_PROGRESS": "1", "PYTHONPATH": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run(["bash", "-euc", block], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mynet.py:Net28: input 1x28x28" in proc.stdout.replace("\n", " ")
+    assert read_meta(tmp_path / "s.safetensors").dataset.image_size == (28, 28)
