@@ -77,14 +77,14 @@ def student_rows(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
              "wall_time_s": round(total_seconds(r), 1)} for r in rows]
 
 
-def headline(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, key: str) -> dict[str, dict[str, float]]:
-    """Each student's headline metric (%, the mean over its runs) and the teacher's, by name, under the metric's
-    name: ``dvc exp show`` shows them as short columns (``test_acc.dafl``) that one ``--keep`` selects (the
-    README's seed-study command), beside no other file's."""
+def headline(rows: list[dict[str, Any]], teacher: dict[str, Any] | None, key: str) -> dict[str, float]:
+    """Each student's headline metric (%, the mean over its runs) and the teacher's, by name: a flat metrics file
+    whose keys are the students' names, so ``dvc exp show --keep`` shows each as one short column (the README's
+    seed-study commands)."""
     out = {"teacher": round(100 * float(teacher[key]), 2)} if teacher and teacher.get(key) is not None else {}
     out.update({name: round(statistics.fmean(100 * float(r[key]) for r in runs), 2)
                 for name, runs in group(rows).items()})
-    return {key: out}
+    return out
 
 
 #: line styles cycled with 10 colours, so 40 curves stay distinguishable (15 students shared 10 colours)
