@@ -233,6 +233,25 @@ def digits() -> DatasetSpec:
     return DatasetSpec(info, load)
 
 
+def torchvision_dataset(cls_name: str, folder: str, root: Path, **kwargs: Any) -> Any:
+    """torchvision's ``cls_name`` dataset from ``root``: the files already there are used without the network
+    (torchvision checks them); only a dataset that is not there is downloaded, and where that fails (offline, the
+    way dfkd runs) the error is one line naming the folder to put torchvision's files in."""
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, cls_name)
+    try:
+        return cls(str(root), download=False, **kwargs)
+    except RuntimeError:  # not there, or damaged: torchvision fetches (and checks) it afresh
+        pass
+    try:
+        return cls(str(root), download=True, **kwargs)
+    except Exception as exc:  # no network (URLError), a refused write, a broken download
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DfkdError(f"{cls_name} is not in {root / folder} and could not be downloaded ({reason[:120]}): put "
+                        f"torchvision's {cls_name} files there, or point data_root at where they are") from None
+
+
 def _torchvision_loader(
     factory: Callable[[Path, str], Any], size: int | None = None
 ) -> Callable[[str, Path], tuple[torch.Tensor, torch.Tensor]]:
@@ -258,9 +277,7 @@ def _torchvision_loader(
 @DATASETS.register("mnist")
 def mnist() -> DatasetSpec:
     def factory(root: Path, split: str) -> Any:
-        from torchvision.datasets import MNIST
-
-        return MNIST(str(root), train=split == "train", download=True)
+        return torchvision_dataset("MNIST", "MNIST/raw", root, train=split == "train")
 
     info = DatasetInfo("mnist", 1, 32, 10, DIGIT_NAMES, MNIST_MEAN, MNIST_STD)
     return DatasetSpec(info, _torchvision_loader(factory, size=32), _torchvision_loader(factory), (28, 28))
@@ -272,9 +289,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 @DATASETS.register("cifar10")
 def cifar10() -> DatasetSpec:
     def factory(root: Path, split: str) -> Any:
-        from torchvision.datasets import CIFAR10
-
-        return CIFAR10(str(root), train=split == "train", download=True)
+        return torchvision_dataset("CIFAR10", "cifar-10-batches-py", root, train=split == "train")
 
     info = DatasetInfo(
         "cifar10", 3, 32, 10, CIFAR10_CLASSES, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -300,9 +315,7 @@ CIFAR100_CLASSES = (
 @DATASETS.register("cifar100")
 def cifar100() -> DatasetSpec:
     def factory(root: Path, split: str) -> Any:
-        from torchvision.datasets import CIFAR100
-
-        return CIFAR100(str(root), train=split == "train", download=True)
+        return torchvision_dataset("CIFAR100", "cifar-100-python", root, train=split == "train")
 
     info = DatasetInfo(
         "cifar100", 3, 32, 100, CIFAR100_CLASSES, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -313,9 +326,7 @@ def cifar100() -> DatasetSpec:
 @DATASETS.register("svhn")
 def svhn() -> DatasetSpec:
     def factory(root: Path, split: str) -> Any:
-        from torchvision.datasets import SVHN
-
-        return SVHN(str(root), split=split, download=True)
+        return torchvision_dataset("SVHN", "", root, split=split)
 
     info = DatasetInfo("svhn", 3, 32, 10, DIGIT_NAMES, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970))
     return DatasetSpec(info, _torchvision_loader(factory))
