@@ -242,7 +242,7 @@ def torchvision_dataset(cls_name: str, folder: str, root: Path, **kwargs: Any) -
     cls = getattr(torchvision.datasets, cls_name)
     try:
         return cls(str(root), download=False, **kwargs)
-    except RuntimeError:  # not there, or damaged: torchvision fetches (and checks) it afresh
+    except (RuntimeError, OSError):  # not there, or damaged: torchvision fetches (and checks) it afresh
         pass
     try:
         return cls(str(root), download=True, **kwargs)

@@ -56,3 +56,32 @@ def test_imagefolder(tmp_path: Path) -> None:
 def test_imagefolder_without_train_dir_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DfkdError, match="not a directory"):
         get_dataset("imagefolder", root=tmp_path)
+
+
+def test_torchvision_datasets_on_disk_load_offline_and_a_missing_one_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CIFAR in torchvision's own layout is read by torchvision's loader without the network; offline, a missing
+    dataset names the folder to put it in."""
+    import importlib.util
+
+    import torchvision.datasets
+    import torchvision.datasets.cifar as tv_cifar
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    spec = importlib.util.spec_from_file_location("cifar_layout", fixtures / "cifar_layout.py")
+    assert spec is not None and spec.loader is not None
+    layout = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layout)
+    layout.write_cifar10(tmp_path / "data", per_class=3, test_per_class=2)
+    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)  # the fixture is not the real data
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
+
+    def offline(self: object) -> None:
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "download", offline)
+    test = get_dataset("cifar10").load("test", tmp_path / "data")
+    assert test.images.shape == (20, 3, 32, 32) and torch.bincount(test.labels).tolist() == [2] * 10
+    with pytest.raises(DfkdError, match=rf"CIFAR100 is not in {tmp_path / 'empty'}/cifar-100-python and could not be "
+                                        r"downloaded \(<urlopen error .*\): put torchvision's CIFAR100 files there"):
+        get_dataset("cifar100").load("test", tmp_path / "empty")
