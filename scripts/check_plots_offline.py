@@ -53,6 +53,8 @@ def main() -> int:
     if colours < 20 or inked < 0.005:
         print("the page is blank: the charts did not draw", file=sys.stderr)
         return 1
+    rows = np.nonzero((pixels < 250).any(axis=(1, 2)))[0]
+    Image.fromarray(pixels[: rows[-1] + 20]).save(args.out)  # the charts, without the window's empty bottom
     return 0
 
 

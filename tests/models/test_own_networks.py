@@ -258,3 +258,18 @@ def test_a_torchscript_teacher_under_trust_serves_the_logit_methods(tmp_path: Pa
                         "net28", env=ENV), "TorchScript program: hooks cannot reach its layers")
     dfkd("retrieve", "--teacher", out, "--wild", "dataset:digits:train", "-n", "50", "--out", tmp_path / "r.h5",
          "--trust-code", "net28", env=ENV, check=True)
+
+
+def test_a_timm_model_imports_from_a_state_dict_and_is_rebuilt(tmp_path: Path, dfkd: Any) -> None:
+    """timm:NAME, random weights filled from the user's file (no hub), rebuilt from the checkpoint alone."""
+    timm = pytest.importorskip("timm")
+    net = timm.create_model("resnet10t", pretrained=False, num_classes=10, in_chans=1)
+    torch.save(net.state_dict(), tmp_path / "r10.pth")
+    out = tmp_path / "t.safetensors"
+    dfkd("teacher", "import", "--arch", "timm:resnet10t", "--weights", tmp_path / "r10.pth", "--dataset",
+         "mnist5k", "--out", out, cwd=tmp_path, check=True)
+    model, meta = load_model(out)
+    assert meta.arch == "timm:resnet10t" and meta.code is None  # a library model: no code of the user's
+    x = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net.eval()((x - INFO.mean[0]) / INFO.std[0]))
