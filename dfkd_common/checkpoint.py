@@ -98,6 +98,7 @@ class ModelMeta:
     digests: dict[str, str] | None = None  # tensor name -> sha256, filled by save_model; None: written before 0.2
     code: dict[str, str] | None = None  # user code (arch module:Class): its source file and sha256, by save_model
     features: dict[str, Any] | None = None  # feature sites named by module path (penultimate, stages), if any
+    input_size: list[int] | None = None  # the network's own input [H, W] where it differs from the data's
 
     @property
     def task(self) -> Task:
@@ -127,6 +128,7 @@ class ModelMeta:
                 DIGESTS: self.digests,
                 **({"code": self.code} if self.code else {}),
                 **({"features": self.features} if self.features else {}),
+                **({"input_size": self.input_size} if self.input_size else {}),
             }
         )
 
@@ -158,6 +160,7 @@ class ModelMeta:
             digests=d.get(DIGESTS),
             code=d.get("code"),
             features=d.get("features"),
+            input_size=d.get("input_size"),
         )
 
 
@@ -185,7 +188,9 @@ def _write(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor], metad
 def save_model(path: str | os.PathLike[str], model: Classifier, meta: ModelMeta) -> None:
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     meta = dataclasses.replace(meta, digests=digests(state), code=user_code.code_fingerprint(meta.arch) or meta.code,
-                               features=getattr(model, "feature_paths", None) or meta.features)
+                               features=getattr(model, "feature_paths", None) or meta.features,
+                               input_size=list(model.input_size) if getattr(model, "input_size", None)
+                               else meta.input_size)
     _write(path, state, {"dfkd": meta.to_json()})
 
 
@@ -207,7 +212,7 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     """Rebuild a model from its checkpoint alone; eval mode."""
     meta = read_meta(path)
     # user code: only if trusted (one line if not)
-    model = build_for(meta.arch, meta.dataset, meta.arch_kwargs, meta.features)
+    model = build_for(meta.arch, meta.dataset, meta.arch_kwargs, meta.features, meta.input_size)
     user_code.check_fingerprint(meta.arch, meta.code, str(path))
     from safetensors.torch import load_file
 

@@ -131,10 +131,10 @@ def export_state_dict(model: Classifier, meta: ModelMeta, xs: list[torch.Tensor]
         return _check("state_dict", model.eval(), fresh.eval(), xs[:1], tolerance)
 
 
-def describe_input(fmt: str, meta: ModelMeta) -> dict[str, Any]:
-    """The input an export takes and what it does to it (the sidecar's ``input``)."""
+def describe_input(fmt: str, meta: ModelMeta, size: tuple[int, int]) -> dict[str, Any]:
+    """The input an export takes and what it does to it (the sidecar's ``input``); ``size``: the network's own."""
     info = meta.dataset
-    h, w = info.image_size
+    h, w = size
     base = {"layout": "NCHW", "dtype": "float32", "channels": info.channels, "range": [0.0, 1.0],
             "trained_size": [h, w], "trained_on": info.name}
     if fmt == "state_dict":
@@ -154,7 +154,8 @@ def export(model: Classifier, meta: ModelMeta, source: Path, fmt: str, out: Path
     if fmt not in FORMATS:
         raise DfkdError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     info = meta.dataset
-    size = (int(info.image_size[0]), int(info.image_size[1]))
+    own = getattr(model, "input_size", None)  # a student with its own input size: resized once, to that
+    size = (int(own[0]), int(own[1])) if own else (int(info.image_size[0]), int(info.image_size[1]))
     xs = probes(info.channels, size, batch)
     model = model.eval()
     if fmt == "onnx":
@@ -163,7 +164,7 @@ def export(model: Classifier, meta: ModelMeta, source: Path, fmt: str, out: Path
         diff = export_torchscript(model, size, xs, out, tolerance)
     else:
         diff = export_state_dict(model, meta, xs, out, tolerance)
-    described = describe_input(fmt, meta)
+    described = describe_input(fmt, meta, size)
     sidecar = {"format": fmt, "checkpoint": str(source), "kind": meta.kind, "arch": meta.arch,
                "arch_kwargs": dict(meta.arch_kwargs), "task": info.task, "input": described,
                "input_shape": list(info.shape), "num_classes": info.num_classes,

@@ -287,7 +287,7 @@ def penultimate_site(model: nn.Module) -> tuple[str | None, str]:
         return named, "output"
     try:
         return module_path(model, model.classifier), "input"  # type: ignore[attr-defined]
-    except (TypeError, AttributeError):
+    except AttributeError:  # logits from a functional call
         return None, "output"
 
 

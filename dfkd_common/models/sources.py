@@ -55,9 +55,10 @@ def resolve(arch: str) -> tuple[ModelSource, str]:
 
 def build_model(arch: str, num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float],
                 image_size: Size | None = None, features: dict[str, Any] | None = None,
-                **kwargs: Any) -> Classifier:
+                input_size: Size | None = None, **kwargs: Any) -> Classifier:
     """The network ``arch`` (a model reference) behind its normalisation, checked against ``image_size`` if given;
-    ``features``: feature sites named by module path (:class:`~dfkd_common.models.zoo.Classifier`).
+    ``features``: feature sites named by module path, ``input_size``: the network's own input size where it
+    differs from the data's (:class:`~dfkd_common.models.zoo.Classifier`).
 
     ``kwargs`` go to the network's constructor; one it does not take is one error line.
     """
@@ -66,7 +67,7 @@ def build_model(arch: str, num_classes: int, in_channels: int, mean: Sequence[fl
         net = source.build(name, num_classes, in_channels, **kwargs)
     except TypeError as exc:  # an arch_kwargs key the architecture does not take
         raise DfkdError(f"model {arch}: {exc}") from None
-    model = Classifier(net, mean, std, num_classes, features)
+    model = Classifier(net, mean, std, num_classes, features, input_size)
     if features:
         check_feature_paths(model, arch)
     if image_size is not None:
@@ -75,10 +76,11 @@ def build_model(arch: str, num_classes: int, in_channels: int, mean: Sequence[fl
 
 
 def build_for(arch: str, info: DatasetInfo, kwargs: dict[str, Any] | None = None,
-              features: dict[str, Any] | None = None) -> Classifier:
-    """The network ``arch`` for data described by ``info`` (classes, channels, normalisation, input size)."""
+              features: dict[str, Any] | None = None, input_size: Size | None = None) -> Classifier:
+    """The network ``arch`` for data described by ``info`` (classes, channels, normalisation, input size); with
+    ``input_size``, a network that takes images of that size, the data's resized to it inside."""
     return build_model(arch, info.num_classes, info.channels, info.mean, info.std, image_size=info.image_size,
-                       features=features, **(kwargs or {}))
+                       features=features, input_size=input_size, **(kwargs or {}))
 
 
 def build_fitting(arch: str, info: DatasetInfo, sizes: Sequence[Size], kwargs: dict[str, Any] | None = None,

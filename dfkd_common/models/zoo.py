@@ -42,31 +42,38 @@ class Classifier(nn.Module):
     ``num_classes``: how many logits ``net`` makes (default: the last ``nn.Linear``'s outputs). ``features``: the
     feature sites the user named where discovery (:mod:`dfkd_common.models.hooks`) would guess wrong, as module
     paths inside ``net``: ``penultimate`` (a module whose output is the penultimate feature) and ``stages`` (the
-    modules whose outputs are the stage maps). They travel in the model's checkpoint.
+    modules whose outputs are the stage maps). ``input_size``: a network's own input size where it differs from
+    the data's (a student smaller than its teacher's images): images of another size are resized to it first
+    (bilinear, antialiased), so the model takes the data's images like any other. All three travel in the
+    model's checkpoint.
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], num_classes: int | None = None,
-                 features: dict[str, Any] | None = None) -> None:
+                 features: dict[str, Any] | None = None, input_size: Size | None = None) -> None:
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
         self._num_classes = num_classes
         self.feature_paths: dict[str, Any] = dict(features or {})
+        self.input_size = as_hw(input_size) if input_size is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size is not None and tuple(x.shape[-2:]) != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
         return self.net((x - self.mean) / self.std)
 
     @property
     def classifier(self) -> nn.Linear:
         """The last Linear layer making the logits: its input is the penultimate feature, its (W, b) the class
-        hyperplanes. A network whose logits come from a functional call has none (TypeError)."""
+        hyperplanes. A network whose logits come from a functional call has none: an AttributeError (so that
+        ``hasattr``, which tracers call on every attribute, says False instead of failing)."""
         last = None
         for m in self.net.modules():
             if isinstance(m, nn.Linear) and (self._num_classes is None or m.out_features == self._num_classes):
                 last = m
         if last is None:
-            raise TypeError("model has no nn.Linear classifier")
+            raise AttributeError("model has no nn.Linear classifier")
         return last
 
     @property

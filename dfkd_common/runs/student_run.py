@@ -47,6 +47,8 @@ class StudentRun(Distillation):
     student_kwargs: dict[str, Any] = field(default_factory=dict, metadata=REPLACES)
     # the student's feature sites named by module path: {penultimate: PATH, stages: [PATH, ...]}
     student_features: dict[str, Any] = field(default_factory=dict, metadata=REPLACES)
+    # the student's own input size (None: the teacher's); the teacher's images are resized to it inside the student
+    student_image_size: int | None = None
     weights: dict[str, float] = field(default_factory=lambda: {"kd": 1.0}, metadata=REPLACES)
     terms: dict[str, dict[str, Any]] = field(default_factory=dict, metadata=REPLACES)
     test_dataset: str | None = None  # default: the teacher's dataset
@@ -148,7 +150,7 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
     t_scores = evaluate(t_model, test, engine)
     say(f"evaluated on {chosen.described}; teacher {t_meta.task.headline_label} there "
         f"{t_scores[t_meta.task.headline]:.4f}")
-    s_model = build_for(cfg.student, info, cfg.student_kwargs, cfg.student_features)
+    s_model = build_for(cfg.student, info, cfg.student_kwargs, cfg.student_features, cfg.student_image_size)
     # the teacher checkpoint's measured accuracy, for terms that need it (na: the Q diagonal)
     side = StudentSide(s_model, cfg.weights, cfg.terms,
                        TermSetup(t_model, s_model, info.channels, info.image_size, t_meta.metrics.get("test_acc"),

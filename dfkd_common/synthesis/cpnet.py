@@ -84,6 +84,9 @@ class CPNet(NAYER):
         self.stage_paths = [s.path for s in reversed(self.stages)]  # deepest first, as the generator's
         self.stage_bns = [modules[p] for p in self.stage_paths]
         align = self.term_options("align")
+        if not hasattr(self.teacher, "classifier"):
+            raise DfkdError("cpnet: its inverse-classifier term reads the teacher's last nn.Linear (the class "
+                            "hyperplanes), and this teacher makes its logits without one; nayer and fast need none")
         self.inverse = InverseClassifier(self.teacher.classifier, align.label_smoothing,
                                          align.min_singular).to(self.device)
         self.cutmix = CutMix(self.cfg.cutmix, self.gen, self.cfg.cutmix_mode)

@@ -273,3 +273,25 @@ def test_a_timm_model_imports_from_a_state_dict_and_is_rebuilt(tmp_path: Path, d
     x = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(model(x), net.eval()((x - INFO.mean[0]) / INFO.std[0]))
+
+
+def test_a_student_with_its_own_input_size(tmp_path: Path, teacher_ckpt: Path, small_bank: Any, cli: Any) -> None:
+    """The teacher's 32x32 images resized to the student's 16x16 inside the student: trained, saved, rebuilt,
+    exported at its own size."""
+    bank = small_bank(tmp_path / "b.h5", n=64)
+    out = tmp_path / "s.safetensors"
+    r = cli("distill", "--teacher", teacher_ckpt, "--bank", bank, "--out", out, "--epochs", "1", "--student",
+            "own_nets.digits:FunctionalStudent", "--set", "student_image_size=16", "--params", tmp_path / "p.yaml",
+            "--metrics", tmp_path / "m.json")
+    assert r.exit_code == 0, r.output
+    user_code.trust("own_nets")
+    model, meta = load_model(out)
+    assert meta.input_size == [16, 16] and meta.dataset.image_size == (32, 32)
+    seen = []
+    model.net.register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape[-2:])))
+    model(torch.rand(2, 1, 32, 32))
+    assert seen == [(16, 16)]
+    from dfkd_common.deploy import export
+
+    done = export(model, meta, out, "torchscript", tmp_path / "s.pt")
+    assert done.input["trained_size"] == [16, 16]
