@@ -108,7 +108,8 @@ def test_the_console_script_answers_without_importing_torch(argv: list[str], fre
             "assert 'torch' not in sys.modules, 'torch imported'\n")
     proc = fresh_python(code, check=True)
     if argv == ["methods"]:
-        assert "tasks: classification" in proc.stdout and "model sources: code, timm, torchscript, torchvision, zoo" in proc.stdout
+        assert "tasks: classification" in proc.stdout
+        assert "model sources: code, timm, torchscript, torchvision, zoo" in proc.stdout
     if argv == ["--version"]:
         from dfkd_common import __version__
 

@@ -62,17 +62,11 @@ def test_torchvision_datasets_on_disk_load_offline_and_a_missing_one_is_one_line
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """CIFAR in torchvision's own layout is read by torchvision's loader without the network; offline, a missing
     dataset names the folder to put it in."""
-    import importlib.util
-
     import torchvision.datasets
     import torchvision.datasets.cifar as tv_cifar
+    from cifar_layout import write_cifar10
 
-    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
-    spec = importlib.util.spec_from_file_location("cifar_layout", fixtures / "cifar_layout.py")
-    assert spec is not None and spec.loader is not None
-    layout = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(layout)
-    layout.write_cifar10(tmp_path / "data", per_class=3, test_per_class=2)
+    write_cifar10(tmp_path / "data", per_class=3, test_per_class=2)
     monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)  # the fixture is not the real data
     monkeypatch.setattr(tv_cifar, "check_integrity", lambda *args, **kwargs: True)
 

@@ -23,6 +23,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from authors import authors_state
+from cifar_layout import write_cifar10, write_cifar100
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,10 +48,9 @@ def _env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    layout = _module(FIXTURES / "cifar_layout.py", "cifar_layout")
     root = tmp_path_factory.mktemp("cifar")
-    layout.write_cifar10(root, per_class=12, test_per_class=6)
-    layout.write_cifar100(root, per_class=2, test_per_class=1)
+    write_cifar10(root, per_class=12, test_per_class=6)
+    write_cifar100(root, per_class=2, test_per_class=1)
     return root
 
 
@@ -79,7 +80,6 @@ def _wild_pool(folder: Path, n: int = 96) -> Path:
 @pytest.mark.parametrize("study", STUDIES)
 def test_every_stage_of_the_study_runs_through_its_own_dvc_yaml(study: str, tmp_path: Path, cifar: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    authors = _module(FIXTURES / "authors.py", "authors")
     source = ROOT / "pipelines" / study
     published = yaml.safe_load((source / "params.yaml").read_text())
     work = tmp_path / study
@@ -88,7 +88,7 @@ def test_every_stage_of_the_study_runs_through_its_own_dvc_yaml(study: str, tmp_
     teacher = published["teacher"]
     num_classes = 100 if teacher["dataset"] == "cifar100" else 10
     weights = tmp_path / "authors_teacher.pth"
-    torch.save({"state_dict": authors.authors_state("cmi", teacher["arch"], num_classes)}, weights)
+    torch.save({"state_dict": authors_state("cmi", teacher["arch"], num_classes)}, weights)
     params = overlay(published, cifar, weights, _wild_pool(tmp_path / "pool"))
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env()

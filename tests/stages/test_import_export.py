@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from authors import AUTHORS, authors_state
 from torch import nn
 
 from dfkd_common.bank import BankWriter
@@ -22,7 +23,6 @@ from dfkd_common.models import build_model
 from dfkd_common.synthesis import build_synthesizer
 
 ROOT = Path(__file__).resolve().parents[2]
-AUTHORS = json.loads((ROOT / "tests" / "fixtures" / "authors_keys.json").read_text())
 INFO = get_dataset("mnist5k").info
 
 
@@ -79,27 +79,13 @@ def test_each_mismatch_is_one_line_naming_the_first_offending_key(teacher_ckpt: 
 
 
 # --------------------------------------------------------------------------------------------- key maps
-def _authors_state(family: str, arch: str) -> dict[str, torch.Tensor]:
-    """A state dict with the authors' key names and shapes (from their model files), random plausible values."""
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for key, shape in AUTHORS[family][arch].items():
-        if key.endswith("num_batches_tracked"):
-            state[key] = torch.tensor(7)
-        elif key.endswith("running_var"):
-            state[key] = torch.rand(shape, generator=g) + 0.5
-        else:
-            state[key] = torch.randn(shape, generator=g) * 0.1
-    return state
-
-
 @pytest.mark.parametrize(("family", "arch"), [(f, a) for f in ("cmi", "dfad") for a in AUTHORS[f]])
 def test_the_authors_key_names_map_exactly_onto_the_zoo(family: str, arch: str) -> None:
     """Every key of the authors' network lands on exactly one of ours with its shape, none left over."""
     keymap = KEYMAPS.get(family)
     c = 1 if arch.startswith("lenet") else 3
     model = build_model(arch, 10, c, (0.0,) * c, (1.0,) * c, **keymap.arch_kwargs.get(arch, {}))
-    converted = keymap.convert(arch, _authors_state(family, arch))
+    converted = keymap.convert(arch, authors_state(family, arch))
     load_weights(model.net, converted, f"{family}/{arch}")
     for key, value in converted.items():
         assert torch.equal(model.net.state_dict()[key], value), key
@@ -121,7 +107,7 @@ def test_folding_a_conv_bias_into_the_next_bn_is_exact() -> None:
 
 
 def test_a_cmi_import_takes_the_authors_normalisation(tmp_path: Path, dfkd: Any) -> None:
-    torch.save({"state_dict": _authors_state("cmi", "wrn_16_1")}, tmp_path / "cifar10_wrn16_1.pth")
+    torch.save({"state_dict": authors_state("cmi", "wrn_16_1")}, tmp_path / "cifar10_wrn16_1.pth")
     proc = dfkd("teacher", "import", "--arch", "wrn_16_1", "--weights", tmp_path / "cifar10_wrn16_1.pth",
                "--dataset", "cifar10", "--keys", "cmi", "--out", tmp_path / "t.safetensors", "--set",
                f"data_root={tmp_path / 'nowhere'}", cwd=tmp_path)
