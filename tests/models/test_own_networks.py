@@ -213,7 +213,7 @@ def load_model_meta(path: Path) -> dict[str, Any]:
 
 @pytest.mark.slow
 def test_a_batchnorm_teacher_of_your_own_class_by_file_path(tmp_path: Path, dfkd: Any) -> None:
-    """Trained by dfkd from a file reference, then inverted by DeepInversion and distilled online by NAYER and
+    """Trained by dfkd from a file reference, then distilled from a DeepInversion bank and online by NAYER and
     CPNet (the coupled generator mirrors its three BN stages)."""
     source = tmp_path / "bn.py"
     shutil.copy(BN_FILE, source)
@@ -226,6 +226,10 @@ def test_a_batchnorm_teacher_of_your_own_class_by_file_path(tmp_path: Path, dfkd
     trust = ["--trust-code", "bn", "--params", none]
     dfkd("synthesize", "-m", "deepinversion", "--teacher", teacher, "--out", tmp_path / "di.h5", "--rounds", "1",
          "--set", "batch_size=32", "--set", "g_steps=10", *trust, cwd=tmp_path, check=True)
+    dfkd("distill", "--teacher", teacher, "--bank", tmp_path / "di.h5", "--epochs", "1", "--student", "lenet5_half",
+         "--set", "batch_size=16", "--out", tmp_path / "di.safetensors", "--metrics", tmp_path / "di.json", *trust,
+         cwd=tmp_path, check=True)
+    assert 0 <= json.loads((tmp_path / "di.json").read_text())["test_acc"] <= 1
     for method in ("nayer", "cpnet"):
         dfkd("distill", "--teacher", teacher, "--online", method, "--epochs", "1", "--student", "lenet5_half",
              "--out", tmp_path / f"{method}.safetensors", "--metrics", tmp_path / f"{method}.json", *trust,
