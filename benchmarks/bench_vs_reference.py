@@ -36,6 +36,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +134,10 @@ def ours_params(a: argparse.Namespace, pub: dict[str, Any]) -> dict[str, Any]:
     sizes: dict[str, Any] = {"batch_size": pub["batch_size"], "epochs": a.rounds, "student_warmup": "train",
                              "kd_steps": a.kd_steps, "student": student, "data_root": str(Path(a.work) / "data"),
                              "amp": amp}
+    if a.method == "dda":
+        # a random teacher's stage-3 maps under fea 30 x MSE at lr 0.1 blow the student up within two steps and the
+        # next CSD round stops on a NaN loss (dfkd checks; the authors' code carries on): a smaller step, the same work
+        sizes["lr"] = 1e-4
     if a.method in INTERLEAVED:
         online.update(iterations=a.kd_steps, record=0)
         sizes["kd_steps"] = None
@@ -171,16 +177,20 @@ def worker_ours(a: argparse.Namespace) -> None:
     evaluate = dist.evaluate
     train_phase = "online" if a.method in INTERLEAVED else "student"
 
+    prof = Profiles(Path(a.profile) if a.profile else None)
+
     def timed(orig: Any) -> Any:
         def before_epoch(epoch: int, side: Any) -> Any:
-            with rec.phase("synth"):
+            with rec.phase("synth"), prof.phase("synth", epoch):
                 out = orig(epoch, side)
             rec.begin(train_phase)
+            prof.start(train_phase, epoch)
             return out
         return before_epoch
 
     def timed_evaluate(*args: Any, **kwargs: Any) -> Any:
         rec.end()
+        prof.stop()
         return evaluate(*args, **kwargs)
 
     run = dist.StudentLoop.run
@@ -200,6 +210,41 @@ def worker_ours(a: argparse.Namespace) -> None:
         a.method, a.pair))["distill"]}, default=str))
 
 
+class Profiles:
+    """``--profile OUT``: torch.profiler over the last round's phases (the first epoch is a warm-up), each
+    phase's operators by self CPU time written to ``OUT`` (JSON) and summarised by :func:`profile_summary`."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out, self.prof, self.name, self.tables = out, None, "", {}
+        self.epoch = -1
+
+    def start(self, name: str, epoch: int) -> None:
+        if self.out is None or epoch < 1:
+            return
+        from torch.profiler import ProfilerActivity, profile
+
+        self.name, self.prof = name, profile(activities=[ProfilerActivity.CPU])
+        self.prof.__enter__()
+
+    def stop(self) -> None:
+        if self.prof is None or self.out is None:
+            return
+        self.prof.__exit__(None, None, None)
+        ops = [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "count": e.count}
+               for e in self.prof.key_averages()]
+        self.tables[self.name] = sorted(ops, key=lambda o: -o["self_s"])
+        self.prof = None
+        self.out.write_text(json.dumps(self.tables))
+
+    @contextmanager
+    def phase(self, name: str, epoch: int) -> Iterator[None]:
+        self.start(name, epoch)
+        try:
+            yield
+        finally:
+            self.stop()
+
+
 def _cli(app: Any, words: list[str]) -> None:
     """``dfkd WORDS`` in this process (so the optimiser hook sees its steps); a failed stage stops the worker."""
     code = app(words, standalone_mode=False)
@@ -212,6 +257,9 @@ def spawn(role: str, a: argparse.Namespace, method: str, pair: str, work: Path) 
     cmd = [sys.executable, __file__, "--worker", role, "--method", method, "--pair", pair, "--work", str(work),
            "--peers", str(a.peers), "--g-steps", str(a.g_steps), "--kd-steps", str(a.kd_steps),
            "--rounds", str(a.rounds), "--amp", a.amp] + (["--batch", str(a.batch)] if a.batch else [])
+    if a.profile and role == "ours":
+        Path(a.profile).mkdir(parents=True, exist_ok=True)
+        cmd += ["--profile", str(Path(a.profile).resolve() / f"{method}.json")]
     env = {**os.environ, "DFKD_NO_PROGRESS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE)])}
     t0 = time.perf_counter()
@@ -267,6 +315,10 @@ def compare(a: argparse.Namespace) -> None:
             try:
                 spawn("export", a, method, pair, work)
                 order = ["peer", "ours"] if i % 2 == 0 else ["ours", "peer"]
+                if a.profile:  # dfkd's side only, under the profiler: where its time goes
+                    spawn("ours", a, method, pair, work)
+                    print(profile_summary(method, Path(a.profile) / f"{method}.json"), flush=True)
+                    continue
                 got = {role: spawn(role, a, method, pair, work) for role in order}
             except SystemExit as err:  # one method's failure is reported; the others still run
                 print(f"{method:14s} {pair:9s} FAILED: {err}", flush=True)
@@ -283,6 +335,41 @@ def compare(a: argparse.Namespace) -> None:
         if a.json:
             Path(a.json).write_text(json.dumps({"machine": machine(), "args": vars(a), "rows": rows}, indent=1,
                                                default=str))
+
+
+#: operator -> what it is, for the profile summary (first match wins; the rest is "other")
+CATEGORIES = [
+    ("convolution", ("conv", "mkldnn_convolution")),
+    ("batch norm", ("batch_norm", "native_batch_norm")),
+    ("BN-statistics hooks", ("var_mean", "aten::var", "linalg_vector_norm", "aten::mean")),
+    ("linear / matmul", ("addmm", "aten::mm", "matmul", "aten::linear", "bmm")),
+    ("optimiser", ("adam", "sgd", "_foreach", "lerp", "addcdiv", "addcmul")),
+    ("copies / layout", ("copy_", "clone", "contiguous", "to_dense", "permute", "reshape", "cat", "aten::to",
+                         "empty_like")),
+    ("augmentation / resampling", ("grid_sampler", "affine_grid", "flip", "roll", "pad", "upsample", "interpolate",
+                                   "rot90", "index", "gather")),
+    ("elementwise / activations", ("relu", "leaky", "mul", "add", "sub", "div", "sigmoid", "tanh", "threshold",
+                                   "where", "clamp", "exp", "log", "pow", "sqrt", "neg", "fill_", "zero_")),
+    ("losses / softmax", ("softmax", "nll", "cross_entropy", "kl_div", "l1_loss", "mse", "log_softmax")),
+]
+
+
+def profile_summary(method: str, path: Path) -> str:
+    """Each profiled phase: its self CPU seconds by category and its five costliest operators."""
+    tables = json.loads(path.read_text())
+    lines = []
+    for phase, ops in tables.items():
+        total = sum(o["self_s"] for o in ops) or 1e-9
+        cats: dict[str, float] = {}
+        for o in ops:
+            name = o["op"].lower()
+            cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+            cats[cat] = cats.get(cat, 0.0) + o["self_s"]
+        share = ", ".join(f"{c} {v / total:.0%}" for c, v in sorted(cats.items(), key=lambda kv: -kv[1]) if v / total
+                          >= 0.01)
+        top = ", ".join(f"{o['op']} {o['self_s'] / total:.0%}" for o in ops[:5])
+        lines.append(f"{method:14s} {phase:8s} {total:7.2f} s self CPU | {share} | top: {top}")
+    return "\n".join(lines)
 
 
 def _line(r: dict[str, Any]) -> str:
@@ -311,6 +398,8 @@ def main() -> None:
     ap.add_argument("--amp", default="false", help="dfkd's amp: false (fp32, as the authors' code) or auto/true")
     ap.add_argument("--batch", type=int, default=None, help="smoke test only: every batch size set to this")
     ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--profile", default=None, help="dfkd's side only: torch.profiler tables per method into this "
+                    "folder, and a summary of each printed")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--method", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
