@@ -2,6 +2,8 @@
 
     python benchmarks/bench_vs_reference.py --peers DIR [--methods fast nayer ...] [--g-steps 3] [--kd-steps 3]
         [--rounds 2] [--amp false] [--json OUT]
+    python benchmarks/bench_vs_reference.py --peers DIR --amp true --peer-from OUT   # dfkd in bf16 vs that run
+    python benchmarks/bench_vs_reference.py --peers DIR --profile FOLDER             # where dfkd's time goes
 
 ``DIR`` holds the authors' repositories as ``benchmarks/peers/README.md`` says (fetched and extracted, run where
 they lie; none of their code is in this project). For each method, on its published teacher -> student pair:
@@ -305,6 +307,7 @@ def extrapolate(s: dict[str, Any], pub: dict[str, Any], a: argparse.Namespace, r
 def compare(a: argparse.Namespace) -> None:
     print(f"# machine: {machine()}")
     print(f"# run: g_steps {a.g_steps}, kd_steps {a.kd_steps}, rounds {a.rounds} (first dropped), amp {a.amp}"
+          + (f"; the authors' figures from {a.peer_from}" if a.peer_from else "")
           + (f", batch {a.batch} (smoke test: not the published sizes)" if a.batch else ""))
     rows = []
     for i, method in enumerate(a.methods):
@@ -319,7 +322,12 @@ def compare(a: argparse.Namespace) -> None:
                     spawn("ours", a, method, pair, work)
                     print(profile_summary(method, Path(a.profile) / f"{method}.json"), flush=True)
                     continue
+                if a.peer_from:  # the authors' figures of an earlier run (same machine): dfkd's side only
+                    order = ["ours"]
                 got = {role: spawn(role, a, method, pair, work) for role in order}
+                if a.peer_from:
+                    earlier = {r["method"]: r for r in json.loads(Path(a.peer_from).read_text())["rows"]}
+                    got["peer"] = {"summary": earlier[method]["raw"]["peer"]}
             except SystemExit as err:  # one method's failure is reported; the others still run
                 print(f"{method:14s} {pair:9s} FAILED: {err}", flush=True)
                 continue
@@ -398,6 +406,8 @@ def main() -> None:
     ap.add_argument("--amp", default="false", help="dfkd's amp: false (fp32, as the authors' code) or auto/true")
     ap.add_argument("--batch", type=int, default=None, help="smoke test only: every batch size set to this")
     ap.add_argument("--json", default=None, help="write every figure here")
+    ap.add_argument("--peer-from", default=None, help="take the authors' figures from this earlier --json run on "
+                    "the same machine and time dfkd's side only (its bf16 run: the authors' code has no CPU bf16)")
     ap.add_argument("--profile", default=None, help="dfkd's side only: torch.profiler tables per method into this "
                     "folder, and a summary of each printed")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
