@@ -380,6 +380,21 @@ def profile_summary(method: str, path: Path) -> str:
     return "\n".join(lines)
 
 
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The side-by-side as docs/RESULTS.md shows it (``--table JSON`` prints it for an earlier run)."""
+    out = ["| method | pair | generator step, dfkd / authors | per 1,000 images* | per epoch* | student step |",
+           "| --- | --- | ---: | ---: | ---: | ---: |"]
+
+    def cell(r: dict[str, Any], key: str) -> str:
+        o, p, x = r["ours"].get(key), r["peer"].get(key), r.get(f"x_{key}")
+        return "-" if o is None or p is None else f"{o:,.1f} / {p:,.1f} s (**{x:.2f}x**)"
+
+    for r in rows:
+        out.append(f"| {r['method']} | {r['pair']} | {cell(r, 'generator_step_s')} | {cell(r, 'per_1000_images_s')} "
+                   f"| {cell(r, 'epoch_s')} | {cell(r, 'student_step_s')} |")
+    return "\n".join(out)
+
+
 def _line(r: dict[str, Any]) -> str:
     def f(v: Any, unit: str = "s") -> str:
         return "-" if v is None else f"{v:.2f} {unit}"
@@ -397,7 +412,7 @@ def _line(r: dict[str, Any]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--peers", required=True, help="folder with the authors' repositories (benchmarks/peers/README.md)")
+    ap.add_argument("--peers", default=None, help="folder with the authors' repositories (benchmarks/peers/README.md)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--pair", choices=list(PAIRS), default=None, help="override each method's published pair")
     ap.add_argument("--g-steps", type=int, default=3)
@@ -413,8 +428,11 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--method", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--table", default=None, help="print an earlier --json run as a markdown table, run nothing")
     a = ap.parse_args()
-    if a.worker:
+    if a.table:
+        print(markdown(json.loads(Path(a.table).read_text())["rows"]))
+    elif a.worker:
         {"export": worker_export, "peer": worker_peer, "ours": worker_ours}[a.worker](a)
     else:
         compare(a)
