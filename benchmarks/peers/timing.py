@@ -91,10 +91,17 @@ class Recorder:
             self.current = "none"
 
     # -- figures ---------------------------------------------------------------------------------------------
-    def _intervals(self, keep: Any) -> list[float]:
+    def _intervals(self, keep: Any, skip_first: int = 0) -> list[float]:
+        """Intervals between consecutive steps of one optimiser within one phase, the first ``skip_first``
+        phases of each name left out (the first round: one-off costs, and a bank smaller than the student's
+        batch on dfkd's side, where the first epoch's batches are the one round it holds)."""
         out: list[float] = []
         last: dict[tuple[int, int], float] = {}
+        seen: dict[str, int] = {}
         for ph_index, ph in enumerate(self.phases):
+            seen[ph.name] = seen.get(ph.name, 0) + 1
+            if seen[ph.name] <= skip_first and sum(p.name == ph.name for p in self.phases) > skip_first:
+                continue
             for s in self.steps:
                 if ph.start <= s.t <= ph.end and keep(s):
                     k = (ph_index, s.opt)
@@ -111,12 +118,13 @@ class Recorder:
     def summary(self, skip_first: int = 1) -> dict[str, Any]:
         """Medians of generator and student steps and of round and training-call walls.
 
-        ``skip_first`` phases of each name are dropped from the wall medians (the first call pays one-off
-        costs: allocator warm-up, oneDNN primitive creation, lazy imports)."""
+        ``skip_first`` phases of each name are dropped from every median (the first call pays one-off costs:
+        allocator warm-up, oneDNN primitive creation, lazy imports; see :meth:`_intervals`)."""
         student = self.student_optimizer()
         sid = student[0] if student else -1
-        gen = self._intervals(lambda s: s.opt != sid and s.kind != "SGD" and s.phase in ("synth", "online"))
-        stu = self._intervals(lambda s: s.opt == sid)
+        gen = self._intervals(lambda s: s.opt != sid and s.kind != "SGD" and s.phase in ("synth", "online"),
+                              skip_first)
+        stu = self._intervals(lambda s: s.opt == sid, skip_first)
 
         def walls(name: str) -> list[float]:
             w = [p.end - p.start for p in self.phases if p.name == name]
