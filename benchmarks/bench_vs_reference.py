@@ -334,7 +334,8 @@ def compare(a: argparse.Namespace) -> None:
         a.method = method
         sides = {role: extrapolate(got[role]["summary"], pub, a, role) for role in got}
         row = {"method": method, "pair": pair, "published": pub, "ours": sides["ours"], "peer": sides["peer"],
-               "raw": {r: got[r]["summary"] for r in got}}
+               "raw": {r: got[r]["summary"] for r in got},
+               "used": {r: got[r].get("used") for r in got}}  # what each side ran, the adapters' notes included
         for key in ("generator_step_s", "per_1000_images_s", "epoch_s", "student_step_s"):
             o, p = sides["ours"].get(key), sides["peer"].get(key)
             row[f"x_{key}"] = p / o if o and p else None
