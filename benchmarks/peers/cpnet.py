@@ -31,6 +31,12 @@ try:  # imported as peers.cpnet (the benchmark) or as cpnet with benchmarks/peer
 except ImportError:  # pragma: no cover
     import nayer as base  # type: ignore[no-redef]
 
+
+try:  # imported as peers.X (the benchmark) or with benchmarks/peers on sys.path
+    from . import shim
+except ImportError:  # pragma: no cover
+    import shim  # type: ignore[no-redef]
+
 if TYPE_CHECKING:
     from .timing import Recorder
 
@@ -144,7 +150,7 @@ def run(repo: Path, method: str, pair: str, rec: Recorder, teacher: Path, g_step
     gen_mod.CoupledGenerator.syn_img_list = syn_img_list
     syn_mod.loss_dis = torch.zeros(())  # cpnet.py:188 logs loss_dis.item(); the name is defined nowhere
     try:
-        with base.cpu_cuda(), base.in_dir(workdir):
+        with shim.cuda_is_identity(), shim.in_dir(workdir):
             shutil.rmtree(args.save_dir, ignore_errors=True)  # their main() does rm -rf save_dir too
             random.seed(args.seed)
             torch.manual_seed(args.seed)

@@ -26,15 +26,17 @@ Run one adapter per process: the repository's top-level names (``network``, ``ut
 from __future__ import annotations
 
 import importlib
-import os
 import random
 import sys
 import types
 from argparse import Namespace
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+try:  # imported as peers.X (the benchmark) or with benchmarks/peers on sys.path
+    from . import shim
+except ImportError:  # pragma: no cover
+    import shim  # type: ignore[no-redef]
 
 if TYPE_CHECKING:  # the benchmark imports the recorder; adapters only call rec.phase()
     from peers.timing import Recorder
@@ -156,16 +158,6 @@ def _load(repo: Path) -> tuple[types.ModuleType, types.ModuleType, list[str]]:
     return mod, sys.modules["network"], stubbed
 
 
-@contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def export_teacher(repo: Path, pair: str, out: Path, seed: int = 0) -> None:
     """Build their ``ResNet34_8x`` (``torch.manual_seed(seed)`` init, its own Kaiming init) and save
     ``{'state_dict': ...}``: random weights time the same as trained ones."""
@@ -215,7 +207,7 @@ def run(repo: Path, method: str, pair: str, rec: Recorder, teacher: Path, g_step
         notes.append(f"g_steps {g_steps} ignored: DFAD's train() makes one generator step per iteration")
     if batch is not None:
         notes.append(f"batch {batch} (published {pub['batch_size']}): a smoke test, not a timing")
-    with _cwd(workdir):
+    with shim.in_dir(workdir):
         torch.manual_seed(args.seed)  # DFAD_cifar.py:123-126
         np.random.seed(args.seed)
         random.seed(args.seed)

@@ -34,16 +34,18 @@ purges such modules from other folders first.
 from __future__ import annotations
 
 import importlib
-import os
 import random
 import shutil
 import sys
 import types
 from argparse import Namespace
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+try:  # imported as peers.X (the benchmark) or with benchmarks/peers on sys.path
+    from . import shim
+except ImportError:  # pragma: no cover
+    import shim  # type: ignore[no-redef]
 
 if TYPE_CHECKING:  # the benchmark imports the recorder; adapters only call rec.phase()
     from peers.timing import Recorder
@@ -249,34 +251,6 @@ def _dataset(registry: types.ModuleType) -> tuple[int, Any]:
     return num_classes, train_dst
 
 
-@contextmanager
-def _cpu_only() -> Iterator[None]:
-    """``.cuda()`` on tensors and modules returns them unchanged while their code runs (see module docstring)."""
-    import torch
-
-    saved = {cls: vars(cls).get("cuda") for cls in (torch.Tensor, torch.nn.Module)}
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
-    torch.nn.Module.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        for cls, original in saved.items():
-            if original is None:
-                delattr(cls, "cuda")
-            else:
-                cls.cuda = original  # type: ignore[method-assign]
-
-
-@contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def export_teacher(repo: Path, pair: str, out: Path, seed: int = 0) -> None:
     """Build their teacher for ``pair`` through their registry (``torch.manual_seed(seed)`` init) and save
     ``{'state_dict': ...}``, the layout datafree_kd.py:246 loads: random weights time the same as trained ones."""
@@ -333,7 +307,7 @@ def run(repo: Path, method: str, pair: str, rec: Recorder, teacher: Path, g_step
     if batch is not None:
         notes.append(f"batch {batch} for both synthesis and student batches (published {pub['batch_size']}): "
                      "a smoke test, not a timing")
-    with _cwd(workdir), _cpu_only():
+    with shim.in_dir(workdir), shim.cuda_is_identity():
         shutil.rmtree(workdir / save_dir, ignore_errors=True)
         random.seed(args.seed)  # datafree_kd.py:132-134 (--seed 0 in every script)
         torch.manual_seed(args.seed)

@@ -29,7 +29,6 @@ process of its own. The helpers below are reused by :mod:`cpnet` (CPNet is built
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
 import io
@@ -41,9 +40,13 @@ import shlex
 import shutil
 import sys
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+try:  # imported as peers.X (the benchmark) or with benchmarks/peers on sys.path
+    from . import shim
+except ImportError:  # pragma: no cover
+    import shim  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from .timing import Recorder
@@ -180,41 +183,6 @@ def import_repo(repo: Path) -> tuple[types.ModuleType, types.ModuleType, types.M
     return datafree, registry, dkd, stubbed
 
 
-@contextlib.contextmanager
-def cpu_cuda() -> Iterator[None]:
-    """``Tensor.cuda`` and ``Module.cuda`` as the identity, for their unconditional ``.cuda()`` calls.
-
-    On a one-GPU run those calls find everything already on the device and return it unchanged; on the CPU the
-    identity is the same no-op. Restored on exit."""
-    import torch
-
-    saved = torch.Tensor.cuda, torch.nn.Module.cuda
-
-    def tensor_cuda(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self
-
-    def module_cuda(self: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-        return self
-
-    torch.Tensor.cuda = tensor_cuda  # type: ignore[method-assign,assignment]
-    torch.nn.Module.cuda = module_cuda  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda, torch.nn.Module.cuda = saved  # type: ignore[method-assign]
-
-
-@contextlib.contextmanager
-def in_dir(path: Path) -> Iterator[None]:
-    """Run with ``path`` as cwd: their code writes its pool and logs to paths relative to it."""
-    previous = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(previous)
-
-
 def script_command(script: Path, tag: str) -> tuple[list[str], int]:
     """The arguments of the ``datafree_kd.py`` command under ``# <tag>`` in one of their shell scripts, and the
     1-based line where the command starts (continuation lines joined; redirections and ``&`` dropped)."""
@@ -329,7 +297,8 @@ def build_args(dkd: types.ModuleType, datafree: types.ModuleType, argv: list[str
     """Their ``args`` as ``main()``/``main_worker()`` leave it for ``train()``, from their own parser.
 
     Overrides: ``g_steps``, ``kd_steps``, the batch sizes (smoke tests only), ``gpu=0`` (``train()`` then calls
-    ``images.cuda(0)``, the identity under :func:`cpu_cuda`), fp32 (``dummy_ctx``, their default). The parsed
+    ``images.cuda(0)``, the identity under :func:`shim.cuda_is_identity`), fp32 (``dummy_ctx``, their default).
+    The parsed
     command is first checked against :func:`published`."""
     args = dkd.parser.parse_args(argv)
     check_published(args, pub, PUBLISHED_KEYS)
@@ -444,7 +413,7 @@ def run(repo: Path, method: str, pair: str, rec: Recorder, teacher: Path, g_step
     device = torch.device("cpu")
     datafree, registry, dkd, args, argv, line, stubbed = prepare(repo, SCRIPT, pair, METHODS[method], pub, g_steps,
                                                                   kd_steps, batch)
-    with cpu_cuda(), in_dir(workdir):
+    with shim.cuda_is_identity(), shim.in_dir(workdir):
         shutil.rmtree(args.save_dir, ignore_errors=True)  # a fresh pool, as a fresh run starts with
         random.seed(args.seed)  # main(): seeds before anything is built
         torch.manual_seed(args.seed)

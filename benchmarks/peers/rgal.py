@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import os
 import random
 import shutil
 import sys
@@ -51,6 +50,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn as nn
+
+try:  # imported as peers.X (the benchmark) or with benchmarks/peers on sys.path
+    from . import shim
+except ImportError:  # pragma: no cover
+    import shim  # type: ignore[no-redef]
 
 if TYPE_CHECKING:
     from peers.timing import Recorder
@@ -242,58 +246,6 @@ def _degenerate_guard(losses: types.ModuleType, enabled: bool) -> Iterator[dict[
             cls.forward = orig
 
 
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    old = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
-
-
-@contextlib.contextmanager
-def _cuda_is_identity() -> Iterator[list[str]]:
-    """``Tensor.cuda`` and ``Module.cuda`` return their object unchanged while inside; yields the list of calls."""
-    calls: list[str] = []
-    t_cuda, m_cuda = torch.Tensor.cuda, nn.Module.cuda
-
-    def tensor_cuda(self: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        calls.append("Tensor.cuda")
-        return self
-
-    def module_cuda(self: nn.Module, *a: Any, **k: Any) -> nn.Module:
-        calls.append("Module.cuda")
-        return self
-
-    torch.Tensor.cuda = tensor_cuda  # type: ignore[method-assign,assignment]
-    nn.Module.cuda = module_cuda  # type: ignore[method-assign,assignment]
-    try:
-        yield calls
-    finally:
-        torch.Tensor.cuda = t_cuda  # type: ignore[method-assign]
-        nn.Module.cuda = m_cuda  # type: ignore[method-assign]
-
-
-class _NoCIFAR:
-    """Stands in for torchvision's dataset classes inside their ``get_dataset``: keeps the transform, no data."""
-
-    def __init__(self, root: str, *a: Any, transform: Any = None, **k: Any) -> None:
-        self.root = root
-        self.transform = transform
-
-
-def _train_transform(registry: types.ModuleType, dataset: str) -> Any:
-    """Their CIFAR train transform (what the bank's images are augmented with), built by their ``get_dataset``."""
-    real = registry.datasets
-    registry.datasets = types.SimpleNamespace(CIFAR10=_NoCIFAR, CIFAR100=_NoCIFAR, SVHN=_NoCIFAR, MNIST=_NoCIFAR)
-    try:
-        _, train_dst, _ = registry.get_dataset(name=dataset, data_root="data")
-    finally:
-        registry.datasets = real
-    return train_dst.transform
-
-
 def export_teacher(repo: Path, pair: str, out: Path, seed: int = 0, *, calibrate: bool = True) -> None:
     """Build their teacher for ``pair`` with their ``registry.get_model`` (as main.py l.201-202 does) from
     ``torch.manual_seed(seed)`` and save ``{'state_dict': ...}``, the layout main.py l.210-211 loads.
@@ -382,7 +334,7 @@ def run(repo: Path, method: str, pair: str, rec: Recorder, teacher: Path, g_step
     pub = published(method, pair)
     workdir.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    with _cwd(workdir), _cuda_is_identity() as cuda_calls:
+    with shim.in_dir(workdir), shim.cuda_is_identity() as cuda_calls:
         main, stubbed = _load(repo)
         datafree, registry = main.datafree, main.registry
         found = _readme_argv(repo)
@@ -410,7 +362,7 @@ def run(repo: Path, method: str, pair: str, rec: Recorder, teacher: Path, g_step
         shutil.rmtree(workdir / args.save_dir, ignore_errors=True)
 
         num_classes = 10
-        transform = _train_transform(registry, args.dataset)
+        transform = shim.train_transform(registry, args.dataset)
         student = registry.get_model(args.student, num_classes=num_classes, pretrained=args.pretrained)
         t_model = registry.get_model(args.teacher, num_classes=num_classes, pretrained=True).eval()
         args.normalizer = datafree.utils.Normalizer(**registry.NORMALIZE_DICT[args.dataset])
