@@ -24,6 +24,8 @@ keep their rows in a job's work directory until then (:mod:`dfkd_common.jobs`).
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import warnings
@@ -75,10 +77,8 @@ def checksummed(h5: h5py.File) -> bool:
 class BankHeader:
     """What a bank is (shape, kind, provenance) and how its rows are written: the schema above, in one place.
 
-    :meth:`columns` turns a batch into validated schema columns (a shard); :meth:`write` assembles shards into a
-    bank file atomically. The HDF5 image is built in memory (HDF5's core driver) and written with plain file I/O,
-    so a full disk is an ``OSError`` naming the path, never a failed HDF5 write (after which h5py crashes the
-    interpreter); see :mod:`dfkd_common.jobs`, which streams shards from disk into it.
+    :meth:`columns` turns a batch into validated schema columns (a shard); :meth:`write` writes shards into a
+    bank file atomically, one shard in memory at a time; :mod:`dfkd_common.jobs` streams them from disk into it.
     """
 
     channels: int
@@ -145,32 +145,113 @@ class BankHeader:
 
     def write(self, path: str | os.PathLike[str], shards: Iterable[dict[str, np.ndarray]],
               attrs: dict[str, Any] | None = None) -> int:
-        """Assemble ``shards`` (from :meth:`columns`) into the bank ``path``, atomically; returns its rows."""
+        """Write ``shards`` (from :meth:`columns`) as the bank ``path``, atomically; returns its rows.
+
+        Memory does not grow with the bank: each shard goes to disk as it comes (HDF5 keeps one chunk cache per
+        dataset). HDF5 writes through :class:`_GuardedFile`, which turns a failed write (a full disk) into an
+        ``OSError`` raised here after HDF5 has closed cleanly, so the temporary file is removed and the target
+        left as it was, instead of HDF5 failing mid-write (after which h5py crashes the interpreter at exit).
+        """
         rows = max(1, (1 << 20) // int(np.prod(self.shape)))
         schema = self.schema()
-        h5 = h5py.File(f"{Path(path).name}.image", "w", driver="core", backing_store=False)
-        try:
-            _create(h5, "images", (0, *self.shape), np.uint8, (rows, *self.shape))
-            for name, col in schema.items():
-                _create(h5, name, (0, *col.shape), col.dtype, (col.chunk_rows(), *col.shape))
-            n = 0
-            for shard in shards:
-                b = int(shard["images"].shape[0])
-                for name in ("images", *schema):
-                    ds = h5[name]
-                    ds.resize(n + b, axis=0)
-                    ds[n : n + b] = shard[name]
-                n += b
-            for key, value in {**self.attrs(), **(attrs or {})}.items():
-                h5.attrs[key] = value if isinstance(value, (int, float, str, np.integer, np.floating)) else \
-                    json.dumps(value, default=str)
-            h5.flush()
-            image = h5.id.get_file_image()
-        finally:
-            h5.close()
         with atomic_path(path) as tmp:
-            tmp.write_bytes(image)
+            sink = _GuardedFile(tmp)
+            n = 0
+            try:
+                with h5py.File(sink, "w") as h5:
+                    _create(h5, "images", (0, *self.shape), np.uint8, (rows, *self.shape))
+                    for name, col in schema.items():
+                        _create(h5, name, (0, *col.shape), col.dtype, (col.chunk_rows(), *col.shape))
+                    for shard in shards:
+                        b = int(shard["images"].shape[0])
+                        for name in ("images", *schema):
+                            ds = h5[name]
+                            ds.resize(n + b, axis=0)
+                            ds[n : n + b] = shard[name]
+                        n += b
+                        if sink.error is not None:
+                            break
+                    for key, value in {**self.attrs(), **(attrs or {})}.items():
+                        h5.attrs[key] = value if isinstance(value, (int, float, str, np.integer, np.floating)) \
+                            else json.dumps(value, default=str)
+            except OSError:
+                if sink.error is None:
+                    raise
+            finally:
+                sink.close()
+            if sink.error is not None:
+                raise sink.error  # atomic_path: one line naming the bank, the temporary file removed
         return n
+
+
+class _GuardedFile(io.RawIOBase):
+    """The file HDF5 writes a bank through: the first failed OS write is kept, later writes are dropped.
+
+    HDF5 itself then never sees a failure, closes normally, and :meth:`BankHeader.write` raises the kept error
+    (the partial file is discarded). Reads of a region a failed write should have filled return zeros: the
+    file is garbage from that point anyway.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.file = open(path, "r+b", buffering=0)  # closed in close()
+        self.error: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        if self.error is not None:
+            view = memoryview(buffer).cast("B")
+            view[:] = bytes(len(view))
+            return len(view)
+        return self.file.readinto(buffer) or 0
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        if self.error is None:
+            view, done = memoryview(data).cast("B"), 0
+            try:
+                while done < size:  # a regular file may take part of a write (the last space on a disk)
+                    written = self.file.write(view[done:])
+                    if not written:
+                        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                    done += written
+                return size
+            except OSError as exc:
+                self.error = exc
+                self.file.seek(size - done, 1)
+                return size
+        self.file.seek(size, 1)
+        return size
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.error is None:
+            try:
+                return self.file.truncate(size)
+            except OSError as exc:
+                self.error = exc
+        return size if size is not None else self.file.tell()
+
+    def flush(self) -> None:
+        return None
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        super().close()
 
 
 class BankWriter:

@@ -272,6 +272,23 @@ def save_tree(path: str | os.PathLike[str], tree: dict[str, Any]) -> None:
     _write(path, tensors, {"dfkd_tree": json.dumps(skeleton), DIGESTS: json.dumps(digests(tensors))})
 
 
+def load_tree_scalars(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A flat tree's one-value-per-row entries (a job shard's rounds, labels, indices: not its images, logits or
+    masks), each verified; nothing else is read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            md = f.metadata() or {}
+            skeleton = json.loads(md["dfkd_tree"])
+            wanted = [(k, v) for k, v in skeleton["__dict__"] if isinstance(v, dict) and "__tensor__" in v
+                      and len(f.get_slice(v["__tensor__"]).get_shape()) == 1]
+            tensors = {v["__tensor__"]: f.get_tensor(v["__tensor__"]) for _, v in wanted}
+    except Exception as exc:
+        raise DfkdError(f"{path}: unreadable state file ({exc})") from None
+    expected = json.loads(md[DIGESTS]) if DIGESTS in md else None
+    check_digests(Path(path), tensors, {k: expected[k] for k in tensors} if expected is not None else None)
+    return {k: tensors[v["__tensor__"]].numpy() for k, v in wanted}
+
+
 def load_tree(path: str | os.PathLike[str]) -> dict[str, Any]:
     from safetensors.torch import load_file
 

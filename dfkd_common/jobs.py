@@ -12,17 +12,18 @@ a full disk and a second run started by mistake. :class:`Job` does it once:
 * **Checkpoint** (:meth:`Job.checkpoint`): the stage's resumable state (synthesizer, optimiser, RNG, counters)
   and the list of shards it accounts for, written atomically as ``state.safetensors``. Shards written after the
   last checkpoint are uncommitted: a resume deletes them and redoes that work exactly once.
-* **Publish** (:meth:`Job.publish_bank`): the bank is assembled from the shards into an HDF5 image *in memory*
-  (HDF5's core driver) and written with plain file I/O to a temporary name, then renamed into place. HDF5 never
-  writes to disk itself, so a full disk is an ordinary ``OSError`` (one error line, the work directory kept)
-  rather than a failed HDF5 write, after which h5py crashed the interpreter at exit (segmentation fault).
+* **Publish** (:meth:`Job.publish_bank`): the shards are written one after another into an HDF5 file under a
+  temporary name, then renamed into place (:meth:`~dfkd_common.bank.BankHeader.write`). A full disk is an
+  ordinary ``OSError`` (one error line, the work directory kept): HDF5 writes through a file object that keeps
+  the error instead of failing HDF5 (after which h5py crashed the interpreter at exit, a segmentation fault).
 * **Resume**: a rerun with the same key (the params, inputs' checksums) finds the state, restores it and
   continues; a different key means the work belongs to another configuration and is discarded; a state file that
   fails its checksum is an error that leaves the directory alone (never deleted because it could not be read).
 
-Disk use is the shards plus, at publish, the bank; memory at publish is about twice the bank (the HDF5 image and
-its bytes), which training needs in memory anyway. The lock, the work directory and the state files are described
-with every other artifact in ``docs/ARTIFACTS.md``.
+Disk use is the shards plus, at publish, the bank; memory at publish is one shard (and HDF5's chunk cache), not the
+bank: a bank larger than memory is written like a small one. A stale partial bank a killed publish left beside
+the output is removed by the next run once it holds the lock. The lock, the work directory and the state files are
+described with every other artifact in ``docs/ARTIFACTS.md``.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 import torch
 
 from dfkd_common.bank import BankHeader
-from dfkd_common.checkpoint import load_tree, save_tree
+from dfkd_common.checkpoint import load_tree, load_tree_scalars, save_tree
 from dfkd_common.dist import barrier, current, gather_objects
 from dfkd_common.engine import make_parent, rng_state, set_rng_state
 from dfkd_common.errors import DfkdError
@@ -153,6 +154,8 @@ class Job:
             self.work.mkdir(exist_ok=True)
         except OSError as exc:
             raise DfkdError(f"cannot write {self.work}: {exc.strerror or exc}") from None
+        for stale in self.out.parent.glob(f".{self.out.name}.*.partial"):  # a publish killed mid-write
+            stale.unlink(missing_ok=True)
         saved = None
         if (self.work / STATE).exists():
             try:
@@ -244,26 +247,57 @@ class Job:
                       np.ndarray], out: str | os.PathLike[str]) -> int:
         """Publish the ``bank`` tables of every rank of a torchrun run as the one bank ``out``.
 
-        A single process publishes its own table. Several: every rank's rows are gathered, rank 0 sorts them by
-        ``order(columns)`` (stable, so the bank depends on the seed and world size, not on which rank finished
-        first), publishes them with ``world_size`` in the attributes, and every rank's work directory goes once
-        it has. Returns the bank's rows (0 on the other ranks).
+        A single process publishes its own table. Several: every rank sends rank 0 only its shards' names and
+        their one-value-per-row columns (rounds, indices: not images), which ``order`` reads; rank 0 sorts all
+        rows by ``order(columns)`` (stable, so the bank depends on the seed and world size, not on which rank
+        finished first) and writes them straight from the ranks' shard files in that order, a block at a time
+        (memory does not grow with the bank), with ``world_size`` in the attributes; every rank's work
+        directory goes once it has. The ranks' work directories must be visible to rank 0 (one node, or a
+        shared file system). Returns the bank's rows (0 on the other ranks).
         """
         world = current()
         if not world.distributed:
             return self.publish_bank(header, attrs, out=out)
-        parts = [cols for cols in gather_objects(self.read("bank")) if cols]
-        n, table = 0, "bank"
+        listing = [(str(self.work / name), int(rows), load_tree_scalars(self.work / name))
+                   for name, rows in self.tables.get("bank", []) + self.pending.get("bank", [])]
+        n = 0
+        parts = [part for rank in gather_objects(listing) for part in rank]
         if world.main:
-            if parts:
-                cols = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-                rows = np.argsort(order(cols), kind="stable")
-                self.write("merged", **{k: v[rows] for k, v in cols.items()})
-                table = "merged"
-            n = self.publish_bank(header, {**attrs, "world_size": world.size}, table=table, out=out)
+            missing = [p for p, _, _ in parts if not Path(p).is_file()]
+            if missing:
+                raise DfkdError(f"rank 0 cannot see {missing[0]}: the ranks' work directories must be on one "
+                                "file system to merge their banks")
+            rows = (np.argsort(order({k: np.concatenate([c[k] for _, _, c in parts])
+                                      for k in parts[0][2]}), kind="stable") if parts else np.zeros(0, np.int64))
+            n = header.write(out, merged_rows([p for p, _, _ in parts], [r for _, r, _ in parts], rows),
+                             {**attrs, "world_size": world.size})
         barrier()
         self.done = True
         return n
+
+
+def merged_rows(shards: list[str], sizes: list[int], order: np.ndarray, block: int = 1024,
+                cached: int = 4) -> Iterator[dict[str, np.ndarray]]:
+    """The rows ``order`` picks (indices into the shards' rows, concatenated), in that order, as blocks of
+    ``block`` rows, reading each shard when a block first needs it and keeping the last ``cached`` shards: the
+    merges dfkd makes (rounds of ranks, rows in their source's order) read every shard about once."""
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    cache: dict[int, dict[str, np.ndarray]] = {}
+    for i in range(0, len(order), block):
+        picks = order[i : i + block]
+        which = np.searchsorted(starts, picks, side="right") - 1
+        out: dict[str, np.ndarray] = {}
+        for s in dict.fromkeys(which.tolist()):
+            if s not in cache:
+                if len(cache) >= cached:
+                    cache.pop(next(iter(cache)))
+                cache[s] = {k: v.numpy() for k, v in load_tree(shards[s]).items()}
+            mask = which == s
+            for k, v in cache[s].items():
+                if k not in out:
+                    out[k] = np.empty((len(picks), *v.shape[1:]), v.dtype)
+                out[k][mask] = v[picks[mask] - starts[s]]
+        yield out
 
 
 class JobResume:
