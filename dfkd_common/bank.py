@@ -7,9 +7,10 @@ int64 (N,), -1 where a row has none) and optional columns (the teacher's logits,
 come from its task (:mod:`dfkd_common.tasks`), never from an assumption about classes. Version-1 banks (dfkd
 0.2-0.6: classification, square images) read as they are.
 
-Images are stored unnormalised so any HDF5 viewer shows them; models normalise their own input. Chunks are
-uncompressed because random reads from gzip chunks are slow, and training reads the whole bank into memory
-anyway (50k RGB 32x32 = 147 MiB).
+Images are stored unnormalised so any HDF5 viewer shows them; models normalise their own input. Chunks (about
+1 MiB of images each) are uncompressed because random reads from gzip chunks are slow. Training reads a bank
+that fits in memory whole (50k RGB 32x32 = 147 MiB); a larger one streams in chunk-aligned blocks
+(:mod:`dfkd_common.bank_stream`). Writing takes one shard in memory at a time, whatever the bank's size.
 
 Integrity: every dataset carries HDF5's own Fletcher-32 checksum filter, one checksum per chunk, which the HDF5
 library verifies on every read. A flipped byte therefore fails the read of its chunk, and :func:`load_bank` turns
@@ -343,16 +344,22 @@ class Bank:
 
     def check_compatible(self, info: DatasetInfo, what: str = "teacher") -> None:
         """Fail clearly when a bank cannot feed a model of ``info``'s task, input shape and class count."""
-        if self.task.name != info.task:
-            raise DfkdError(f"bank {self.path.name} holds {self.task.name} targets, the {what} is for {info.task}")
-        c, h, w = self.image_shape
-        if (c, h, w) != info.shape:
-            raise DfkdError(f"bank {self.path.name} has images {shape_str(c, (h, w))}, the {what} expects "
-                            f"{shape_str(info.channels, info.image_size)}")
-        k = self.dataset.get("num_classes")
-        if k is not None and int(k) != info.num_classes:
-            raise DfkdError(f"bank {self.path.name} is for {k} classes, the {what} has {info.num_classes}")
+        compatible(self.path, self.task, self.image_shape, self.dataset, info, what)
         self.task.check_targets(self.labels, info.num_classes, f"bank {self.path.name}")
+
+
+def compatible(path: Path, task: Task, image_shape: tuple[int, int, int], dataset: dict[str, Any],
+               info: DatasetInfo, what: str) -> None:
+    """A bank's task, image shape and class count against a model's (one error line naming both)."""
+    if task.name != info.task:
+        raise DfkdError(f"bank {path.name} holds {task.name} targets, the {what} is for {info.task}")
+    c, h, w = image_shape
+    if (c, h, w) != info.shape:
+        raise DfkdError(f"bank {path.name} has images {shape_str(c, (h, w))}, the {what} expects "
+                        f"{shape_str(info.channels, info.image_size)}")
+    k = dataset.get("num_classes")
+    if k is not None and int(k) != info.num_classes:
+        raise DfkdError(f"bank {path.name} is for {k} classes, the {what} has {info.num_classes}")
 
 
 def concat_banks(banks: list[Bank]) -> Bank:

@@ -5,7 +5,8 @@ The loop is method-agnostic. What varies lives behind two small interfaces:
 * :class:`~dfkd_common.student.StudentSide`: the student and its objective, a weighted sum of registered terms
   (:mod:`dfkd_common.student`, one module each) that declare what a step must compute for them and own the
   modules they train (DFND's transition matrix, adapters, heads) with their optimisers.
-* :class:`BankFeed`: where training images come from. :class:`BankFeed` itself is a bank read whole into memory;
+* :class:`BankFeed`: where training images come from. :class:`BankFeed` itself is a bank read whole into memory
+  (plus, where a bank is larger than memory, banks streamed from disk: :mod:`dfkd_common.bank_stream`);
   online methods (``dfkd distill --online M``) subclass it and grow the bank in :meth:`BankFeed.before_epoch`
   against the current student, so the loop itself never changes.
 """
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from dfkd_common.augment_ops import AugmentConfig, build_augment, to_float
+from dfkd_common.bank_stream import StreamBatches, StreamConfig, StreamedBank
 from dfkd_common.data import ArraySplit
 from dfkd_common.dist import current, rank_share
 from dfkd_common.engine import Engine, check_finite
@@ -45,9 +47,18 @@ class BankFeed:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
         self.images = images.to(device)
         self.labels = labels.to(device)
+        self.streams: list[StreamedBank] = []  # banks too large for memory, read in blocks beside these rows
+        self.stream_cfg = StreamConfig()
+
+    def add_streams(self, banks: list[StreamedBank], cfg: StreamConfig) -> None:
+        """Train on ``banks`` too, streamed from disk (:mod:`dfkd_common.bank_stream`): each rank then reads its
+        own blocks of every epoch's order, so the loop takes all of its batches."""
+        self.streams, self.stream_cfg = list(banks), cfg
+        if self.streams:
+            self.per_rank_batches = True
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.images.shape[0]) + sum(len(b) for b in self.streams)
 
     def before_epoch(self, epoch: int, side: nn.Module) -> dict[str, float]:
         """Hook for online synthesis (grow the bank against the current student side); static banks do nothing."""
@@ -64,6 +75,11 @@ class BankFeed:
         A feed that makes its images on the fly (DFAD: fresh G(z) for every student step, with a generator step
         against the student between them) overrides this instead of the loop growing a special case.
         """
+        if self.streams:  # one endless stream of block orders; the epoch's order comes from ``gen``, on every rank
+            seed = int(torch.randint(2**31 - 1, (1,), generator=gen))
+            stream = StreamBatches((self.images, self.labels), self.streams, self.stream_cfg, self.images.device)
+            yield from stream.batches(batch_size, seed)
+            return
         for idx in epoch_batches(len(self), batch_size, gen):
             idx = idx.to(self.images.device)
             yield self.images[idx], self.labels[idx]

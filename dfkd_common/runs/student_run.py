@@ -15,8 +15,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from dfkd_common import __version__
 from dfkd_common.bank import Bank, BankHeader, concat_banks, load_bank
+from dfkd_common.bank_stream import StreamConfig, StreamedBank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
 from dfkd_common.config import REPLACES, resolve, values
 from dfkd_common.dist import World, barrier, current, main_first, rank_path
@@ -56,6 +59,8 @@ class StudentRun(Distillation):
     holdout: float = 0.1  # without any test set: the fraction of the bank held out to measure teacher agreement
     data_root: str | None = None
     online: dict[str, Any] = field(default_factory=dict, metadata=REPLACES)
+    # banks larger than memory: when and how they are streamed from disk (dfkd_common.bank_stream)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     # bf16 autocast for the student/teacher passes (fp32 default: small students suffer); "auto" allowed
     amp: Literal["auto", True, False] = False
 
@@ -94,17 +99,23 @@ class Paths:
         return str(self.banks[0]) if len(self.banks) == 1 else [str(b) for b in self.banks]
 
 
-def load_banks(banks: list[Path], info: Any, online: bool) -> Bank | None:
-    """The banks given, checked against the teacher's input and concatenated (None: no bank)."""
+def load_banks(banks: list[Path], info: Any, online: bool,
+               stream: StreamConfig) -> tuple[Bank | None, list[StreamedBank]]:
+    """The banks given, checked against the teacher's input: those ``stream`` keeps on disk, and the others read
+    whole and concatenated (None: none in memory)."""
     if not banks:
-        return None
-    parts = [load_bank(b) for b in banks]
-    for part in parts:
+        return None, []
+    opened = [StreamedBank.open(b) for b in banks]
+    for part in opened:
         part.check_compatible(info)
-    data = concat_banks(parts)
-    if len(data) == 0 and not online:
+    streamed = [b for b in opened if stream.streams(b.image_bytes)]
+    whole = [load_bank(b.path) for b in opened if b not in streamed]
+    for part in whole:
+        part.check_compatible(info)
+    data = concat_banks(whole) if whole else None
+    if not online and (len(data) if data is not None else 0) + sum(len(b) for b in streamed) == 0:
         raise DfkdError(f"bank {' + '.join(str(b) for b in banks)} is empty")
-    return data
+    return data, streamed
 
 
 def online_feed(method: str, cfg: dict[str, Any], t_model: Classifier, teacher: Path, info: Any, data: Bank | None,
@@ -140,7 +151,7 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
     engine = Engine.create(device, amp=cfg.amp)
     t_model, t_meta = load_model(paths.teacher, engine.device)
     info = t_meta.dataset
-    data = load_banks(paths.banks, info, method is not None)
+    data, streamed = load_banks(paths.banks, info, method is not None, cfg.stream)
     with main_first():  # a test split to download: once
         chosen = evaluation_split(info, cfg.test, cfg.test_dataset, cfg.data_root, cfg.holdout, cfg.seed, data,
                                   t_model, engine, method is not None)
@@ -159,6 +170,7 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
            "online_cfg": online_cfg, "bank_out": str(paths.bank_out),
            **({"world_size": world.size} if world.distributed else {})}
     names = " + ".join(b.name for b in paths.banks)
+    rows = (len(data) if data is not None else 0) + sum(len(b) for b in streamed)
     with contextlib.ExitStack() as stack:
         if world.main:  # a second run on the same student refuses meanwhile
             stack.enter_context(OutputLock(paths.out))
@@ -170,12 +182,16 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
             feed: BankFeed = online_feed(method, online_cfg, t_model, paths.teacher, info, data, job, cfg, engine,
                                          seed_offset=world.rank)
             store: Store = JobStore(job)
-            source = f"online {method}" + (f" + {names} ({len(data)} images)" if data else "")
+            source = f"online {method}" + (f" + {names} ({rows} images)" if rows else "")
         else:
-            assert data is not None
-            feed = BankFeed(data.images, data.labels, engine.device)
+            feed = (BankFeed(data.images, data.labels, engine.device) if data is not None
+                    else BankFeed(torch.zeros(0, *info.shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64),
+                                  engine.device))
             store = StateFile.for_output(rank_path(paths.out, world), key)  # every rank resumes its own state
-            source = f"{names} ({len(data)} images)"
+            source = f"{names} ({rows} images)"
+        feed.add_streams(streamed, cfg.stream)
+        if streamed:
+            source += f"; streamed from disk: {', '.join(b.path.name for b in streamed)}"
         say(f"distill {cfg.student} from {source}")
         say(f"student: {side.describe()}; {engine.describe()}"
             + (f"; {world.size} processes (DDP), {cfg.batch_size} images per rank and step" if world.distributed
@@ -190,8 +206,8 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
             meta = ModelMeta(cfg.student, cfg.student_kwargs, info, scores,
                              {**values(cfg), "bank": paths.bank_described()}, now(), __version__, "student")
             save_model(paths.out, s_model, meta)
-            summary = summarise(cfg, paths, name, t_meta, scores, t_scores, history, seconds, chosen.described, data,
-                                engine, world)
+            summary = summarise(cfg, paths, name, t_meta, scores, t_scores, history, seconds, chosen.described,
+                                rows, engine, world)
             if isinstance(feed, RecordedFeed) and job is not None:
                 stats = feed.stats()
                 job.publish_bank(feed.ctx.header, stats)
@@ -210,7 +226,7 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
 
 def summarise(cfg: StudentRun, paths: Paths, name: str | None, t_meta: ModelMeta, scores: dict[str, float],
               t_scores: dict[str, float], history: list[dict[str, Any]], seconds: float, evaluated_on: str,
-              data: Bank | None, engine: Engine, world: World) -> dict[str, Any]:
+              rows: int, engine: Engine, world: World) -> dict[str, Any]:
     """The run's summary: the final student's scores on real held-out data beside the teacher's on the same data
     (``t_scores``), and the best epoch's labelled as chosen on test (for reference only)."""
     task = t_meta.task
@@ -219,7 +235,7 @@ def summarise(cfg: StudentRun, paths: Paths, name: str | None, t_meta: ModelMeta
     return {"name": name or cfg.student, "task": task.name, **scores,
             f"teacher_{headline.removeprefix('test_')}": t_acc,
             "ratio_to_teacher": (acc / t_acc) if t_acc else None, "bank": paths.bank_described(),
-            "bank_size": len(data) if data is not None else 0, "epochs": cfg.epochs, "seconds": seconds,
+            "bank_size": rows, "epochs": cfg.epochs, "seconds": seconds,
             "precision": engine.precision, "evaluated_on": evaluated_on, "world_size": world.size,
             f"best_epoch_{headline} (selected on test, for reference only)":
                 max((h[headline] for h in history), default=acc)}

@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from corrupt import flip_bank_byte
 
 from dfkd_common.bank import load_bank, verify_bank
 from dfkd_common.checkpoint import (
@@ -30,17 +31,6 @@ from dfkd_common.models import MODELS, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 INFO = get_dataset("mnist5k").info
-
-
-def flip_bank_byte(path: Path, dataset: str = "images") -> None:
-    """Flip one byte in the middle of the dataset's first chunk, on disk."""
-    with h5py.File(path, "r") as h5:
-        chunk = h5[dataset].id.get_chunk_info(0)
-    with open(path, "r+b") as fh:
-        fh.seek(chunk.byte_offset + chunk.size // 2)
-        byte = fh.read(1)
-        fh.seek(-1, 1)
-        fh.write(bytes([byte[0] ^ 0x10]))
 
 
 def flip_tensor_byte(path: Path, tensor: str) -> None:
