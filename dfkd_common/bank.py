@@ -330,6 +330,28 @@ class Bank:
         return int(self.images.shape[0])
 
     @property
+    def images_loaded(self) -> bool:
+        """False when :func:`load_bank` left the images on disk (``images=False``): ``images`` is then a
+        zero-stride placeholder of the right shape, and :meth:`read_images` reads rows from the file."""
+        return self.images.numel() == 0 or self.images.stride(0) != 0
+
+    def read_images(self, rows: Any) -> torch.Tensor:
+        """The images of ``rows`` (indices, in the order given), from memory or, when not loaded, from disk."""
+        index = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if self.images_loaded:
+            return self.images[torch.from_numpy(index)]
+        unique, inverse = np.unique(index, return_inverse=True)
+        with _open(self.path) as h5:
+            got = _read(h5, "images", unique.tolist(), self.path) if len(unique) else \
+                np.zeros((0, *self.image_shape), np.uint8)
+        return torch.from_numpy(got[inverse])
+
+    def image_blocks(self, block: int = 4096) -> Iterable[torch.Tensor]:
+        """Every image in order, ``block`` rows at a time (from disk when not loaded): bounded memory."""
+        for i in range(0, len(self), block):
+            yield self.read_images(np.arange(i, min(i + block, len(self))))
+
+    @property
     def dataset(self) -> dict[str, Any]:
         return dict(self.attrs.get("dataset") or {})
 
@@ -454,8 +476,11 @@ def note_unverified(path: Path) -> None:
                   UnverifiedWarning, stacklevel=3)
 
 
-def load_bank(path: str | os.PathLike[str], rows: slice | None = None) -> Bank:
-    """Read a whole bank (or a slice of it) into memory after validating it; checksums are verified on read."""
+def load_bank(path: str | os.PathLike[str], rows: slice | None = None, images: bool = True) -> Bank:
+    """Read a whole bank (or a slice of it) into memory after validating it; checksums are verified on read.
+
+    ``images=False`` reads every column but the images (inspecting a bank larger than memory: labels, rounds and
+    logits are a few bytes a row); :meth:`Bank.read_images` then reads the rows asked for."""
     path = Path(path)
     sel = rows if rows is not None else slice(None)
     with _open(path) as h5:
@@ -465,11 +490,15 @@ def load_bank(path: str | os.PathLike[str], rows: slice | None = None) -> Bank:
         verified = checksummed(h5)
         if not verified:
             note_unverified(path)
-        images = torch.from_numpy(_read(h5, "images", sel, path))
+        if images:
+            pixels = torch.from_numpy(_read(h5, "images", sel, path))
+        else:  # no memory: a zero-stride view with the bank's shape
+            n = len(range(*sel.indices(h5["images"].shape[0])))
+            pixels = torch.zeros(1, *h5["images"].shape[1:], dtype=torch.uint8).expand(n, *h5["images"].shape[1:])
         labels = torch.from_numpy(_read(h5, target, sel, path).astype(np.int64))
         rounds = torch.from_numpy(_read(h5, "round", sel, path).astype(np.int32))
         extra = {k: torch.from_numpy(_read(h5, k, sel, path)) for k in OPTIONAL if k in h5}
-    return Bank(path, images, labels, rounds, extra, attrs, verified)
+    return Bank(path, pixels, labels, rounds, extra, attrs, verified)
 
 
 def verify_bank(path: str | os.PathLike[str], block: int = 8192) -> dict[str, Any]:

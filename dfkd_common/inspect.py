@@ -19,7 +19,7 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
 
     Agreement uses a re-scoring ``teacher`` when given, else the stored ``teacher_logits``, else is omitted.
     """
-    bank = load_bank(path)
+    bank = load_bank(path, images=False)  # images are read in blocks, only to re-score them
     attrs = bank.attrs
     ds = bank.dataset
     names = list(ds.get("class_names") or [])
@@ -29,7 +29,8 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
         engine = Engine.create("auto", amp=False, channels_last=False)
         model, meta = load_model(teacher, engine.device)
         bank.check_compatible(meta.dataset)
-        logits = predict(model, bank.images, engine)
+        logits = torch.cat([predict(model, block, engine) for block in bank.image_blocks()]) if len(bank) \
+            else torch.zeros(0, meta.dataset.num_classes)
         source = "teacher " + str(teacher)
         names = names or list(meta.dataset.class_names)
     elif "teacher_logits" in bank.extra:
@@ -119,8 +120,8 @@ def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_inde
     The grid explains itself: a title (bank, method, kind, which rounds, what the captions are), each row named
     by its class, each tile captioned with the teacher's confidence in the row's class where the bank stored the
     teacher's logits (a red caption names the class the teacher sees instead), and a class with fewer images
-    than columns shows empty cells, never black images."""
-    bank = load_bank(path)
+    than columns shows empty cells, never black images. Only the images shown are read (any bank size)."""
+    bank = load_bank(path, images=False)
     rng = np.random.default_rng(seed)
     keep = torch.ones(len(bank), dtype=torch.bool)
     if round_index is not None:
@@ -132,16 +133,20 @@ def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_inde
     tiles: list[torch.Tensor | None] = []
     captions: list[tuple[str, bool] | None] = []
     shown = 0
+    picks = []
     for k in range(num_classes):
         idx = torch.nonzero(keep & (bank.labels == k)).flatten().numpy()
-        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        picks.append(rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else [])
+    flat = [int(r) for pick in picks for r in pick]
+    pixels = dict(zip(flat, bank.read_images(flat), strict=True))
+    for k, pick in enumerate(picks):
         for i in range(per_class):
             if i >= len(pick):
                 tiles.append(None)
                 captions.append(None)
                 continue
             row = int(pick[i])
-            tiles.append(bank.images[row])
+            tiles.append(pixels[row])
             if view is None:
                 captions.append(None)
             else:
@@ -239,7 +244,7 @@ def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None
     """
     from dfkd_common.errors import DfkdError
 
-    bank = load_bank(path)
+    bank = load_bank(path, images=False)
     if bank.attrs.get("kind") != "augmented" or "parent_index" not in bank.extra:
         raise DfkdError(f"{path} is not an augmented bank (kind {bank.attrs.get('kind')}): no sources to show")
     stats = bank.attrs.get("augment") if isinstance(bank.attrs.get("augment"), dict) else {}
@@ -248,7 +253,7 @@ def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None
         raise DfkdError(f"the parent bank of {path} is not at {parent_path or '(unrecorded)'}: give --parent PATH")
     if bank.attrs.get("parent_checksum") and file_checksum(parent_path) != bank.attrs["parent_checksum"]:
         raise DfkdError(f"{parent_path} is not the bank {path} was made from (checksum differs)")
-    src = load_bank(parent_path)
+    src = load_bank(parent_path, images=False)
     k = int((bank.attrs.get("params") or {}).get("k", 1))  # read_attrs decodes params from JSON
     pidx = bank.extra["parent_index"].long()
     rng = np.random.default_rng(seed)
@@ -267,8 +272,8 @@ def save_pairs_grid(path: str | Path, out: str | Path, parent: str | Path | None
     labels, shown = [], 0
     for p in order:
         kept = torch.nonzero(pidx == p).flatten()[:k]
-        tiles.append(src.images[p])
-        tiles.extend(bank.images[int(i)] for i in kept)
+        tiles.append(src.read_images([p])[0])
+        tiles.extend(bank.read_images(kept.numpy()))
         tiles.extend(None for _ in range(k - len(kept)))
         label = int(src.labels[p])
         labels.append(names[label] if 0 <= label < len(names) else str(label))
