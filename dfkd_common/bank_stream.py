@@ -44,7 +44,7 @@ class StreamConfig:
     mode: str = "auto"  # auto: stream banks whose images exceed above_mib; always; never
     above_mib: float = 2048.0
     block_mib: float = 16.0
-    buffer: int = 16  # blocks in the shuffle buffer
+    buffer: int = 8  # blocks in the shuffle buffer
     workers: int = 1  # DataLoader workers reading blocks (0: the main process reads)
     prefetch: int = 2  # blocks each worker reads ahead
 
@@ -185,13 +185,13 @@ class StreamBatches:
                 break
             if left is not None:
                 pool.insert(0, left)
-            images = torch.cat([p[0] for p in pool])
+            images = torch.cat([p[0] for p in pool])  # the buffer, once; batches are gathered from it
             labels = torch.cat([p[1] for p in pool])
+            del pool
             perm = torch.randperm(images.shape[0], generator=gen).to(images.device)
-            images, labels = images[perm], labels[perm]
             full = images.shape[0] - images.shape[0] % batch_size
             for i in range(0, full, batch_size):
-                yield images[i : i + batch_size], labels[i : i + batch_size]
-            left = (images[full:], labels[full:]) if full < images.shape[0] else None
+                yield images[perm[i : i + batch_size]], labels[perm[i : i + batch_size]]
+            left = (images[perm[full:]], labels[perm[full:]]) if full < images.shape[0] else None
         if left is not None and not drop_last:
             yield left

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -26,9 +27,13 @@ from dfkd_common.tasks import get_task
 
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, engine: Engine, batch_size: int = 1000) -> torch.Tensor:
-    """Logits (float32, CPU, no autocast) for uint8 or float images, in batches, the model in eval mode."""
+    """Logits (float32, CPU, no autocast) for uint8 or float images, in batches, the model in eval mode.
+
+    A batch holds at most ``batch_size`` images and at most 64 MiB of float input (224-px images: 111 a batch),
+    so evaluating large images does not take gigabytes."""
     was_training = model.training
     model.eval()
+    batch_size = max(1, min(batch_size, (64 << 20) // max(1, 4 * int(np.prod(images.shape[1:])))))
     out = []
     for i in range(0, images.shape[0], batch_size):
         x = engine.images(to_float(images[i : i + batch_size].to(engine.device)))

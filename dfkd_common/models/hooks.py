@@ -206,10 +206,14 @@ class BNStats:
     def __len__(self) -> int:
         return len(self.hooks)
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, first: float = 1.0) -> torch.Tensor:
+        """The sum over the layers, the first (the stem's BN, in module order) weighted ``first`` times
+        (DeepInversion's ImageNet setting: 10)."""
         losses = [h.loss for h in self.hooks if h.loss is not None]
         if not losses:
             return torch.zeros(())
+        if first != 1.0:
+            losses[0] = losses[0] * first
         return torch.stack(losses).sum()
 
     def enable(self, on: bool) -> None:

@@ -103,12 +103,18 @@ def term(name: str, needs: tuple[str, ...] = (), options: type = NoOptions,
     return deco
 
 
-@term("bn", needs=("bn",))
-def bn_term(ctx: Context, opts: Any) -> torch.Tensor:
-    """DeepInversion's feature-statistics prior, summed over the teacher's BatchNorm2d layers."""
+@dataclass(frozen=True)
+class BNOptions:
+    first: float = 1.0  # the first BN layer's weight in the sum (DeepInversion's ImageNet first_bn_multiplier: 10)
+
+
+@term("bn", needs=("bn",), options=BNOptions)
+def bn_term(ctx: Context, opts: BNOptions) -> torch.Tensor:
+    """DeepInversion's feature-statistics prior, summed over the teacher's BatchNorm2d layers (the first one
+    ``first`` times: at 224 px the stem's statistics are what keeps low-level image statistics natural)."""
     if ctx.bn is None:
         raise ValueError("bn term needs BN hooks on the teacher")
-    return ctx.bn.loss().to(ctx.x.device)
+    return ctx.bn.loss(opts.first).to(ctx.x.device)
 
 
 @term("oh")

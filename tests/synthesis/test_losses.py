@@ -56,6 +56,18 @@ def test_bn_term_sums_l2_norms_over_layers() -> None:
     assert math.isclose(float(stats.loss().detach()), manual, rel_tol=1e-4)
 
 
+def test_bn_term_weights_the_first_layer_as_deepinversion_does_on_imagenet() -> None:
+    net = bn_net()
+    stats = BNStats(net)
+    net(torch.rand(8, 1, 10, 10))
+    first, second = (float(h.loss.detach()) for h in stats.hooks)
+    assert first > 0 and second > 0
+    assert math.isclose(float(stats.loss(10.0).detach()), 10 * first + second, rel_tol=1e-5)
+    ctx = Context(x=torch.zeros(1), y=None, t_logits=torch.zeros(1, 2), bn=stats)
+    opts = TERMS.get("bn").options({"first": 10.0})
+    assert math.isclose(float(TERMS.get("bn").fn(ctx, opts).detach()), 10 * first + second, rel_tol=1e-5)
+
+
 def test_bn_momentum_blends_batch_with_ema() -> None:
     bn = nn.BatchNorm2d(2).eval()
     stats = BNStats(bn, momentum=0.9)
