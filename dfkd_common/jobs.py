@@ -252,8 +252,9 @@ class Job:
         rows by ``order(columns)`` (stable, so the bank depends on the seed and world size, not on which rank
         finished first) and writes them straight from the ranks' shard files in that order, a block at a time
         (memory does not grow with the bank), with ``world_size`` in the attributes; every rank's work
-        directory goes once it has. The ranks' work directories must be visible to rank 0 (one node, or a
-        shared file system). Returns the bank's rows (0 on the other ranks).
+        directory goes once it has. Where the ranks' work directories are not all visible to every rank (several
+        nodes without a shared file system), the rows travel to rank 0 instead, and its memory holds them.
+        Returns the bank's rows (0 on the other ranks).
         """
         world = current()
         if not world.distributed:
@@ -262,15 +263,16 @@ class Job:
                    for name, rows in self.tables.get("bank", []) + self.pending.get("bank", [])]
         n = 0
         parts = [part for rank in gather_objects(listing) for part in rank]
+        shared = all(gather_objects(all(Path(p).is_file() for p, _, _ in parts)))
+        if not shared:  # nodes without a shared file system: the rows travel to rank 0 (its memory holds them)
+            parts = [(None, len(next(iter(c.values()))), c) for c in gather_objects(self.read("bank")) if c]
         if world.main:
-            missing = [p for p, _, _ in parts if not Path(p).is_file()]
-            if missing:
-                raise DfkdError(f"rank 0 cannot see {missing[0]}: the ranks' work directories must be on one "
-                                "file system to merge their banks")
             rows = (np.argsort(order({k: np.concatenate([c[k] for _, _, c in parts])
                                       for k in parts[0][2]}), kind="stable") if parts else np.zeros(0, np.int64))
-            n = header.write(out, merged_rows([p for p, _, _ in parts], [r for _, r, _ in parts], rows),
-                             {**attrs, "world_size": world.size})
+            blocks = (merged_rows([p for p, _, _ in parts], [r for _, r, _ in parts], rows) if shared else
+                      iter([{k: np.concatenate([c[k] for _, _, c in parts])[rows] for k in parts[0][2]}] if parts
+                           else []))
+            n = header.write(out, blocks, {**attrs, "world_size": world.size})
         barrier()
         self.done = True
         return n
