@@ -64,11 +64,14 @@ def _plots(out: Path) -> list[dict[str, float]]:
     return json.loads(out.with_suffix(".plots.json").read_text())
 
 
+@pytest.mark.parametrize("streamed", [False, True])
 def test_two_ranks_distill_from_a_bank_rank_0_writes_and_each_takes_half_the_steps(
-        tmp_path: Path, teacher_ckpt: Path, digits_bank: Path, params: Path) -> None:
+        tmp_path: Path, teacher_ckpt: Path, digits_bank: Path, params: Path, streamed: bool) -> None:
+    """Also with the bank streamed (blocks of whole 1 MiB chunks: each rank reads its own 1,024 digits)."""
     out = tmp_path / "s2.safetensors"
+    stream = ["--set", "stream.mode=always", "--set", "stream.block_mib=0.0625"] if streamed else []
     proc = subprocess.run(_torchrun("--standalone", "--nproc_per_node", "2")
-                          + _distill_args(teacher_ckpt, digits_bank, out, params),
+                          + _distill_args(teacher_ckpt, digits_bank, out, params) + stream,
                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(out.with_suffix(".json").read_text())
