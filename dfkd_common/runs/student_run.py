@@ -105,12 +105,11 @@ def load_banks(banks: list[Path], info: Any, online: bool,
     whole and concatenated (None: none in memory)."""
     if not banks:
         return None, []
-    opened = [StreamedBank.open(b) for b in banks]
-    for part in opened:
-        part.check_compatible(info)
-    streamed = [b for b in opened if stream.streams(b.image_bytes)]
-    whole = [load_bank(b.path) for b in opened if b not in streamed]
-    for part in whole:
+    # a file no larger than the limit holds no more image bytes than that: read whole without a look inside
+    looked = [StreamedBank.open(b) if b.is_file() and stream.streams(b.stat().st_size) else None for b in banks]
+    streamed = [s for s in looked if s is not None and stream.streams(s.image_bytes)]
+    whole = [load_bank(b) for b, s in zip(banks, looked, strict=True) if s is None or s not in streamed]
+    for part in [*streamed, *whole]:
         part.check_compatible(info)
     data = concat_banks(whole) if whole else None
     if not online and (len(data) if data is not None else 0) + sum(len(b) for b in streamed) == 0:
