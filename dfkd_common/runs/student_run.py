@@ -118,16 +118,18 @@ def load_banks(banks: list[Path], info: Any, online: bool,
 
 
 def online_feed(method: str, cfg: dict[str, Any], t_model: Classifier, teacher: Path, info: Any, data: Bank | None,
-                job: Job, run_cfg: StudentRun, engine: Engine, seed_offset: int = 0) -> RecordedFeed:
+                job: Job, run_cfg: StudentRun, engine: Engine, seed_offset: int = 0,
+                parent: Path | None = None) -> RecordedFeed:
     """The online feed recording into ``job`` (its synthesis engine picks its own precision: ``online.amp``);
-    its synthesizer is seeded ``seed + seed_offset`` (a rank's own rounds under torchrun)."""
+    its synthesizer is seeded ``seed + seed_offset`` (a rank's own rounds under torchrun); ``parent``: the first
+    bank given (its checksum is the grown bank's ``parent_checksum``; default: ``data``'s)."""
     cfg = dict(cfg)
     syn_engine = engine.sibling(cfg.pop("amp", "auto"), where="distill: param online.amp")
     header = BankHeader(
         channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
         dataset=info.to_dict(), params={"online": cfg, "distill": values(run_cfg)}, seed=run_cfg.seed,
         teacher_checksum=file_checksum(teacher),
-        parent_checksum=file_checksum(data.path) if data is not None else "",
+        parent_checksum=file_checksum(parent or data.path) if parent or data is not None else "",
         optional=("teacher_logits",),
     )
     ctx = FeedContext(t_model, info, syn_engine, job, header, data, run_cfg.seed + seed_offset, run_cfg.batch_size,
@@ -179,7 +181,7 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
             # every rank records the whole grown bank in a job of its own (its resume state); rank 0 publishes
             job = stack.enter_context(Job(rank_path(paths.bank_out, world), key))
             feed: BankFeed = online_feed(method, online_cfg, t_model, paths.teacher, info, data, job, cfg, engine,
-                                         seed_offset=world.rank)
+                                         seed_offset=world.rank, parent=paths.banks[0] if paths.banks else None)
             store: Store = JobStore(job)
             source = f"online {method}" + (f" + {names} ({rows} images)" if rows else "")
         else:

@@ -200,3 +200,21 @@ def test_dfkd_distill_streams_a_bank_and_mixes_it_with_one_in_memory(teacher_ckp
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["images"] == 700  # 100 in memory + 600 streamed
     assert len(load_bank(little)) == 100
+
+
+def test_an_online_run_trains_on_a_streamed_bank_beside_its_growing_one(teacher_ckpt: Path, tmp_path: Path,
+                                                                        small_bank, dfkd) -> None:
+    from dfkd_common.checkpoint import file_checksum
+
+    big = small_bank(tmp_path / "big.h5", n=300, rounds=2)
+    (tmp_path / "none.yaml").write_text("{}\n")
+    proc = dfkd("distill", "--online", "dafl", "--teacher", teacher_ckpt, "--bank", big, "--out",
+                tmp_path / "s.st", "--plots", tmp_path / "p.json", "--params", tmp_path / "none.yaml",
+                "--set", "epochs=2", "--set", "batch_size=50", "--set", "stream.mode=always",
+                "--set", "online.batch_size=32", "--set", "online.g_steps=1", "--set", "online.ngf=8")
+    assert proc.returncode == 0, proc.stderr
+    assert "streamed from disk: big.h5" in proc.stdout, proc.stdout
+    sizes = [row["bank_size"] for row in json.loads((tmp_path / "p.json").read_text())]
+    grown = load_bank(tmp_path / "s.bank.h5")
+    assert sizes[-1] == 600 + len(grown) and sizes[0] > 600  # the streamed rows and the online rows, mixed
+    assert grown.attrs["parent_checksum"] == file_checksum(big)  # the grown bank names the bank it grew beside
