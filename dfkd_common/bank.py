@@ -189,8 +189,8 @@ class _GuardedFile(io.RawIOBase):
     """The file HDF5 writes a bank through: the first failed OS write is kept, later writes are dropped.
 
     HDF5 itself then never sees a failure, closes normally, and :meth:`BankHeader.write` raises the kept error
-    (the partial file is discarded). Reads of a region a failed write should have filled return zeros: the
-    file is garbage from that point anyway.
+    (the partial file is discarded). Reads return what the file holds, zeros past its end (a region a dropped
+    write should have filled): the file is garbage from the first failure on anyway.
     """
 
     def __init__(self, path: Path) -> None:
@@ -214,11 +214,11 @@ class _GuardedFile(io.RawIOBase):
         return self.file.tell()
 
     def readinto(self, buffer: Any) -> int:
-        if self.error is not None:
-            view = memoryview(buffer).cast("B")
-            view[:] = bytes(len(view))
-            return len(view)
-        return self.file.readinto(buffer) or 0
+        view = memoryview(buffer).cast("B")
+        got = self.file.readinto(view) or 0
+        if got < len(view):  # past the end, or a region a dropped write should have filled: zeros
+            view[got:] = bytes(len(view) - got)
+        return len(view)
 
     def write(self, data: Any) -> int:
         size = memoryview(data).nbytes
@@ -325,20 +325,17 @@ class Bank:
     extra: dict[str, torch.Tensor]
     attrs: dict[str, Any]
     checksummed: bool = True  # False: written before dfkd 0.2, content not verifiable
+    #: True when :func:`load_bank` left the images on disk (``images=False``): ``images`` is then a placeholder
+    #: of the right shape (no memory) and :meth:`read_images` reads rows from the file
+    on_disk: bool = False
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    @property
-    def images_loaded(self) -> bool:
-        """False when :func:`load_bank` left the images on disk (``images=False``): ``images`` is then a
-        zero-stride placeholder of the right shape, and :meth:`read_images` reads rows from the file."""
-        return self.images.numel() == 0 or self.images.stride(0) != 0
-
     def read_images(self, rows: Any) -> torch.Tensor:
-        """The images of ``rows`` (indices, in the order given), from memory or, when not loaded, from disk."""
+        """The images of ``rows`` (indices, in the order given), from memory or, when on disk, from the file."""
         index = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if self.images_loaded:
+        if not self.on_disk:
             return self.images[torch.from_numpy(index)]
         unique, inverse = np.unique(index, return_inverse=True)
         with _open(self.path) as h5:
@@ -346,10 +343,15 @@ class Bank:
                 np.zeros((0, *self.image_shape), np.uint8)
         return torch.from_numpy(got[inverse])
 
-    def image_blocks(self, block: int = 4096) -> Iterable[torch.Tensor]:
-        """Every image in order, ``block`` rows at a time (from disk when not loaded): bounded memory."""
-        for i in range(0, len(self), block):
-            yield self.read_images(np.arange(i, min(i + block, len(self))))
+    def image_blocks(self, block: int = 4096, block_bytes: int = 64 << 20) -> Iterable[torch.Tensor]:
+        """Every image in order, at most ``block`` rows and ``block_bytes`` at a time: bounded memory."""
+        step = max(1, min(block, block_bytes // max(1, int(np.prod(self.image_shape)))))
+        if not self.on_disk:
+            yield from (self.images[i : i + step] for i in range(0, len(self), step))
+            return
+        with _open(self.path) as h5:
+            for i in range(0, len(self), step):
+                yield torch.from_numpy(_read(h5, "images", slice(i, i + step), self.path))
 
     @property
     def dataset(self) -> dict[str, Any]:
@@ -492,13 +494,15 @@ def load_bank(path: str | os.PathLike[str], rows: slice | None = None, images: b
             note_unverified(path)
         if images:
             pixels = torch.from_numpy(_read(h5, "images", sel, path))
-        else:  # no memory: a zero-stride view with the bank's shape
+        else:  # no memory: a view of one zero row with the bank's shape
             n = len(range(*sel.indices(h5["images"].shape[0])))
             pixels = torch.zeros(1, *h5["images"].shape[1:], dtype=torch.uint8).expand(n, *h5["images"].shape[1:])
+            if rows is not None:
+                raise ValueError("load_bank(images=False) reads whole banks only")
         labels = torch.from_numpy(_read(h5, target, sel, path).astype(np.int64))
         rounds = torch.from_numpy(_read(h5, "round", sel, path).astype(np.int32))
         extra = {k: torch.from_numpy(_read(h5, k, sel, path)) for k in OPTIONAL if k in h5}
-    return Bank(path, pixels, labels, rounds, extra, attrs, verified)
+    return Bank(path, pixels, labels, rounds, extra, attrs, verified, on_disk=not images)
 
 
 def verify_bank(path: str | os.PathLike[str], block: int = 8192, block_bytes: int = 64 << 20) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dfkd_common.bank import _first_line, _open, checksummed, compatible, read_attrs, validate
+from dfkd_common.bank import _first_line, _open, checksummed, compatible, note_unverified, read_attrs, validate
 from dfkd_common.data import DatasetInfo
 from dfkd_common.dist import World, current
 from dfkd_common.errors import DfkdError
@@ -77,8 +77,12 @@ class StreamedBank:
             attrs = read_attrs(h5, path)
             n = validate(h5, path, get_task(attrs["task"]).target)
             images = h5["images"]
-            chunk = int(images.chunks[0]) if images.chunks else max(1, n)
-            return cls(path, n, tuple(int(s) for s in images.shape[1:]), chunk, attrs, checksummed(h5))
+            chunk = int(images.chunks[0]) if images.chunks else 1  # contiguous (not written by dfkd): any slice
+            shape = tuple(int(s) for s in images.shape[1:])
+            verified = checksummed(h5)
+        if not verified:
+            note_unverified(path)
+        return cls(path, n, shape, chunk, attrs, verified)
 
     def __len__(self) -> int:
         return self.n
@@ -90,6 +94,11 @@ class StreamedBank:
     @property
     def image_bytes(self) -> int:
         return self.n * int(np.prod(self.image_shape))
+
+    @property
+    def num_classes(self) -> int | None:
+        k = (self.attrs.get("dataset") or {}).get("num_classes")
+        return int(k) if k is not None else None
 
     def check_compatible(self, info: DatasetInfo, what: str = "teacher") -> None:
         """As :meth:`dfkd_common.bank.Bank.check_compatible`; the targets are checked as they are read."""
@@ -151,6 +160,10 @@ class StreamBatches:
             self.units += [(-1, i, min(i + size, n)) for i in range(0, n, size)]
         for k, bank in enumerate(banks):
             self.units += [(k, a, b) for a, b in bank.blocks(block)]
+        if len(self.units) < self.world.size:  # a rank without blocks would wait for one forever
+            raise DfkdError(f"{' + '.join(b.path.name for b in banks)}: {len(self.units)} block(s) of "
+                            f"stream.block_mib {cfg.block_mib} for {self.world.size} process(es): lower block_mib, "
+                            "or read the bank whole (stream.mode: never)")
 
     def blocks(self, seed: int, cycles: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's blocks, block order after block order (``seed + c`` for the c-th), read ahead by workers."""
@@ -170,6 +183,9 @@ class StreamBatches:
                 item = next(loader)
                 if item[0] == "error":
                     raise DfkdError(item[1])
+                bank = self.banks[k]
+                if bank.num_classes is not None:  # the targets fit the classes (checked as they are read)
+                    bank.task.check_targets(item[1], bank.num_classes, f"bank {bank.path.name} rows {start}-{stop}")
                 yield item[0].to(self.device), item[1].to(self.device)
 
     def batches(self, batch_size: int, seed: int, cycles: int | None = None,

@@ -26,6 +26,7 @@ from dfkd_common.bank_stream import StreamBatches, StreamConfig, StreamedBank
 from dfkd_common.data import ArraySplit
 from dfkd_common.dist import current, rank_share
 from dfkd_common.engine import Engine, check_finite
+from dfkd_common.errors import DfkdError
 from dfkd_common.evaluation import evaluate
 from dfkd_common.geometry import Size
 from dfkd_common.loops.common import epoch_batches
@@ -43,6 +44,8 @@ class BankFeed:
     #: under torchrun: False = every rank draws the same batches and takes every N-th; True = the feed makes
     #: each rank's batches itself (DFAD's per-rank generator), so the loop takes all of them
     per_rank_batches = False
+    #: False for feeds that make their own batches (DFAD) and so cannot train on a bank
+    takes_banks = True
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> None:
         self.images = images.to(device)
@@ -53,6 +56,9 @@ class BankFeed:
     def add_streams(self, banks: list[StreamedBank], cfg: StreamConfig) -> None:
         """Train on ``banks`` too, streamed from disk (:mod:`dfkd_common.bank_stream`): each rank then reads its
         own blocks of every epoch's order, so the loop takes all of its batches."""
+        if banks and not self.takes_banks:
+            raise DfkdError("this online method makes every batch itself and trains on no bank: run it without "
+                            "--bank")
         self.streams, self.stream_cfg = list(banks), cfg
         if self.streams:
             self.per_rank_batches = True
@@ -178,6 +184,7 @@ class StudentLoop(Loop):
             for k, v in {"loss": float(loss.detach()), **logs}.items():
                 sums[k] = sums.get(k, 0.0) + v
             steps += 1
+        del stream  # a streamed feed's readers and buffer go now, not after the evaluation
         if steps:
             self.sched.step()
         scores = evaluate(side.student, self.test, self.engine)

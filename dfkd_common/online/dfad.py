@@ -66,6 +66,7 @@ class DFADFeed(RecordedFeed):
     """
 
     per_rank_batches = True
+    takes_banks = False
 
     @dataclass(frozen=True)
     class Config:

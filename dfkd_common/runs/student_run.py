@@ -167,7 +167,11 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
     side = StudentSide(s_model, cfg.weights, cfg.terms,
                        TermSetup(t_model, s_model, info.channels, info.image_size, t_meta.metrics.get("test_acc"),
                                  info.task))
-    key = {**values(cfg), "bank": paths.bank_described(), "teacher": str(paths.teacher), "online": method,
+    # the key: what changes the run's result (stream settings only where a bank streams; workers/prefetch never)
+    run_values = {k: v for k, v in values(cfg).items() if k != "stream"}
+    if streamed:
+        run_values["stream"] = {k: v for k, v in values(cfg.stream).items() if k not in ("workers", "prefetch")}
+    key = {**run_values, "bank": paths.bank_described(), "teacher": str(paths.teacher), "online": method,
            "online_cfg": online_cfg, "bank_out": str(paths.bank_out),
            **({"world_size": world.size} if world.distributed else {})}
     names = " + ".join(b.name for b in paths.banks)

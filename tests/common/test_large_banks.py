@@ -218,3 +218,36 @@ def test_an_online_run_trains_on_a_streamed_bank_beside_its_growing_one(teacher_
     grown = load_bank(tmp_path / "s.bank.h5")
     assert sizes[-1] == 600 + len(grown) and sizes[0] > 600  # the streamed rows and the online rows, mixed
     assert grown.attrs["parent_checksum"] == file_checksum(big)  # the grown bank names the bank it grew beside
+
+
+def test_a_stream_with_fewer_blocks_than_ranks_is_one_error_not_a_hang(tmp_path: Path) -> None:
+    bank = _bank(tmp_path)  # one 1 MiB chunk: one block
+    with pytest.raises(DfkdError, match="1 block"):
+        StreamBatches(None, [bank], CFG, torch.device("cpu"), World(rank=1, size=2))
+
+
+def test_labels_beyond_the_classes_fail_the_stream_in_one_line(tmp_path: Path) -> None:
+    cols = numbered(0, 100)
+    cols["labels"][7] = 12  # mnist5k has 10 classes
+    HEADER.write(tmp_path / "bad.h5", [cols])
+    stream = StreamBatches(None, [StreamedBank.open(tmp_path / "bad.h5")], CFG, torch.device("cpu"))
+    with pytest.raises(DfkdError, match=r"bad\.h5"):
+        next(stream.batches(16, seed=0))
+
+
+def test_images_left_on_disk_are_read_row_by_row_even_for_one_row(tmp_path: Path) -> None:
+    for n in (1, 300):
+        HEADER.write(tmp_path / f"{n}.h5", [numbered(0, n)])
+        lazy, whole = load_bank(tmp_path / f"{n}.h5", images=False), load_bank(tmp_path / f"{n}.h5")
+        assert lazy.on_disk and not whole.on_disk and len(lazy) == n
+        rows = [n - 1, 0, n // 2]
+        assert torch.equal(lazy.read_images(rows), whole.images[rows])
+        assert torch.equal(torch.cat(list(lazy.image_blocks(block=7))), whole.images)
+
+
+def test_dfad_refuses_a_streamed_bank_as_it_refuses_one_in_memory(teacher_ckpt: Path, tmp_path: Path,
+                                                                   small_bank, dfkd, one_line_error) -> None:
+    big = small_bank(tmp_path / "big.h5", n=300)
+    proc = dfkd("distill", "--online", "dfad", "--teacher", teacher_ckpt, "--bank", big, "--out", tmp_path / "s.st",
+                "--set", "stream.mode=always")
+    one_line_error(proc, "without --bank")
