@@ -9,13 +9,14 @@ Phases, each a fresh process (the memory figures are per phase):
 * **distill**: ``dfkd distill`` of a tiny student from a tiny teacher (``benchmarks/tinynet.py``, random
   weights, 224 px) for one full epoch over the bank, which streams (``stream.mode: auto``, the bank above
   ``stream.above_mib``), evaluated on a 1,000-image labelled bank (``--test``).
-* **info** and **verify**: ``dfkd bank info`` and ``dfkd bank verify`` on the bank.
+* **info**, **grid** and **verify**: ``dfkd bank info``, ``dfkd bank grid`` (10 images a class) and ``dfkd bank
+  verify`` on the bank.
 
 Peak memory is the whole process tree's (DataLoader workers included): the largest sum of the tree's resident
 set sizes, sampled every 50 ms (shared pages of forked workers count in each: an upper bound). The last line
 is one JSON object: ``{"bank_bytes": ..., "peak_rss_bytes": {"write": ..., "distill": ..., "info": ...,
-"verify": ...}, "peak_pss_bytes": {...}, "seconds": {...}}`` (PSS: the tree's proportional set sizes, shared
-pages split between the processes that share them).
+"grid": ..., "verify": ...}, "peak_pss_bytes": {...}, "seconds": {...}}`` (PSS: the tree's proportional set
+sizes, shared pages split between the processes that share them).
 
     python benchmarks/bench_large_bank.py [--dir /tmp/dfkd-large-bank] [--images 40000] [--keep]
 """
@@ -166,8 +167,9 @@ def main() -> None:
     print(f"distill: one streamed epoch ({args.images // args.batch_size} steps of {args.batch_size}) in "
           f"{seconds['distill']:.0f} s, {peak('distill')}; {steps.get('images')} images",
           flush=True)
-    for phase in ("info", "verify"):
-        peaks[phase], pss[phase], seconds[phase] = tree_peak([*DFKD, "bank", phase, str(bank)])
+    for phase in ("info", "grid", "verify"):
+        extra = ["--out", str(args.dir / "grid.png")] if phase == "grid" else []
+        peaks[phase], pss[phase], seconds[phase] = tree_peak([*DFKD, "bank", phase, str(bank), *extra])
         print(f"{phase}: {seconds[phase]:.0f} s, {peak(phase)}", flush=True)
     if not args.keep:
         shutil.rmtree(args.dir, ignore_errors=True)
