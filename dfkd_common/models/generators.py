@@ -19,8 +19,17 @@ from dfkd_common.geometry import Size, as_hw, shape_str
 from dfkd_common.registry import Registry
 
 GENERATORS: Registry[Callable[..., nn.Module]] = Registry("generator")
-#: largest image the DCGAN generator makes: its first Linear alone grows with size^2 (128px: 2 * ngf * 32^2 outputs)
-MAX_SIZE = 128
+#: the largest side of the DCGAN generator's first feature map: its Linear grows with that side squared
+MAX_INIT = 32
+
+
+def upsamplings(h: int, w: int) -> int:
+    """The x2 stages a DCGAN generator needs for an H x W image: 2 (the published generators) up to 128 px; above,
+    the fewest that bring the first feature map to at most 32 px (224 px: 3, from 28 x 28)."""
+    ups = 2
+    while max(h, w) >> ups > MAX_INIT:
+        ups += 1
+    return ups
 
 
 def build_generator(name: str, **kwargs: Any) -> nn.Module:
@@ -52,8 +61,10 @@ class OutputHead(nn.Module):
 class DCGenerator(nn.Module):
     """DAFL/DFAD/Fast generator: Linear -> 128 x H/4 x W/4 -> (up x2, conv, BN, LeakyReLU) x 2 -> conv C.
 
-    ``bn_eps``: DAFL's released generator uses BatchNorm eps 0.8 (which damps the normalisation of small-variance
-    channels); PyTorch's 1e-5 is the default.
+    Above 128 px it upsamples more often (:func:`upsamplings`; ``ups`` overrides): 224 px starts from 28 x 28 and
+    upsamples 3 times, so its first Linear stays the size of a 112-px generator's. ``bn_eps``: DAFL's released
+    generator uses BatchNorm eps 0.8 (which damps the normalisation of small-variance channels); PyTorch's 1e-5 is
+    the default.
     """
 
     def __init__(
@@ -66,28 +77,24 @@ class DCGenerator(nn.Module):
         mean: Sequence[float] = (0.0,),
         std: Sequence[float] = (1.0,),
         bn_eps: float = 1e-5,
+        ups: int | None = None,
     ) -> None:
         super().__init__()
         h, w = as_hw(image_size)
-        if any(s % 4 or not 8 <= s <= MAX_SIZE for s in (h, w)):
-            raise DfkdError(f"the DCGAN generator (DAFL, DFAD, Fast, NAYER) makes {MAX_SIZE}px images at most, in "
-                            f"multiples of 4; {shape_str(channels, (h, w))} is outside that (DeepInversion works at "
-                            "any resolution)")
+        ups = ups if ups is not None else upsamplings(h, w)
+        if ups < 1 or any(s % (1 << ups) or s < 8 or s >> ups > MAX_INIT for s in (h, w)):
+            raise DfkdError(f"the DCGAN generator (DAFL, DFAD, Fast, NAYER) cannot make {shape_str(channels, (h, w))} "
+                            f"images with {ups} upsamplings: sides must be multiples of {1 << ups}, at least 8 and "
+                            f"at most {MAX_INIT << ups} (DeepInversion works at any resolution)")
         self.nz = nz
-        self.init_size = (h // 4, w // 4)
+        self.init_size = (h >> ups, w >> ups)
         self.l1 = nn.Linear(nz, 2 * ngf * self.init_size[0] * self.init_size[1])
-        self.conv_blocks = nn.Sequential(
-            nn.BatchNorm2d(2 * ngf, eps=bn_eps),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * ngf, 2 * ngf, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(2 * ngf, eps=bn_eps),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * ngf, ngf, 3, 1, 1, bias=False),
-            nn.BatchNorm2d(ngf, eps=bn_eps),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(ngf, channels, 3, 1, 1),
-        )
+        layers: list[nn.Module] = [nn.BatchNorm2d(2 * ngf, eps=bn_eps)]
+        for i in range(ups):
+            out = ngf if i == ups - 1 else 2 * ngf
+            layers += [nn.Upsample(scale_factor=2), nn.Conv2d(2 * ngf, out, 3, 1, 1, bias=False),
+                       nn.BatchNorm2d(out, eps=bn_eps), nn.LeakyReLU(0.2, inplace=True)]
+        self.conv_blocks = nn.Sequential(*layers, nn.Conv2d(ngf, channels, 3, 1, 1))
         self.head = OutputHead(head, channels, mean, std)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

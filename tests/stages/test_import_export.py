@@ -20,6 +20,7 @@ from dfkd_common.engine import Engine, details_path
 from dfkd_common.errors import DfkdError
 from dfkd_common.imports import KEYMAPS, fold_conv_bias_into_bn, load_weights, read_weights
 from dfkd_common.models import build_model
+from dfkd_common.models.generators import DCGenerator
 from dfkd_common.synthesis import build_synthesizer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -150,8 +151,12 @@ def test_a_torchvision_resnet18_imports_at_224_and_runs_deepinversion(tmp_path: 
                               Engine.create("cpu", amp=False, channels_last=False))
     result = synth.synthesize(0)
     assert result.images.shape == (2, 3, 224, 224) and torch.isfinite(result.images).all()
-    with pytest.raises(DfkdError, match="128px images at most"):  # a generator method says what it supports
-        build_synthesizer("dafl", teacher, meta.dataset, {"batch_size": 2}, Engine.create("cpu", amp=False))
+    # a generator method too: the DCGAN generator upsamples 3 times from 28 x 28 at 224 px
+    dafl = build_synthesizer("dafl", teacher, meta.dataset, {"batch_size": 2, "g_steps": 1},
+                             Engine.create("cpu", amp=False, channels_last=False))
+    assert dafl.synthesize(0).images.shape == (2, 3, 224, 224)
+    with pytest.raises(DfkdError, match="multiples of 8"):  # and says what it cannot make
+        DCGenerator(image_size=228, channels=3)
 
 
 # ----------------------------------------------------------------------------------- distill: test sets

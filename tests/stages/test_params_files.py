@@ -18,7 +18,7 @@ import yaml
 from dfkd_common import __version__
 from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
 from dfkd_common.config import given, resolve
-from dfkd_common.data import get_dataset
+from dfkd_common.data import DatasetInfo, get_dataset
 from dfkd_common.data.offline_pool import OfflinePool
 from dfkd_common.engine import Engine
 from dfkd_common.jobs import Job
@@ -50,6 +50,9 @@ def online_runs(dvc_file: Path) -> dict[str, str]:
                 runs.update(dict.fromkeys(each, method))
             else:
                 runs.update(each if isinstance(each, dict) else {k: k for k in each})
+        elif "--online" in stage.get("cmd", ""):  # a stage of its own (the ImageNet study's distill_fast)
+            words = stage["cmd"].split()
+            runs[words[words.index("--name") + 1]] = words[words.index("--online") + 1]
     return runs
 
 
@@ -58,20 +61,41 @@ def sections(path: Path, section: str) -> list[str]:
     return [k for k in sec if k != "common"]
 
 
+def described_teacher(dvc_file: Path) -> tuple[str, DatasetInfo]:
+    """A study whose teacher's input is described on `teacher import`'s command line (no registered dataset:
+    ImageNet): its architecture and data description, read from that command."""
+    words = yaml.safe_load(dvc_file.read_text())["stages"]["teacher"]["cmd"].split()
+
+    def arg(flag: str) -> str:
+        return words[words.index(flag) + 1]
+
+    classes = int(arg("--classes"))
+    info = DatasetInfo("described", int(arg("--channels")), int(arg("--image-size")), classes,
+                       tuple(map(str, range(classes))), tuple(map(float, arg("--mean").split(","))),
+                       tuple(map(float, arg("--std").split(","))))
+    return arg("--arch"), info
+
+
 @pytest.mark.parametrize("path", PARAMS_FILES, ids=lambda p: p.parent.name if p.parent != ROOT else "default")
 def test_shipped_params_build(path: Path, tmp_path: Path) -> None:
-    t_cfg = resolve(TeacherRun, path, "teacher", seed_from="seed")
-    info = get_dataset(t_cfg.dataset, **t_cfg.dataset_kwargs).info  # static: nothing is downloaded
-    teacher = build_model(t_cfg.arch, info.num_classes, info.channels, info.mean, info.std, **t_cfg.arch_kwargs)
+    if "teacher" in yaml.safe_load(path.read_text()):
+        t_cfg = resolve(TeacherRun, path, "teacher", seed_from="seed")
+        info = get_dataset(t_cfg.dataset, **t_cfg.dataset_kwargs).info  # static: nothing is downloaded
+        arch, arch_kwargs = t_cfg.arch, t_cfg.arch_kwargs
+    else:
+        (arch, info), arch_kwargs = described_teacher(path.parent / "dvc.yaml"), {}
+    teacher = build_model(arch, info.num_classes, info.channels, info.mean, info.std, image_size=info.image_size,
+                          **arch_kwargs)
     ckpt = tmp_path / "teacher.safetensors"
-    save_model(ckpt, teacher, ModelMeta(t_cfg.arch, {}, info, {"test_acc": 0.9}, {}, now(), __version__, "teacher"))
+    save_model(ckpt, teacher, ModelMeta(arch, {}, info, {"test_acc": 0.9}, {}, now(), __version__, "teacher"))
     teacher = load_model(ckpt)[0]
     engine = Engine.create("cpu", amp=False)
     runs = online_runs(path.parent / "dvc.yaml")
     built = []
     for name in sections(path, "distill"):  # every run the file configures, online or from a bank
         cfg = resolve_run(path, name, online=runs.get(name))
-        student = build_model(cfg.student, info.num_classes, info.channels, info.mean, info.std, **cfg.student_kwargs)
+        student = build_model(cfg.student, info.num_classes, info.channels, info.mean, info.std,
+                              image_size=info.image_size, **cfg.student_kwargs)
         StudentSide(student, cfg.weights, cfg.terms, TermSetup(teacher, student, info.channels, info.image_size, 0.9))
         if name in runs:
             online = {k: v for k, v in cfg.online.items() if k != "method"}
