@@ -267,11 +267,10 @@ class Job:
         if not shared:  # nodes without a shared file system: the rows travel to rank 0 (its memory holds them)
             parts = [(None, len(next(iter(c.values()))), c) for c in gather_objects(self.read("bank")) if c]
         if world.main:
-            rows = (np.argsort(order({k: np.concatenate([c[k] for _, _, c in parts])
-                                      for k in parts[0][2]}), kind="stable") if parts else np.zeros(0, np.int64))
-            blocks = (merged_rows([p for p, _, _ in parts], [r for _, r, _ in parts], rows) if shared else
-                      iter([{k: np.concatenate([c[k] for _, _, c in parts])[rows] for k in parts[0][2]}] if parts
-                           else []))
+            cols = {k: np.concatenate([c[k] for _, _, c in parts]) for k in parts[0][2]} if parts else {}
+            rows = np.argsort(order(cols), kind="stable") if parts else np.zeros(0, np.int64)
+            blocks = (merged_rows([p for p, _, _ in parts], [r for _, r, _ in parts], rows) if shared
+                      else iter([{k: v[rows] for k, v in cols.items()}] if parts else []))
             n = header.write(out, blocks, {**attrs, "world_size": world.size})
         barrier()
         self.done = True
