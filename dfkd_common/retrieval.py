@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from dfkd_common.augment_ops import to_float
-from dfkd_common.bank import BankHeader
+from dfkd_common.bank import BankHeader, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.config import REPLACES
 from dfkd_common.data.wild import BankSource, WildPool
@@ -45,6 +45,7 @@ from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job
 from dfkd_common.loops.runner import LAYOUT, JobStore, Loop, Runner
 from dfkd_common.models import Classifier
+from dfkd_common.relevance import BINS, Relevance, RelevanceEstimate, bin_of, estimate, histogram
 from dfkd_common.tasks import get_task
 
 CHUNK = 1 << 20  # rows of scores read at once by the selection pass
@@ -55,6 +56,13 @@ class RetrieveConfig:
     """What ``dfkd retrieve`` does; every field is recorded in the bank's params."""
 
     num_select: int = 5000
+    # fixed: the num_select most confident rows (the paper); auto: the rows the relevance estimate calls relevant
+    # (dfkd_common/relevance.py), at most num_select
+    select: Literal["fixed", "auto"] = "fixed"
+    relevance: Literal["auto", "bn", "confidence"] = "auto"  # the estimate's score (auto: bn where the teacher has BN)
+    top_up: str | None = None  # a synthesis method filling the bank up to num_select with the classes it lacks
+    top_up_params: dict[str, Any] = field(default_factory=dict)  # that method's params (dfkd synthesize's)
+    top_up_seed: int = 0  # added to seed for the top-up's synthesis
     balance: bool = False  # top-k per predicted class
     selection: Literal["confidence", "random"] = "confidence"  # random: the paper's "random unlabeled" baseline
     batch_size: int = 512
@@ -68,6 +76,11 @@ class RetrieveConfig:
             raise DfkdError(f"retrieve: num_select must be positive, not {self.num_select}")
         if self.batch_size < 1:
             raise DfkdError("retrieve: batch_size must be positive")
+        if self.top_up is not None:
+            from dfkd_common.synthesis import SYNTHESIZERS
+            if self.top_up not in SYNTHESIZERS.names():
+                raise DfkdError(f"retrieve: top_up {self.top_up!r} is not a synthesis method (one of "
+                                f"{', '.join(SYNTHESIZERS.names())})")
 
 
 @dataclass(frozen=True)
@@ -93,11 +106,14 @@ def neg_log_pmax(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ScoreLoop(Loop):
-    """One batch of the pool scored (a unit of the runner): score, predicted class and readable flag per row,
-    buffered and written to the job's ``scores`` table as one shard per checkpoint. Images are never kept."""
+    """One batch of the pool scored (a unit of the runner): score, relevance, predicted class and readable flag
+    per row, buffered and written to the job's ``scores`` table as one shard per checkpoint. Images are never
+    kept."""
 
-    def __init__(self, teacher: Classifier, pool: WildPool, engine: Engine, cfg: RetrieveConfig, job: Job) -> None:
+    def __init__(self, teacher: Classifier, pool: WildPool, engine: Engine, cfg: RetrieveConfig, job: Job,
+                 relevance: Relevance) -> None:
         self.teacher, self.pool, self.engine, self.cfg, self.job = teacher.eval(), pool, engine, cfg, job
+        self.relevance = relevance
         self.buf: list[dict[str, np.ndarray]] = []
         self.batches: Iterator[dict[str, torch.Tensor]] | None = None
         self.start = 0
@@ -111,7 +127,9 @@ class ScoreLoop(Loop):
         batch = next(self.batches)
         logits = teacher_scores(self.teacher, batch["images"], self.engine)
         ok = batch["ok"].numpy()
+        relevance = self.relevance.of(logits).float().cpu().numpy()
         self.buf.append({"score": np.where(ok, neg_log_pmax(logits).cpu().numpy(), np.inf).astype(np.float32),
+                         "relevance": np.where(ok, relevance, np.inf).astype(np.float32),
                          "pred": logits.argmax(1).cpu().numpy().astype(np.int32), "valid": ok})
         return {"scored": int(batch["index"][-1]) + 1, "unreadable": int((~ok).sum())}
 
@@ -125,12 +143,12 @@ class ScoreLoop(Loop):
 
 
 def score_pool(
-    teacher: Classifier, pool: WildPool, engine: Engine, cfg: RetrieveConfig, job: Job,
+    teacher: Classifier, pool: WildPool, engine: Engine, cfg: RetrieveConfig, job: Job, relevance: Relevance,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Score every row into the job's ``scores`` table, resuming after its last checkpoint."""
     n = len(pool)
-    loop = ScoreLoop(teacher, pool, engine, cfg, job)
+    loop = ScoreLoop(teacher, pool, engine, cfg, job, relevance)
     runner = Runner(JobStore(job, "score"), every=cfg.flush_every, keep=False,
                     after_unit=(lambda done, logs: on_batch((logs or {})["scored"])) if on_batch else None)
     result = runner.run(loop, -(-n // cfg.batch_size), "score pool", "batch")
@@ -140,12 +158,56 @@ def score_pool(
             "images_per_s": n / max(result.seconds, 1e-9), "unreadable": unreadable}
 
 
-def _chunks(job: Job) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """(first row, score, pred, valid) per shard of the ``scores`` table."""
+def score_and_estimate(teacher: Classifier, info: Any, pool: WildPool, engine: Engine, cfg: RetrieveConfig,
+                       job: Job, on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Score the pool (resumably) and estimate its relevant count; the hooks come off the teacher after."""
+    relevance = Relevance(teacher, cfg.relevance)
+    try:
+        scoring = score_pool(teacher, pool, engine, cfg, job, relevance, on_batch)
+        reference = relevance.reference(teacher, info.channels, info.image_size, engine, cfg.seed)
+    finally:
+        relevance.remove()
+    est = relevance_estimate(job, reference, relevance.kind)
+    return scoring | {"relevance": est.to_dict()}
+
+
+def _chunks(job: Job, cut_bin: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
+    """(first row, score, pred, valid) per shard of the ``scores`` table; with ``cut_bin`` only the rows the
+    relevance estimate calls relevant are valid."""
     i = 0
     for shard in job.shards("scores"):
-        yield i, shard["score"], shard["pred"].astype(np.int64), shard["valid"].astype(bool)
+        valid = shard["valid"].astype(bool)
+        if cut_bin is not None:
+            valid &= bin_of(shard["relevance"]) < cut_bin
+        yield i, shard["score"], shard["pred"].astype(np.int64), valid
         i += len(shard["score"])
+
+
+def relevance_estimate(job: Job, reference: np.ndarray, kind: str) -> RelevanceEstimate:
+    """The relevant count of the scored pool (its histogram read shard by shard) against the reference noise."""
+    h = np.zeros(BINS, dtype=np.int64)
+    for shard in job.shards("scores"):
+        h += histogram(shard["relevance"])
+    return estimate(h, reference, kind)
+
+
+def fill_to(kept: np.ndarray, total: int) -> np.ndarray:
+    """Per class, how many images to add so the bank holds ``total``: the classes with fewest first (water-filling
+    up to a common level; the remainder one each to the lowest-index classes at that level)."""
+    need = int(total) - int(kept.sum())
+    if need <= 0:
+        return np.zeros_like(kept)
+    lo, hi = int(kept.min()), int(kept.max()) + need
+    while lo < hi:  # largest level L with sum(max(0, L - kept)) <= need
+        mid = (lo + hi + 1) // 2
+        if np.maximum(mid - kept, 0).sum() <= need:
+            lo = mid
+        else:
+            hi = mid - 1
+    add = np.maximum(lo - kept, 0)
+    for c in np.flatnonzero(kept + add == lo)[: need - int(add.sum())]:
+        add[c] += 1
+    return add
 
 
 def _keep_lowest(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -177,20 +239,24 @@ def balanced_quotas(available: np.ndarray, total: int) -> np.ndarray:
     return quota
 
 
-def select_rows(job: Job, num_classes: int, cfg: RetrieveConfig) -> np.ndarray:
-    """Sorted pool rows to keep (see the module docstring); reads the scores shard by shard."""
+def select_rows(job: Job, num_classes: int, cfg: RetrieveConfig, est: RelevanceEstimate | None = None) -> np.ndarray:
+    """Sorted pool rows to keep (see the module docstring); reads the scores shard by shard. With ``select:
+    auto`` only the rows ``est`` calls relevant are candidates (random selection: as many rows, from all)."""
+    auto = cfg.select == "auto" and est is not None
+    keep = min(cfg.num_select, est.count) if auto and est is not None else cfg.num_select
     if cfg.selection == "random":
         valid = np.concatenate([v for _, _, _, v in _chunks(job)])  # 1 byte per row
         rows = np.flatnonzero(valid)
         rng = np.random.default_rng(cfg.seed)
-        return np.sort(rng.choice(rows, size=min(cfg.num_select, len(rows)), replace=False))
+        return np.sort(rng.choice(rows, size=min(keep, len(rows)), replace=False))
+    cut = est.cut_bin if auto and est is not None else None
     if cfg.balance:
         available = np.zeros(num_classes, dtype=np.int64)
-        for _, _, pred, valid in _chunks(job):
+        for _, _, pred, valid in _chunks(job, cut):
             available += np.bincount(pred[valid], minlength=num_classes)[:num_classes]
-        quota = balanced_quotas(available, cfg.num_select)
+        quota = balanced_quotas(available, keep)
         best = [(np.zeros(0, np.float32), np.zeros(0, np.int64)) for _ in range(num_classes)]
-        for i, score, pred, valid in _chunks(job):
+        for i, score, pred, valid in _chunks(job, cut):
             for c in np.flatnonzero(quota):
                 m = valid & (pred == c)
                 s, r = best[c]
@@ -198,9 +264,9 @@ def select_rows(job: Job, num_classes: int, cfg: RetrieveConfig) -> np.ndarray:
                                        int(quota[c]))
         return np.sort(np.concatenate([r for _, r in best]))
     s, r = np.zeros(0, np.float32), np.zeros(0, np.int64)
-    for i, score, _, valid in _chunks(job):
+    for i, score, _, valid in _chunks(job, cut):
         s, r = _keep_lowest(np.concatenate([s, score[valid]]), np.concatenate([r, i + np.flatnonzero(valid)]),
-                            cfg.num_select)
+                            keep)
     return np.sort(r)
 
 
@@ -234,6 +300,80 @@ class GatherLoop(Loop):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rows, self.scoring, self.skipped = np.asarray(state["rows"]), state["scoring"], int(state["skipped"])
         self.job.truncate("bank", int(state["bank_rows"]))
+
+
+class TopUpLoop(Loop):
+    """One synthesis round of the top-up (a unit of the runner): the method makes a batch aimed at the classes
+    the bank lacks (:attr:`Synthesizer.classes`); rows whose teacher label still lacks images are written to the
+    job's ``bank`` table with the method as their ``source``, labelled by the teacher as retrieved rows are."""
+
+    def __init__(self, synth: Any, header: BankHeader, teacher: Classifier, engine: Engine, job: Job, source: int,
+                 state: dict[str, Any]) -> None:
+        self.synth, self.header, self.teacher, self.engine, self.job, self.source = (
+            synth, header, teacher, engine, job, source)
+        self.load_state_dict(state)
+
+    def run(self, index: int) -> dict[str, Any]:
+        if not self.deficit.any():
+            return {"missing": 0}
+        self.synth.classes = torch.from_numpy(np.repeat(np.arange(len(self.deficit)), self.deficit))
+        self.synth.begin_epoch(index)
+        images = to_uint8(self.synth.synthesize(index).images)
+        logits = teacher_scores(self.teacher, torch.from_numpy(images), self.engine).cpu()
+        pred = self.header.task.predict(logits).numpy()
+        keep = np.zeros(len(pred), dtype=bool)
+        for i, c in enumerate(pred):  # first come, first kept, while the class still lacks images
+            if self.deficit[c] > 0:
+                keep[i], self.deficit[c] = True, self.deficit[c] - 1
+        if keep.any():
+            self.job.write("bank", **self.header.columns(images[keep], pred[keep], index + 1,
+                                                         teacher_logits=logits[keep].half(),
+                                                         score=neg_log_pmax(logits[keep]),
+                                                         source=np.full(int(keep.sum()), self.source)))
+        return {"missing": int(self.deficit.sum())}
+
+    def describe(self, logs: dict[str, Any] | None) -> str:
+        return f"{(logs or {}).get('missing', 0)} still missing"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"synth": self.synth.state_dict(), "deficit": self.deficit.copy(), "bank_rows": self.job.rows("bank")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("synth") is not None:
+            self.synth.load_state_dict(state["synth"])
+        self.deficit = np.asarray(state["deficit"], dtype=np.int64).copy()
+        self.job.truncate("bank", int(state["bank_rows"]))
+
+
+def top_up(teacher: Classifier, info: Any, header: BankHeader, job: Job, engine: Engine, cfg: RetrieveConfig,
+           source: int) -> dict[str, Any]:
+    """Fill the bank's ``bank`` table up to ``num_select`` rows with ``cfg.top_up``'s images of the classes that
+    lack them (resumable: one checkpoint per round). At most 3x the rounds the deficit needs, plus one."""
+    from dfkd_common.loops.synthesis_rounds import split_params
+    from dfkd_common.synthesis import build_synthesizer
+
+    assert cfg.top_up is not None
+    run, method_cfg = split_params(cfg.top_up_params, cfg.top_up)
+    synth_engine = Engine.create(engine.device, amp=run.amp, channels_last=run.channels_last, where="top_up amp")
+    synth = build_synthesizer(cfg.top_up, teacher, info, method_cfg, synth_engine, cfg.seed + cfg.top_up_seed)
+    store = JobStore(job, "top_up")
+    if store.load() is None:
+        target = get_task(info.task).target
+        kept = np.zeros(info.num_classes, dtype=np.int64)
+        for shard in job.shards("bank"):
+            kept += np.bincount(shard[target].astype(np.int64), minlength=info.num_classes)[: info.num_classes]
+        deficit = fill_to(kept, cfg.num_select)
+        store.save({"loop": {"synth": None, "deficit": deficit, "bank_rows": job.rows("bank")}, "history": [],
+                    "done": 0, "seconds": 0.0})
+    state = store.load()
+    assert state is not None
+    loop = TopUpLoop(synth, header, teacher, engine, job, source, state["loop"])
+    wanted = int(loop.deficit.sum())
+    rounds = 3 * -(-wanted // synth.cfg.batch_size) + 1 if wanted else 0
+    result = Runner(store, keep=False).run(loop, rounds, f"top up with {cfg.top_up}", "round")
+    return {"top_up_method": cfg.top_up, "top_up_rounds": rounds, "top_up_seconds": result.seconds,
+            "top_up_missing": int(loop.deficit.sum()), "top_up_params": dict(cfg.top_up_params),
+            "top_up_precision": synth_engine.precision}
 
 
 def bank_summary(job: Job, info: Any, names: list[str]) -> dict[str, Any]:
@@ -275,17 +415,21 @@ def retrieve(
     bank_sources = [s for s in pool.sources if s.spec.startswith("bank:")]
     parent = file_checksum(bank_sources[0].spec[5:]) if len(pool.sources) == 1 and bank_sources else ""
     method = "dfnd" if cfg.selection == "confidence" else "dfnd-random"
+    names = pool.names + ([cfg.top_up] if cfg.top_up else [])
     header = BankHeader(channels=info.channels, image_size=info.image_size, kind="retrieved", method=method,
                         dataset=info.to_dict(), params=asdict(cfg), seed=cfg.seed, teacher_checksum=teacher_sum,
                         parent_checksum=parent, optional=("teacher_logits", "score", "source"),
-                        source_names=pool.names)
+                        source_names=names)
     with Job(out, key) as job:
         gather = JobStore(job, "gather")
         if gather.load() is None:  # scoring (fresh, or resumed), then the selection, committed as the gather's start
-            scoring = score_pool(teacher, pool, engine, cfg, job, on_batch)
-            rows = select_rows(job, info.num_classes, cfg)
-            if len(rows) == 0:
-                raise DfkdError(f"no readable images in the wild pool ({len(pool)} rows, all unreadable)")
+            scoring = score_and_estimate(teacher, info, pool, engine, cfg, job, on_batch)
+            rows = select_rows(job, info.num_classes, cfg, RelevanceEstimate(**scoring["relevance"]))
+            if len(rows) == 0 and not cfg.top_up:
+                raise DfkdError(f"no readable images in the wild pool ({len(pool)} rows, all unreadable)"
+                                if scoring["unreadable"] == len(pool) else
+                                "no relevant images in the wild pool (select: auto; "
+                                f"{scoring['relevance']['reason']}): give --top-up METHOD or --num-select N")
             gather.save({"loop": {"rows": rows, "scoring": scoring, "skipped": 0, "bank_rows": 0}, "history": [],
                          "done": 0, "seconds": 0.0})
         state = gather.load()
@@ -294,12 +438,13 @@ def retrieve(
         Runner(gather, every=cfg.flush_every, keep=False).run(loop, -(-len(loop.rows) // cfg.batch_size),
                                                               "write bank", "batch")
         scoring, skipped = loop.scoring, loop.skipped
-        written = bank_summary(job, info, pool.names)
+        topped = top_up(teacher, info, header, job, engine, cfg, len(pool.names)) if cfg.top_up else {}
+        written = bank_summary(job, info, names)
         job.publish_bank(header, {"wild_sources": [{"spec": s.spec, "rows": len(s)} for s in pool.sources],
                                   "pool_size": len(pool), "unreadable": scoring["unreadable"]})
     return {"method": "dfnd", "selection": cfg.selection, "balance": cfg.balance, "num_select": cfg.num_select,
             "pool_size": len(pool), "pool_per_source": _pool_source_counts(pool), **scoring, **written,
-            "skipped_unreadable": skipped, "total_seconds": time.perf_counter() - t0,
+            "skipped_unreadable": skipped, **topped, "total_seconds": time.perf_counter() - t0,
             "precision": engine.precision if cfg.amp else "fp32"}
 
 

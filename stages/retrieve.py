@@ -33,7 +33,13 @@ def main(
     out: Path = typer.Option(..., "--out", help="retrieved bank to write (.h5)"),
     metrics: Path | None = typer.Option(None, "--metrics", help="retrieval metrics JSON"),
     name: str | None = typer.Option(None, "--name", help="params profile under retrieve: (e.g. dfnd, random)"),
-    num_select: int | None = typer.Option(None, "--num-select", "-n", help="images to keep"),
+    num_select: int | None = typer.Option(None, "--num-select", "-n", help="images to keep (with --select auto: "
+                                          "at most, and the size --top-up fills to)"),
+    select: str | None = typer.Option(None, "--select", help="fixed: the num-select most confident images (the "
+                                      "paper); auto: as many as the relevance estimate finds relevant"),
+    top_up: str | None = typer.Option(None, "--top-up", help="synthesis method that fills the bank up to "
+                                      "num-select with the classes it lacks (deepinversion; dafl for a teacher "
+                                      "without BN)"),
     balance: bool | None = typer.Option(None, "--balance/--no-balance", help="top-k per predicted class"),
     random: bool = typer.Option(False, "--random", help="random selection baseline (same size, same pool)"),
     batch_size: int | None = typer.Option(None, "--batch-size"),
@@ -50,7 +56,8 @@ def main(
     Rerunning an interrupted command resumes scoring where it stopped.
     """
     run = resolve(RetrieveRun, params_file, "retrieve", name, sets, seed_from="method_seed",
-                  wild=list(wild) if wild else None, num_select=num_select, balance=balance, batch_size=batch_size,
+                  wild=list(wild) if wild else None, num_select=num_select, select=select, top_up=top_up,
+                  balance=balance, batch_size=batch_size,
                   workers=workers, seed=seed, selection="random" if random else None)
     allow_code(trust_code, params_file)
     ensure_writable(out, metrics)
@@ -74,7 +81,16 @@ def main(
                       images_per_s=result.get("images_per_s"))
     if result["unreadable"]:
         console.print(f"[yellow]skipped {result['unreadable']} unreadable image file(s)[/]")
-    if result["selected"] < cfg.num_select:
+    est = result["relevance"]
+    console.print(f"relevant ({est['score']} score): about {est['count']} of {len(pool)} images "
+                  f"({100 * est['share']:.1f} %): {est['reason']}")
+    if result.get("top_up_missing"):
+        console.print(f"[yellow]{cfg.top_up} left {result['top_up_missing']} images of the classes that lack them "
+                      "unmade (the teacher labelled its images otherwise)[/]")
+    elif result["selected"] < cfg.num_select and cfg.select == "auto" and not cfg.top_up:
+        console.print(f"[yellow]kept the {result['selected']} relevant images (num_select {cfg.num_select}); "
+                      "--top-up METHOD fills the rest with synthesized ones[/]")
+    elif result["selected"] < cfg.num_select:
         console.print(f"[yellow]only {result['selected']} readable images (asked for {cfg.num_select})[/]")
     picked = ", ".join(f"{k} {v}" for k, v in result["per_source"].items())
     console.print(f"{cfg.selection}{' balanced' if cfg.balance else ''}: kept {result['selected']} of {len(pool)} "

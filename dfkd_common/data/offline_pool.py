@@ -34,6 +34,7 @@ from dfkd_common.data.datasets import DatasetInfo, resize_uint8
 from dfkd_common.data.wild import convert_channels
 from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
+from dfkd_common.geometry import Size, as_hw
 from dfkd_common.jobs import Job
 
 SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "colorwheel", "grass",
@@ -144,15 +145,17 @@ def _draw_digits(raw: torch.Tensor, box: np.ndarray, angle: np.ndarray, shift: n
     return (x * 255).round().clamp(0, 255).to(torch.uint8)
 
 
-def noise_images(n: int, size: int, channels: int, rng: np.random.Generator) -> torch.Tensor:
-    """Half uniform pixel noise, half smooth noise (random low-resolution noise upsampled)."""
+def noise_images(n: int, size: Size, channels: int, rng: np.random.Generator) -> torch.Tensor:
+    """Half uniform pixel noise, half smooth noise (random low-resolution noise upsampled). Also the images
+    ``dfkd retrieve`` makes itself as certainly irrelevant (:mod:`dfkd_common.relevance`)."""
     half = n // 2
-    white = torch.from_numpy(rng.integers(0, 256, (half, channels, size, size), dtype=np.uint8))
+    h, w = as_hw(size)
+    white = torch.from_numpy(rng.integers(0, 256, (half, channels, h, w), dtype=np.uint8))
     smooth = []
     for _ in range(n - half):
         k = int(rng.integers(2, 9))
         low = torch.from_numpy(rng.integers(0, 256, (1, channels, k, k), dtype=np.uint8))
-        smooth.append(F.interpolate(low.float(), size=(size, size), mode="bicubic", align_corners=False))
+        smooth.append(F.interpolate(low.float(), size=(h, w), mode="bicubic", align_corners=False))
     smooth_t = torch.cat(smooth).round().clamp(0, 255).to(torch.uint8) if smooth else white[:0]
     return torch.cat([white, smooth_t])
 

@@ -341,3 +341,43 @@ def describe_network(model: nn.Module, arch: str, info: Any) -> str:
         stages = f"none ({exc})"
     return (f"{arch}: input {info.channels}x{h}x{w}, {getattr(model, 'num_classes', '?')} classes, "
             f"{bn} BatchNorm2d layer(s), penultimate feature: {pen}; stages: {stages or 'none'}")
+
+
+class BNTypicality:
+    """Per image: how far its own feature statistics at every BatchNorm2d input are from the running ones.
+
+    For image i and channel c of a BN layer, with x^ = (x - running_mean) / sqrt(running_var + eps), the image's
+    spatial mean m and variance v of x^ give ``m^2 + (log v)^2``, averaged over the channels and summed over the
+    layers (the variance term only where the map has more than one pixel). It is DeepInversion's BN prior taken
+    per image instead of per batch: an image of the training distribution has m near 0 and v near 1 in every
+    layer, so its score is small whatever the teacher thinks of its class; noise and photos move the early
+    layers' statistics far off. Why not the teacher's confidence: a BN classifier is as sure of noise as of its
+    digits (``dfkd retrieve``'s docs), while its BN statistics still tell them apart. :attr:`scores` holds the
+    last forward's (N,) float32 scores; nothing is kept across forwards.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
+        self.handles = [add_hook(m, self._hook) for m in self.layers]
+        self.scores: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        assert isinstance(module, nn.BatchNorm2d) and module.running_mean is not None and module.running_var is not None
+        x = inputs[0].float()
+        xh = (x - module.running_mean[:, None, None]) / (module.running_var[:, None, None] + module.eps).sqrt()
+        m = xh.mean((2, 3))
+        score = m.square().mean(1)
+        if x.shape[2] * x.shape[3] > 1:
+            v = xh.var((2, 3), unbiased=False).clamp_min(1e-8)
+            score = score + v.log().square().mean(1)
+        self.scores = score if self.scores is None else self.scores + score
+
+    def reset(self) -> None:
+        self.scores = None
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()

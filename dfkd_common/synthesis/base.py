@@ -121,6 +121,7 @@ class Synthesizer(ABC):
         self.penultimate = Penultimate(self.teacher) if "t_feat" in self.needs else None
         self.augment = build_augment(info.image_size, self.cfg.augment)
         self.gen = torch.Generator().manual_seed(seed)
+        self.classes: torch.Tensor | None = None  # targets restricted to these classes (see targets())
         self.device = self.engine.device
         self._stage_paths: dict[int, list[str]] = {}  # stage module paths per network, traced once
         self._request = self.stage_request()  # checked when the method is built, not at its first step
@@ -157,7 +158,12 @@ class Synthesizer(ABC):
                 self.bn.enable(False)
 
     def targets(self, n: int, round_index: int) -> torch.Tensor:
-        """The round's targets, drawn by the task (classification: balanced classes, shuffled)."""
+        """The round's targets, drawn by the task (classification: balanced classes, shuffled); where
+        :attr:`classes` is set (``dfkd retrieve --top-up``: the classes a bank lacks, each repeated as often as
+        it lacks images), cycled through those instead, shuffled."""
+        if self.classes is not None:
+            y = self.classes[(torch.arange(n) + round_index * n) % len(self.classes)]
+            return y[torch.randperm(n, generator=self.gen)].to(self.device)
         return self.task.draw_targets(n, round_index, self.info.num_classes, self.gen).to(self.device)
 
     def noise(self, *shape: int) -> torch.Tensor:
