@@ -22,7 +22,7 @@ falls back to the confidence, and says so.
    started at that mode and at the quartile; the rows whose posterior favours the lower component, below the
    quartile, are the relevant ones: their number is the estimate and their bound the selection's ``cut``.
 
-Checked on pools whose relevant share is known (tests/common/test_relevance.py, and the docs' table): within
+Checked on pools whose relevant share is known (tests/retrieval/test_relevance.py, and the docs' table): within
 20 % from 5 % to 90 % relevant. It is a heuristic with named failure modes: a pool whose irrelevant images are
 as typical as the relevant ones (smooth noise next to real digits at 20 %) is where it errs most.
 """
@@ -45,7 +45,7 @@ from dfkd_common.models.hooks import BNTypicality
 LO, HI, STEP = -16.0, 16.0, 0.02  # the histogram's grid over the natural log of the score
 BINS = round((HI - LO) / STEP)
 BANDWIDTH = 0.1  # Gaussian smoothing of the density, in log score
-PROMINENCE = 0.5  # a mode's valley to the next one is at most (1 - this) x its height
+PROMINENCE = 0.35  # a mode's valley to the next one is at most (1 - this) x its height
 REFERENCE_IMAGES = 512
 
 

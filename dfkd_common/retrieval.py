@@ -40,7 +40,7 @@ from dfkd_common.bank import BankHeader, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.config import REPLACES
 from dfkd_common.data.wild import BankSource, WildPool
-from dfkd_common.engine import Engine
+from dfkd_common.engine import Engine, seed_everything
 from dfkd_common.errors import DfkdError
 from dfkd_common.jobs import Job
 from dfkd_common.loops.runner import LAYOUT, JobStore, Loop, Runner
@@ -336,19 +336,22 @@ class TopUpLoop(Loop):
         return f"{(logs or {}).get('missing', 0)} still missing"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"synth": self.synth.state_dict(), "deficit": self.deficit.copy(), "bank_rows": self.job.rows("bank")}
+        return {"synth": self.synth.state_dict(), "deficit": self.deficit.copy(), "bank_rows": self.job.rows("bank"),
+                "scoring": self.scoring, "skipped": self.skipped, "rounds": self.rounds}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("synth") is not None:
             self.synth.load_state_dict(state["synth"])
         self.deficit = np.asarray(state["deficit"], dtype=np.int64).copy()
+        self.scoring, self.skipped, self.rounds = state["scoring"], int(state["skipped"]), int(state["rounds"])
         self.job.truncate("bank", int(state["bank_rows"]))
 
 
 def top_up(teacher: Classifier, info: Any, header: BankHeader, job: Job, engine: Engine, cfg: RetrieveConfig,
-           source: int) -> dict[str, Any]:
+           source: int, scoring: dict[str, Any] | None, skipped: int) -> dict[str, Any]:
     """Fill the bank's ``bank`` table up to ``num_select`` rows with ``cfg.top_up``'s images of the classes that
-    lack them (resumable: one checkpoint per round). At most 3x the rounds the deficit needs, plus one."""
+    lack them (resumable: one checkpoint per round). At most 3x the rounds the deficit needs, plus one. The
+    gather's ``scoring`` and ``skipped`` travel in its state (a resumed top-up has no gather to ask)."""
     from dfkd_common.loops.synthesis_rounds import split_params
     from dfkd_common.synthesis import build_synthesizer
 
@@ -363,15 +366,17 @@ def top_up(teacher: Classifier, info: Any, header: BankHeader, job: Job, engine:
         for shard in job.shards("bank"):
             kept += np.bincount(shard[target].astype(np.int64), minlength=info.num_classes)[: info.num_classes]
         deficit = fill_to(kept, cfg.num_select)
-        store.save({"loop": {"synth": None, "deficit": deficit, "bank_rows": job.rows("bank")}, "history": [],
-                    "done": 0, "seconds": 0.0})
+        seed_everything(cfg.seed + cfg.top_up_seed)  # the method's augmentations draw from the global generators
+        wanted = int(deficit.sum())
+        store.save({"loop": {"synth": None, "deficit": deficit, "bank_rows": job.rows("bank"), "scoring": scoring,
+                             "skipped": skipped, "rounds": 3 * -(-wanted // synth.cfg.batch_size) + 1 if wanted else 0},
+                    "history": [], "done": 0, "seconds": 0.0})
     state = store.load()
     assert state is not None
     loop = TopUpLoop(synth, header, teacher, engine, job, source, state["loop"])
-    wanted = int(loop.deficit.sum())
-    rounds = 3 * -(-wanted // synth.cfg.batch_size) + 1 if wanted else 0
-    result = Runner(store, keep=False).run(loop, rounds, f"top up with {cfg.top_up}", "round")
-    return {"top_up_method": cfg.top_up, "top_up_rounds": rounds, "top_up_seconds": result.seconds,
+    result = Runner(store, keep=False).run(loop, loop.rounds, f"top up with {cfg.top_up}", "round")
+    return {"scoring": loop.scoring, "skipped": loop.skipped, "top_up_method": cfg.top_up,
+            "top_up_rounds": loop.rounds, "top_up_seconds": result.seconds,
             "top_up_missing": int(loop.deficit.sum()), "top_up_params": dict(cfg.top_up_params),
             "top_up_precision": synth_engine.precision}
 
@@ -421,24 +426,11 @@ def retrieve(
                         parent_checksum=parent, optional=("teacher_logits", "score", "source"),
                         source_names=names)
     with Job(out, key) as job:
-        gather = JobStore(job, "gather")
-        if gather.load() is None:  # scoring (fresh, or resumed), then the selection, committed as the gather's start
-            scoring = score_and_estimate(teacher, info, pool, engine, cfg, job, on_batch)
-            rows = select_rows(job, info.num_classes, cfg, RelevanceEstimate(**scoring["relevance"]))
-            if len(rows) == 0 and not cfg.top_up:
-                raise DfkdError(f"no readable images in the wild pool ({len(pool)} rows, all unreadable)"
-                                if scoring["unreadable"] == len(pool) else
-                                "no relevant images in the wild pool (select: auto; "
-                                f"{scoring['relevance']['reason']}): give --top-up METHOD or --num-select N")
-            gather.save({"loop": {"rows": rows, "scoring": scoring, "skipped": 0, "bank_rows": 0}, "history": [],
-                         "done": 0, "seconds": 0.0})
-        state = gather.load()
-        assert state is not None
-        loop = GatherLoop(teacher, header, pool, job, engine, cfg, state["loop"])
-        Runner(gather, every=cfg.flush_every, keep=False).run(loop, -(-len(loop.rows) // cfg.batch_size),
-                                                              "write bank", "batch")
-        scoring, skipped = loop.scoring, loop.skipped
-        topped = top_up(teacher, info, header, job, engine, cfg, len(pool.names)) if cfg.top_up else {}
+        scoring, skipped = (gather_phase(teacher, info, header, pool, job, engine, cfg, on_batch)
+                            if JobStore(job, "top_up").load() is None else (None, 0))
+        topped = (top_up(teacher, info, header, job, engine, cfg, len(pool.names), scoring, skipped)
+                  if cfg.top_up else {})
+        scoring, skipped = topped.pop("scoring", scoring), topped.pop("skipped", skipped)
         written = bank_summary(job, info, names)
         job.publish_bank(header, {"wild_sources": [{"spec": s.spec, "rows": len(s)} for s in pool.sources],
                                   "pool_size": len(pool), "unreadable": scoring["unreadable"]})
@@ -446,6 +438,29 @@ def retrieve(
             "pool_size": len(pool), "pool_per_source": _pool_source_counts(pool), **scoring, **written,
             "skipped_unreadable": skipped, **topped, "total_seconds": time.perf_counter() - t0,
             "precision": engine.precision if cfg.amp else "fp32"}
+
+
+def gather_phase(teacher: Classifier, info: Any, header: BankHeader, pool: WildPool, job: Job, engine: Engine,
+                 cfg: RetrieveConfig, on_batch: Callable[[int], None] | None) -> tuple[dict[str, Any], int]:
+    """Score and select (unless a gather was under way), then write the selected rows to the ``bank`` table;
+    returns the scoring figures and the rows skipped as unreadable."""
+    gather = JobStore(job, "gather")
+    if gather.load() is None:  # scoring (fresh, or resumed), then the selection, committed as the gather's start
+        scoring = score_and_estimate(teacher, info, pool, engine, cfg, job, on_batch)
+        rows = select_rows(job, info.num_classes, cfg, RelevanceEstimate(**scoring["relevance"]))
+        if len(rows) == 0 and not cfg.top_up:
+            raise DfkdError(f"no readable images in the wild pool ({len(pool)} rows, all unreadable)"
+                            if scoring["unreadable"] == len(pool) else
+                            "no relevant images in the wild pool (select: auto; "
+                            f"{scoring['relevance']['reason']}): give --top-up METHOD or --num-select N")
+        gather.save({"loop": {"rows": rows, "scoring": scoring, "skipped": 0, "bank_rows": 0}, "history": [],
+                     "done": 0, "seconds": 0.0})
+    state = gather.load()
+    assert state is not None
+    loop = GatherLoop(teacher, header, pool, job, engine, cfg, state["loop"])
+    Runner(gather, every=cfg.flush_every, keep=False).run(loop, -(-len(loop.rows) // cfg.batch_size),
+                                                          "write bank", "batch")
+    return loop.scoring, loop.skipped
 
 
 def _pool_source_counts(pool: WildPool) -> dict[str, int] | None:
