@@ -16,6 +16,7 @@ from dfkd_common.checkpoint import load_model
 from dfkd_common.data.offline_pool import noise_images
 from dfkd_common.data.wild import WildPool
 from dfkd_common.engine import Engine, details_path
+from dfkd_common.errors import DfkdError
 from dfkd_common.models.hooks import BNTypicality
 from dfkd_common.relevance import Relevance, estimate, histogram
 from dfkd_common.retrieval import RetrieveConfig, TopUpLoop, fill_to, retrieve, teacher_scores
@@ -221,3 +222,26 @@ def test_bad_top_up_and_a_pool_without_relevant_images_are_one_line_errors(teach
     proc = dfkd(*base, "--out", sparse_pool / "y.h5", "--select", "auto")
     one_line_error(proc, "no relevant images")
     assert not (sparse_pool / "y.h5").exists()
+
+
+def test_a_teacher_without_bn_falls_back_to_confidence() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 30 * 30, 10))
+    rel = Relevance(net)  # type: ignore[arg-type]
+    assert rel.kind == "confidence"
+    logits = torch.tensor([[5.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert torch.allclose(rel.of(logits), torch.logsumexp(logits, 1) - logits.max(1).values)
+    with pytest.raises(DfkdError, match="needs a teacher with BatchNorm2d"):
+        Relevance(net, "bn")  # type: ignore[arg-type]
+
+
+def test_a_generator_method_tops_up_by_the_teacher_s_labels(teacher_ckpt: Path, sparse_pool: Path) -> None:
+    """DAFL's generator takes no targets: its rows are kept by the teacher's label while that class lacks images,
+    and what it could not make is counted, never padded."""
+    teacher, meta = load_model(teacher_ckpt)
+    pool = WildPool.open([str(sparse_pool / "noise.h5"), str(sparse_pool / "digits.h5")], 1, 32)
+    cfg = RetrieveConfig(num_select=120, select="auto", top_up="dafl",
+                         top_up_params={"batch_size": 32, "g_steps": 2, "ngf": 8, "amp": False})
+    got = retrieve(teacher, meta, teacher_ckpt, pool, sparse_pool / "dafl.h5", ENGINE, cfg)
+    bank = load_bank(sparse_pool / "dafl.h5")
+    made = int((bank.extra["source"] == 2).sum())
+    assert made > 0 and len(bank) == 120 - got["top_up_missing"] and got["per_source"]["dafl"] == made
