@@ -2,7 +2,10 @@
 
     python benchmarks/dfnd_pools.py --out docs/data/dfnd_pools.json            # every pool, seeds 0 1 2
     python benchmarks/dfnd_pools.py --pools photos --seeds 0 --out /tmp/x.json  # one pool, one seed
-    python benchmarks/dfnd_pools.py --table docs/data/dfnd_pools.json          # the table again
+    python benchmarks/dfnd_pools.py --table docs/data/dfnd_pools*.json         # the table again
+
+Runs are one thread each (``OMP_NUM_THREADS=1``: bit-reproducible on this machine class, docs/RESULTS.md), so two
+instances with different ``--pools`` use two cores without slowing each other down.
 
 Each pool is built by ``dfkd pool build`` from the default pipeline's ``pool`` params with a few overridden
 (``POOLS``); each run is the pipeline's own commands with its params profiles (``retrieve.dfnd``, ``dfnd_auto``,
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,8 +28,8 @@ from typing import Any
 
 POOLS: dict[str, list[str]] = {
     "default": [],  # 7,188 digit-like images of 48,188 (14.9 %)
-    "noisy": ["pool.noise=20000"],  # the default pool with 20x its noise: 7,188 of 67,188 (10.7 %)
-    "photos": ["pool.digits_variants=0", "pool.photo_crops=26000", "pool.noise=500"],  # 1,797 of 28,297 (6.4 %)
+    "noisy": ["noise=20000"],  # the default pool with 20x its noise: 7,188 of 67,188 (10.7 %)
+    "photos": ["digits_variants=0", "photo_crops=26000", "noise=500"],  # 1,797 of 28,297 (6.4 %)
 }
 VARIANTS = ["dfnd", "dfnd_auto", "dfnd_hybrid", "dfnd_random"]
 TEACHER = "artifacts/teachers/lenet5.safetensors"
@@ -43,7 +47,7 @@ def digit_rows(pool: Path) -> int:
 
 def run(cmd: list[str]) -> None:
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def one(work: Path, pool: str, seed: int, variant: str) -> dict[str, Any]:
@@ -90,10 +94,10 @@ def main() -> None:
     ap.add_argument("--variants", nargs="+", default=VARIANTS, choices=VARIANTS)
     ap.add_argument("--work", type=Path, default=Path("/tmp/dfnd_pools"))
     ap.add_argument("--out", type=Path, help="JSON of every run")
-    ap.add_argument("--table", type=Path, help="print the table of a JSON written before, and stop")
+    ap.add_argument("--table", type=Path, nargs="+", help="print the table of JSONs written before, and stop")
     args = ap.parse_args()
     if args.table:
-        print(table(json.loads(args.table.read_text())["runs"]))
+        print(table([r for path in args.table for r in json.loads(path.read_text())["runs"]]))
         return
     rows = []
     for pool in args.pools:
