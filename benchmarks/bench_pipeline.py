@@ -63,7 +63,7 @@ def main() -> None:
               f"{'' if s.get('x_teacher') is None else format(s['x_teacher'], '.3f')} |")
     pool = load(ART / "pools" / "offline.metrics.json")
     retrieve = {n: load(details_path(ART / "banks" / f"{n}.metrics.json")).get("total_seconds")
-                for n in ("dfnd", "dfnd_random")}
+                for n in ("dfnd", "dfnd_random", "dfnd_auto", "dfnd_hybrid")}
     print(f"\nother stages: pool {pool.get('images', '?')} images; retrieval "
           + ", ".join(f"{k} {v:.0f} s" for k, v in retrieve.items() if v is not None))
     if wall is not None:

@@ -19,8 +19,14 @@ Three phases of one resumable job (:mod:`dfkd_common.jobs`), each bounded in mem
    top-k can fill most of the bank with a few classes and starve the rest; the student then never sees those
    classes' decision boundaries. ``selection="random"`` is the paper's "random unlabeled" baseline: the same
    number of readable rows, uniformly at random (seeded), labelled by the teacher in the same way.
-3. **Gather** (:func:`gather_rows`): read only the selected rows again, recompute the teacher logits and write
+3. **Gather** (:class:`GatherLoop`): read only the selected rows again, recompute the teacher logits and write
    them, in pool order, as the job's ``bank`` table (resumable too), which the job publishes atomically.
+
+Scoring also records each row's relevance (:mod:`dfkd_common.relevance`: the teacher's BN statistics per image)
+and estimates how many rows are relevant; ``select: auto`` keeps only those (at most ``num_select``), ``fixed``
+keeps ``num_select`` as the paper does. 4. **Top-up** (``top_up: METHOD``, :func:`top_up`): a synthesis
+method's images of the classes the bank lacks fill it up to ``num_select``, round by round (resumable), each row
+naming the method in the ``source`` column: a hybrid bank for pools with too few relevant images.
 """
 
 from __future__ import annotations

@@ -53,7 +53,9 @@ def main(
 ) -> None:
     """Score every image of the wild pool by -log p_max and write the NUM_SELECT most confident as a bank.
 
-    Rerunning an interrupted command resumes scoring where it stopped.
+    Every run estimates how many pool images are relevant (the teacher's BN statistics); --select auto keeps
+    those, and --top-up METHOD fills the bank up to NUM_SELECT with synthesized images of the classes that lack
+    them. Rerunning an interrupted command resumes where it stopped.
     """
     run = resolve(RetrieveRun, params_file, "retrieve", name, sets, seed_from="method_seed",
                   wild=list(wild) if wild else None, num_select=num_select, select=select, top_up=top_up,
