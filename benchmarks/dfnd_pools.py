@@ -84,6 +84,19 @@ def table(rows: list[dict[str, Any]]) -> str:
             sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
             cells.append(f"{statistics.mean(acc):.2f} +- {sd:.2f} ({statistics.mean(xt):.3f}x, n={len(acc)})")
         out.append(f"| {pool} | {true:,} / {est:,} | " + " | ".join(cells) + " |")
+    out += ["", "Paired differences against fixed top-k (`dfnd`), same seed, points, mean +- sd:", "",
+            "| pool | auto - fixed | hybrid - fixed | fixed - random |", "| --- | ---: | ---: | ---: |"]
+    for pool in pools:
+        acc = {(r["variant"], r["seed"]): 100 * r["test_acc"] for r in rows if r["pool"] == pool}
+
+        def diff(a: str, b: str, acc: dict[tuple[str, int], float] = acc) -> str:
+            d = [acc[a, s] - acc[b, s] for v, s in acc if v == a and (b, s) in acc]
+            if not d:
+                return "-"
+            return f"{statistics.mean(d):+.2f} +- {statistics.stdev(d) if len(d) > 1 else 0.0:.2f} (n={len(d)})"
+
+        out.append(f"| {pool} | {diff('dfnd_auto', 'dfnd')} | {diff('dfnd_hybrid', 'dfnd')} | "
+                   f"{diff('dfnd', 'dfnd_random')} |")
     return "\n".join(out)
 
 
