@@ -1,6 +1,7 @@
 """DFND fixed, auto and hybrid against random selection, on wild pools of several mixes, over seeds.
 
-    python benchmarks/dfnd_pools.py --out docs/data/dfnd_pools.json            # every pool, seeds 0 1 2
+    python benchmarks/dfnd_pools.py --out /tmp/pools.json                      # every pool, seeds 0 1 2
+    python benchmarks/dfnd_pools.py --pools photos --out docs/data/dfnd_pools_photos.json   # as docs/RESULTS.md
     python benchmarks/dfnd_pools.py --pools photos --seeds 0 --out /tmp/x.json  # one pool, one seed
     python benchmarks/dfnd_pools.py --table docs/data/dfnd_pools*.json         # the table again
 

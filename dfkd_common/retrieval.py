@@ -248,14 +248,14 @@ def balanced_quotas(available: np.ndarray, total: int) -> np.ndarray:
 def select_rows(job: Job, num_classes: int, cfg: RetrieveConfig, est: RelevanceEstimate | None = None) -> np.ndarray:
     """Sorted pool rows to keep (see the module docstring); reads the scores shard by shard. With ``select:
     auto`` only the rows ``est`` calls relevant are candidates (random selection: as many rows, from all)."""
-    auto = cfg.select == "auto" and est is not None
-    keep = min(cfg.num_select, est.count) if auto and est is not None else cfg.num_select
+    auto = est if cfg.select == "auto" else None
+    keep = min(cfg.num_select, auto.count) if auto is not None else cfg.num_select
     if cfg.selection == "random":
         valid = np.concatenate([v for _, _, _, v in _chunks(job)])  # 1 byte per row
         rows = np.flatnonzero(valid)
         rng = np.random.default_rng(cfg.seed)
         return np.sort(rng.choice(rows, size=min(keep, len(rows)), replace=False))
-    cut = est.cut_bin if auto and est is not None else None
+    cut = auto.cut_bin if auto is not None else None
     if cfg.balance:
         available = np.zeros(num_classes, dtype=np.int64)
         for _, _, pred, valid in _chunks(job, cut):
