@@ -87,7 +87,7 @@ def _check(fmt: str, reference: Callable[[torch.Tensor], torch.Tensor],
 
 
 @contextlib.contextmanager
-def _quiet_tracing() -> Iterator[None]:
+def quiet_tracing() -> Iterator[None]:
     """Tracing warns that shape tests in a model's forward (LeNet-5's padding of small inputs) become constants:
     here they do by design (the resize in front always gives the trained size), so the warning says nothing
     true about the export; the legacy ONNX exporter's deprecation notice neither."""
@@ -104,7 +104,7 @@ def export_onnx(model: Classifier, size: tuple[int, int], xs: list[torch.Tensor]
     ort = need("onnxruntime", "checking the onnx export")
     deployed = Deployed(model, size, antialias=False)
     with atomic_path(out, suffix=".onnx") as tmp:
-        with _quiet_tracing():
+        with quiet_tracing():
             torch.onnx.export(deployed, (xs[0],), str(tmp), dynamo=False, input_names=["images"],
                               output_names=["logits"], opset_version=opset,
                               dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
@@ -116,7 +116,7 @@ def export_onnx(model: Classifier, size: tuple[int, int], xs: list[torch.Tensor]
 def export_torchscript(model: Classifier, size: tuple[int, int], xs: list[torch.Tensor], out: Path,
                        tolerance: float) -> float:
     deployed = Deployed(model, size, antialias=True)
-    with atomic_path(out, suffix=".pt") as tmp, torch.no_grad(), _quiet_tracing():
+    with atomic_path(out, suffix=".pt") as tmp, torch.no_grad(), quiet_tracing():
         torch.jit.save(torch.jit.trace(deployed, xs[0]), str(tmp))
         loaded = torch.jit.load(str(tmp))
         return _check("torchscript", deployed, loaded, xs, tolerance)
@@ -174,3 +174,76 @@ def export(model: Classifier, meta: ModelMeta, source: Path, fmt: str, out: Path
     with atomic_path(side) as tmp:
         tmp.write_text(json.dumps(sidecar, indent=2) + "\n")
     return Exported(out, side, diff, described)
+
+
+class Resizer(nn.Module):
+    """The resize in front of a deployed model alone (ONNX's bilinear resize, no antialias), for a quantized graph
+    that takes its trained size only."""
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.size = size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(images, size=self.size, mode="bilinear", align_corners=False)
+
+
+#: a quantized model's export against the model itself, at sizes other than its own: the resize in front is ONNX
+#: Runtime's rather than torch's, and float rounding there can move an activation across an int8 step, so the
+#: logits may differ by a few steps of the output's quantization; at the trained size they must be equal
+INT8_TOLERANCE = 0.05
+
+
+def export_quantized(source: Path, meta: ModelMeta, out: Path, batch: int = 4,
+                     tolerance: float = INT8_TOLERANCE) -> Exported:
+    """A quantized artifact (``dfkd quantize``'s ONNX QDQ model, trained size only) as a deployable int8 ONNX model:
+    the same graph behind a resize of any H x W to its size, checked against the artifact (exactly at its size;
+    within ``tolerance`` x the logits' largest magnitude at two others), with its sidecar."""
+    onnx = need("onnx", "exporting a quantized model")
+    ort = need("onnxruntime", "exporting a quantized model")
+    info = meta.dataset
+    size = (int(info.image_size[0]), int(info.image_size[1]))
+    quantized = onnx.load(str(source))
+    opset = next(o.version for o in quantized.opset_import if o.domain in ("", "ai.onnx"))
+    xs = probes(info.channels, size, batch)
+    with atomic_path(out, suffix=".onnx") as tmp:
+        front_path = tmp.with_name(tmp.name + ".resize.onnx")
+        try:
+            with quiet_tracing():
+                torch.onnx.export(Resizer(size).eval(), (xs[0],), str(front_path), dynamo=False,
+                                  input_names=["images"], output_names=["resized"], opset_version=min(opset, 17),
+                                  dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                                "resized": {0: "batch"}})
+            front = onnx.version_converter.convert_version(onnx.load(str(front_path)), opset)
+        finally:
+            front_path.unlink(missing_ok=True)
+        front.ir_version = quantized.ir_version
+        merged = onnx.compose.merge_models(front, quantized, io_map=[("resized", "images")], prefix2="q_")
+        onnx.save(merged, str(tmp))
+        deployed = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        model = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+
+        def run(session: Any, x: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+        worst = 0.0
+        for i, x in enumerate(xs):
+            reference = run(model, F.interpolate(x, size=size, mode="bilinear", align_corners=False))
+            diff = float((run(deployed, x) - reference).abs().max())
+            allowed = 1e-5 if i == 0 else tolerance * float(reference.abs().max())
+            if not diff <= allowed:
+                raise DfkdError(f"the int8 export's outputs differ from the quantized model's by {diff:.3g} "
+                                f"(> {allowed:.3g}) on {tuple(x.shape[2:])} images; not written")
+            worst = max(worst, diff)
+    described = {**describe_input("onnx", meta, size), "int8": meta.params.get("quantization", {})}
+    sidecar = {"format": "onnx (int8 QDQ)", "checkpoint": str(source), "kind": meta.kind, "arch": meta.arch,
+               "arch_kwargs": dict(meta.arch_kwargs), "task": info.task, "input": described,
+               "input_shape": list(info.shape), "num_classes": info.num_classes,
+               "class_names": list(info.class_names), "mean": list(info.mean), "std": list(info.std),
+               "outputs": "logits (N, num_classes)", "max_abs_diff": worst,
+               "tolerance": f"equal at {size[0]}x{size[1]}; within {tolerance} x the logits' largest magnitude at "
+                            "other sizes", "metrics": dict(meta.metrics)}
+    side = out.with_name(out.name + ".json")
+    with atomic_path(side) as tmp_side:
+        tmp_side.write_text(json.dumps(sidecar, indent=2) + "\n")
+    return Exported(out, side, worst, described)

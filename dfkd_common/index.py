@@ -87,6 +87,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("stages.evaluate", "main", "A checkpoint's metrics on a real test split."),
     "report": ("stages.report", "main", "Compare students: a table, a JSON and a figure."),
     "export": ("stages.export", "main", "A checkpoint out of dfkd: ONNX, TorchScript or a state dict."),
+    "quantize": ("stages.quantize", "main", "An int8 ONNX model of a checkpoint, calibrated (or fine-tuned) on banks."),
     "bank": ("stages.bank", "app", "Inspect image banks: info, grid, verify."),
 }
 

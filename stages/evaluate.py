@@ -11,12 +11,13 @@ from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine, ensure_writable, write_metrics
 from dfkd_common.errors import DfkdError
 from dfkd_common.evaluation import evaluate
+from dfkd_common.quantize import is_quantized, load_quantized
 from stages.common import DeviceOpt, TrustOpt, allow_code, console, errors
 
 
 @errors
 def main(
-    checkpoint: Path = typer.Argument(..., help="model checkpoint (.safetensors)"),
+    checkpoint: Path = typer.Argument(..., help="model checkpoint (.safetensors) or quantized model (.onnx)"),
     dataset: str | None = typer.Option(None, help="dataset (default: the checkpoint's)"),
     split: str = typer.Option("test"),
     data_root: Path | None = typer.Option(None, help="where the dataset's files are (default: ~/.cache/dfkd/data)"),
@@ -28,7 +29,7 @@ def main(
     allow_code(trust_code)
     ensure_writable(metrics)
     engine = Engine.create(device, amp=False)
-    model, meta = load_model(checkpoint, engine.device)
+    model, meta = load_quantized(checkpoint) if is_quantized(checkpoint) else load_model(checkpoint, engine.device)
     data = get_dataset(dataset or meta.dataset.name).load(split, data_root, meta.dataset.image_size)
     task = meta.task
     if data.info.task != task.name:
