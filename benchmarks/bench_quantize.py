@@ -46,7 +46,7 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def session(path: Path, threads: int):  # noqa: ANN201 (onnxruntime is optional)
+def session(path: Path, threads: int):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

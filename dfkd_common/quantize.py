@@ -128,18 +128,23 @@ def as_float(images: torch.Tensor) -> torch.Tensor:
 class FakeQuantWeight(nn.Module):
     """A weight as ONNX Runtime's symmetric per-channel quantization will store it (a parametrization).
 
-    Scale = max |w| of the output channel x 2 / (qmax - qmin), zero point 0, as ``compute_scale_zp`` does; the
-    rounding and the straight-through gradient are torch's ``fake_quantize_per_channel_affine``'s."""
+    Scale = max |w| of the output channel x 2 / (qmax - qmin), computed in float64 and stored in float32, zero
+    point 0, and q = round(w / scale) in float32, half to even, clipped: ``compute_scale_zp`` and
+    ``quantize_nparray``'s arithmetic. Not torch's ``fake_quantize_per_channel_affine``: it multiplies by
+    1 / scale, and with 4 bits every channel's extreme weight sits on a tie (max |w| / scale = 7.5), which the
+    two round to different sides (-7 or -8) by a float's last bit. Straight-through gradient.
+    """
 
     def __init__(self, bits: int) -> None:
         super().__init__()
         _, self.qmin, self.qmax = WEIGHT_RANGES[bits]
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        absmax = w.detach().abs().amax(dim=tuple(range(1, w.dim()))).float()
-        scale = (absmax * 2.0 / (self.qmax - self.qmin)).clamp_min(torch.finfo(torch.float32).tiny)
-        zero = torch.zeros(w.shape[0], dtype=torch.int32, device=w.device)
-        return torch.fake_quantize_per_channel_affine(w, scale, zero, 0, self.qmin, self.qmax)
+        absmax = w.detach().abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
+        scale = (absmax.double() * 2.0 / (self.qmax - self.qmin)).float()
+        scale = torch.where(scale < torch.finfo(torch.float32).tiny, torch.ones_like(scale), scale)
+        q = torch.round(w.detach().float() / scale).clamp_(self.qmin, self.qmax)
+        return w + (q * scale - w).detach()
 
 
 def quantizable(model: nn.Module) -> list[nn.Module]:

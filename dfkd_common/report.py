@@ -98,7 +98,23 @@ def style(i: int) -> dict[str, Any]:
     return {"color": plt.get_cmap("tab10")(i % 10), "ls": STYLES[(i // 10) % len(STYLES)]}
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, Any] | None = None) -> str:
+def quantized_table(rows: list[dict[str, Any]]) -> str:
+    """Quantized models (``dfkd quantize``'s metrics with their details): bits, calibration, fine-tuning, the
+    headline against the same model in fp32 on the same split, and the file's size."""
+    lines = ["| quantized model | of | bits | calibration | fine-tuning | accuracy | fp32 | x fp32 | KiB |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        sources = ", ".join(Path(s["path"]).name if s.get("path") else s["kind"]
+                            for s in r.get("calibration_sources", []))
+        ft = f"{r['finetune_epochs']} epochs" if r.get("finetune_epochs") else "none"
+        lines.append(f"| {r['name']} | {Path(r['model']).stem} | W{r['weight_bits']}A{r['act_bits']} | {sources} | "
+                     f"{ft} | {100 * r['test_acc']:.2f} | {100 * r['fp32_test_acc']:.2f} | {r['x_fp32']:.4f}x | "
+                     f"{r['bytes'] / 1024:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, Any] | None = None,
+                 quantized: list[dict[str, Any]] | None = None) -> str:
     matplotlib = need("matplotlib", "dfkd report's plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,10 +124,13 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, teacher: dict[str, A
     key = task.headline
     md = (f"# Students (final-epoch {task.headline_label} on the real test split; +- is the sd over runs)\n\n"
           + markdown_table(rows, teacher))
+    if quantized:
+        md += ("\n# Quantized models (int8 ONNX Runtime, `dfkd quantize`; accuracy on the real test split)\n\n"
+               + quantized_table(quantized))
     with atomic_path(out_dir / "report.md") as tmp:
         tmp.write_text(md)
     write_json(out_dir / "report.json", {"teacher": teacher, "students": [
-        {k: v for k, v in r.items() if k != "history"} for r in rows]})
+        {k: v for k, v in r.items() if k != "history"} for r in rows], "quantized": quantized or []})
     write_json(out_dir / "students.json", student_rows(rows, key))
     write_json(out_dir / "headline.json", headline(rows, teacher, key))
 

@@ -19,6 +19,8 @@ def main(
     metrics: list[Path] = typer.Argument(..., help="student metrics JSON files (from dfkd distill --metrics)"),
     out_dir: Path = typer.Option(Path("artifacts/reports"), "--out-dir"),
     teacher_metrics: Path | None = typer.Option(None, "--teacher-metrics"),
+    quantized: list[Path] | None = typer.Option(None, "--quantized", help="quantized models' metrics JSON (from "
+                                                "dfkd quantize --metrics): a table of their own; repeatable"),
 ) -> None:
     """Write report.md, report.json, report.png, students.json (the plots' rows) and headline.json (each
     student's headline metric, for dvc exp show) under OUT_DIR."""
@@ -44,7 +46,9 @@ def main(
     if teacher_metrics:
         details = details_path(teacher_metrics)
         teacher = {**(_read(details) if details.is_file() else {}), **_read(teacher_metrics)}
-    md = write_report(rows, out_dir, teacher)
+    q_rows = [{"name": p.name.removesuffix(".metrics.json"), **_read(details_path(p)), **_read(p)}
+              for p in quantized or []]
+    md = write_report(rows, out_dir, teacher, q_rows)
     console.print(md, highlight=False)
 
 
