@@ -1,6 +1,6 @@
 """Data-free quantization over bank seeds: the default teacher quantized from DeepInversion banks of 3 seeds.
 
-For each seed: a DeepInversion bank (`dfkd synthesize --name deepinversion --seed S`, the default pipeline's
+For each seed: a DeepInversion bank (`dfkd synthesize --method deepinversion --seed S`, the default pipeline's
 params), then `dfkd quantize` of the teacher W8A8 from the bank, from Gaussian noise and from the real training
 images (the references, seeded alike), W4A8 from the bank, and W4A8 fine-tuned on the bank (profile w4a8_ft).
 Prints each cell's mean +- sd over seeds on the real test split, and the paired differences that the acceptance
@@ -51,7 +51,7 @@ def main() -> None:
         tmp = Path(d)
         for seed in args.seeds:
             bank = tmp / f"di{seed}.h5"
-            run("synthesize", "--method", "deepinversion", "--name", "deepinversion", "--teacher", args.teacher,
+            run("synthesize", "--method", "deepinversion", "--teacher", args.teacher,
                 "--out", bank, "--seed", seed)
             for cell, (profile, calib) in CELLS.items():
                 out = tmp / f"{profile}-{seed}.onnx"
