@@ -54,7 +54,7 @@ def main() -> None:
             run("synthesize", "--method", "deepinversion", "--teacher", args.teacher,
                 "--out", bank, "--seed", seed)
             for cell, (profile, calib) in CELLS.items():
-                out = tmp / f"{profile}-{seed}.onnx"
+                out = tmp / f"{cell.replace(' ', '_').replace('+', 'and')}-{seed}.onnx"
                 metrics = out.with_suffix(".metrics.json")
                 run("quantize", "--name", profile, "--model", args.teacher,
                     *[str(bank) if a == "BANK" else a for a in calib], "--out", out, "--metrics", metrics,

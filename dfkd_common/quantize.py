@@ -15,14 +15,14 @@ the dataset's real training images, or Gaussian noise in the model's normalised 
 every data-free quantization paper reports). dfkd's metadata travels inside the file (``metadata_props["dfkd"]``,
 a checkpoint's :class:`~dfkd_common.checkpoint.ModelMeta` of kind ``quantized``, schema in docs/ARTIFACTS.md).
 
-**Fine-tuning** (``finetune.epochs`` > 0; for 4-bit weights, where calibration alone loses most): the model's
-weights are fake-quantized exactly as ONNX Runtime will quantize them (:class:`FakeQuantWeight`, a
-parametrization through ``torch.fake_quantize_per_channel_affine``, straight-through gradients), the inputs of
-its convolutions and linear layers fake-quantized to uint8 at ranges calibrated once on the calibration images
-(:class:`ActivationRanges`), and BatchNorm kept at its running statistics (they fold into the convolutions'
-weights at export, and per-channel symmetric rounding is unchanged by that per-channel scaling). Then the model is
-distilled from its own fp32 self on the bank by the student loop (KD, resumable per epoch), the fake
-quantization removed, and the fine-tuned weights quantized as above.
+**Fine-tuning** (``finetune.epochs`` > 0; for 4-bit weights, where calibration alone loses most): a copy of the
+model has its BatchNorms folded into the convolutions that feed them (:func:`fold_batchnorm`: ONNX Runtime
+quantizes the folded weights, and per-channel rounding is not invariant to the folding's scaling), its weights
+fake-quantized exactly as ONNX Runtime will store them (:class:`FakeQuantWeight`, a parametrization,
+straight-through gradients), the inputs of its convolutions and linear layers fake-quantized to uint8 at min-max
+ranges calibrated once on the calibration images (:class:`ActivationRanges`). Then it is distilled from the fp32
+model on the bank by the student loop (KD, resumable per epoch), the fake quantization removed, and the
+fine-tuned weights quantized as above.
 """
 
 from __future__ import annotations
@@ -36,14 +36,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 from dfkd_common import __version__
-from dfkd_common.augment_ops import AugmentConfig
+from dfkd_common.augment_ops import AugmentConfig, to_float
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, now
-from dfkd_common.data import ArraySplit, DatasetInfo, get_dataset
+from dfkd_common.data import DatasetInfo, get_dataset
 from dfkd_common.errors import DfkdError
 from dfkd_common.extras import need
 from dfkd_common.loops.distillation import Distillation
@@ -52,7 +53,7 @@ from dfkd_common.loops.distillation import Distillation
 WEIGHT_RANGES: dict[int, tuple[str, int, int]] = {8: ("QInt8", -127, 127), 4: ("QInt4", -8, 7)}
 CALIBRATIONS = ("bank", "real", "noise")
 KIND = "quantized"
-EXPORTER_OPSET = 17  # the fp32 export's (torch's legacy exporter, the one that folds BatchNorm, goes to 20)
+EXPORTER_OPSET = 17  # the fp32 export's opset (torch's legacy exporter, the one that folds BatchNorm); then converted
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,6 @@ class Quantize:
 
     weight_bits: Literal[8, 4] = 8
     act_bits: Literal[8] = 8  # ONNX Runtime's int8 kernels take 8-bit activations
-    per_channel: bool = True
     method: Literal["minmax", "entropy", "percentile"] = "minmax"  # ONNX Runtime's calibrators
     calibration_images: int = 512  # at most this many rows, drawn at random (seeded) from the source
     seed: int = 0
@@ -102,7 +102,9 @@ def calibration(kind: str, banks: Sequence[Path], info: DatasetInfo, n: int, see
     elif banks:
         raise DfkdError(f"--calibration {kind} takes no --bank")
     elif kind == "real":
-        split = get_dataset(info.name).load("train", data_root, info.image_size)
+        same = {"image_size": info.image_size, "channels": info.channels} if info.name.startswith("imagefolder:") \
+            else {}
+        split = get_dataset(info.name, **same).load("train", data_root, info.image_size)
         train, labels = split.images, split.labels
         described = [{"kind": "real", "dataset": info.name, "split": "train", "rows": len(labels)}]
     elif kind == "noise":
@@ -116,12 +118,24 @@ def calibration(kind: str, banks: Sequence[Path], info: DatasetInfo, n: int, see
     if len(train) == 0:
         raise DfkdError("the calibration source has no images")
     rows = torch.randperm(len(train), generator=gen)[:n].sort().values
-    return Calibration(as_float(train[rows]), train, labels, described)
+    return Calibration(to_float(train[rows]).float(), train, labels, described)
 
 
-def as_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 rows as float in [0, 1]; float rows as they are."""
-    return images.float().div(255.0) if images.dtype == torch.uint8 else images.float()
+def net_shape(meta: ModelMeta) -> tuple[int, int, int]:
+    """(C, H, W) the network itself takes: its own input size where it has one (a student smaller than its
+    teacher's images), else the data's. The quantized graph takes exactly that (the fp32 model's antialiased
+    resize has no ONNX form); dfkd resizes images to it before they go in."""
+    info = meta.dataset
+    h, w = meta.input_size or info.image_size
+    return (info.channels, int(h), int(w))
+
+
+def fit(images: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Float images at ``shape``'s size: as they are, or resized as the fp32 model resizes them (bilinear,
+    antialiased)."""
+    if tuple(images.shape[-2:]) == shape[1:]:
+        return images
+    return F.interpolate(images.float(), size=shape[1:], mode="bilinear", align_corners=False, antialias=True)
 
 
 # ------------------------------------------------------------------------------------------- fine-tuning
@@ -185,9 +199,58 @@ class ActivationRanges:
             h.remove()
 
 
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
+    """Fold every BatchNorm that takes a convolution's output directly into that convolution, in place (the
+    BatchNorm becomes an identity); returns how many were folded.
+
+    Why: the ONNX export folds them so, and ONNX Runtime quantizes the folded weights w * gamma / sigma. Per-channel
+    symmetric rounding is not invariant to that scaling (a negative gamma mirrors a channel onto the asymmetric
+    4-bit range [-8, 7]; the scaling moves float ties), so the fine-tuning must see the folded weights to train
+    through what will be stored. Which convolution feeds which BatchNorm is read off one forward pass (the
+    BatchNorm's input *is* the convolution's output tensor), so any network's order of modules works."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    outputs: dict[int, tuple[str, torch.Tensor]] = {}  # the tensors kept alive: no id is reused in the pass
+    pairs: list[tuple[str, str]] = []
+    names = {id(m): n for n, m in model.named_modules()}
+    convs = [m for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def conv_out(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+        outputs[id(out)] = (names[id(module)], out)
+
+    def norm_in(module: nn.Module, args: tuple[Any, ...]) -> None:
+        conv = outputs.get(id(args[0]))
+        if conv is not None and conv[1] is args[0]:
+            pairs.append((conv[0], names[id(module)]))
+
+    hooks = [m.register_forward_hook(conv_out) for m in convs] + [m.register_forward_pre_hook(norm_in) for m in norms]
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    counts: dict[str, int] = {}
+    for conv, _ in pairs:
+        counts[conv] = counts.get(conv, 0) + 1
+    folded = 0
+    for conv, norm in pairs:
+        if counts[conv] == 1:  # a convolution feeding several BatchNorms stays as it is (the export leaves it)
+            _replace(model, conv, fuse_conv_bn_eval(model.get_submodule(conv), model.get_submodule(norm)))
+            _replace(model, norm, nn.Identity())
+            folded += 1
+    return folded
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
 def frozen_batchnorm(model: nn.Module) -> None:
-    """Keep every BatchNorm at its running statistics whatever mode the model is put in: the quantized model
-    folds them into its convolutions, so the fine-tuned one must compute with them too."""
+    """Keep every BatchNorm left (those no convolution feeds directly: a pre-activation network's) at its running
+    statistics whatever mode the model is put in: the quantized model computes with them so."""
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.train = (lambda self, mode=True: nn.Module.train(self, False)).__get__(m)  # type: ignore[method-assign]
@@ -196,8 +259,10 @@ def frozen_batchnorm(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def fake_quantized(model: nn.Module, bits: int, images: torch.Tensor) -> Iterator[nn.Module]:
-    """``model`` with fake-quantized weights and activations for the ``with`` block; on leaving, the fake
-    quantization goes and the (fine-tuned) float weights stay, for ONNX Runtime to quantize."""
+    """``model``, its BatchNorms folded into its convolutions (for good), with fake-quantized weights and
+    activations for the ``with`` block; on leaving, the fake quantization goes and the (fine-tuned) float weights
+    stay, for ONNX Runtime to quantize. Activation ranges: min-max, whatever calibrator the quantization uses."""
+    fold_batchnorm(model, images[:2])
     frozen_batchnorm(model)
     acts = ActivationRanges(model.eval(), images)
     layers = quantizable(model)
@@ -218,13 +283,17 @@ def export_float(model: nn.Module, shape: tuple[int, int, int], out: Path, opset
     from dfkd_common.deploy import quiet_tracing
 
     need("onnx", "dfkd quantize")
-    with quiet_tracing():
-        torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), str(out), dynamo=False, input_names=["images"],
-                          output_names=["logits"], opset_version=min(opset, EXPORTER_OPSET),
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    if opset > EXPORTER_OPSET:  # the legacy exporter stops at 20; ONNX's converter takes the graph up
-        onnx = need("onnx", "dfkd quantize")
-        onnx.save(onnx.version_converter.convert_version(onnx.load(str(out)), opset), str(out))
+    try:
+        with quiet_tracing():
+            torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), str(out), dynamo=False,
+                              input_names=["images"], output_names=["logits"],
+                              opset_version=min(opset, EXPORTER_OPSET),
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        if opset > EXPORTER_OPSET:  # ONNX's converter takes the graph up to the quantized model's opset
+            onnx = need("onnx", "dfkd quantize")
+            onnx.save(onnx.version_converter.convert_version(onnx.load(str(out)), opset), str(out))
+    except (RuntimeError, ValueError) as exc:  # an operator the exporter or the converter has no form for
+        raise DfkdError(f"the model does not export to ONNX: {first_line(exc)}") from None
 
 
 def quantize_onnx(model: nn.Module, shape: tuple[int, int, int], images: torch.Tensor, cfg: Quantize,
@@ -246,12 +315,15 @@ def quantize_onnx(model: nn.Module, shape: tuple[int, int, int], images: torch.T
     with tempfile.TemporaryDirectory(prefix="dfkd-quantize-") as tmp:
         fp32, prepared = Path(tmp) / "fp32.onnx", Path(tmp) / "prepared.onnx"
         export_float(model, shape, fp32, cfg.opset)
-        quant_pre_process(str(fp32), str(prepared))
         weight_type = getattr(q.QuantType, WEIGHT_RANGES[cfg.weight_bits][0])
-        q.quantize_static(str(prepared), str(out), Reader(), quant_format=q.QuantFormat.QDQ,
-                          per_channel=cfg.per_channel, weight_type=weight_type,
-                          activation_type=q.QuantType.QUInt8, calibrate_method=methods[cfg.method],
-                          extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        try:
+            quant_pre_process(str(fp32), str(prepared))
+            q.quantize_static(str(prepared), str(out), Reader(), quant_format=q.QuantFormat.QDQ,
+                              per_channel=True, weight_type=weight_type,
+                              activation_type=q.QuantType.QUInt8, calibrate_method=methods[cfg.method],
+                              extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        except Exception as exc:  # onnx / onnxruntime raise their own types for a graph they cannot take
+            raise DfkdError(f"ONNX Runtime could not quantize the model: {first_line(exc)}") from None
 
 
 def write_meta(path: Path, meta: ModelMeta) -> None:
@@ -275,7 +347,10 @@ def read_quantized_meta(path: Path) -> ModelMeta:
     props = {p.key: p.value for p in proto.metadata_props}
     if "dfkd" not in props:
         raise DfkdError(f"{path} is an ONNX model without dfkd metadata (not written by dfkd quantize)")
-    meta = ModelMeta.from_json(props["dfkd"])
+    try:
+        meta = ModelMeta.from_json(props["dfkd"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DfkdError(f"{path}: its dfkd metadata is damaged ({first_line(exc)})") from None
     if meta.kind != KIND:
         raise DfkdError(f"{path} holds a {meta.kind!r} model, not a quantized one")
     return meta
@@ -283,21 +358,31 @@ def read_quantized_meta(path: Path) -> ModelMeta:
 
 class OnnxModel(nn.Module):
     """An ONNX model run by ONNX Runtime on the CPU behind torch's module interface, so that dfkd's evaluation
-    measures it as any model (float images in [0, 1] in, logits out)."""
+    measures it as any model (float images in [0, 1] in, logits out); images are first brought to ``shape``
+    (:func:`fit`) where one is given."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, shape: tuple[int, int, int] | None = None) -> None:
         super().__init__()
         ort = need("onnxruntime", "running a quantized model")
-        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own error types
+            raise DfkdError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
         self.input = self.session.get_inputs()[0].name
+        self.shape = shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = fit(x, self.shape) if self.shape else x
         return torch.from_numpy(self.session.run(None, {self.input: x.detach().float().cpu().numpy()})[0])
 
 
 def load_quantized(path: Path) -> tuple[OnnxModel, ModelMeta]:
     meta = read_quantized_meta(path)
-    return OnnxModel(path), meta
+    return OnnxModel(path, net_shape(meta)), meta
+
+
+def first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def is_quantized(path: Path) -> bool:
@@ -312,8 +397,8 @@ def quantized_meta(fp32: ModelMeta, source: Path, cfg: Quantize, calib: Calibrat
     from dfkd_common.config import values
 
     ort = need("onnxruntime", "dfkd quantize")
-    quant = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "weights": "symmetric, per channel"
-             if cfg.per_channel else "symmetric, per tensor", "activations": "uint8, asymmetric, per tensor",
+    quant = {"weight_bits": cfg.weight_bits, "act_bits": cfg.act_bits, "weights": "symmetric, per channel",
+             "activations": "uint8, asymmetric, per tensor",
              "calibration": kind, "calibration_sources": calib.described, "calibration_rows": len(calib.images),
              "calibrate_method": cfg.method, "finetune_epochs": cfg.finetune.epochs,
              "runtime": f"onnxruntime {ort.__version__} (QDQ)", "machine": machine,
@@ -329,20 +414,18 @@ def machine_class() -> str:
         flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
         flags = set()
-    kind = "AMX-int8" if "amx_int8" in flags else "AVX512-VNNI" if "avx512_vnni" in flags else (
-        "AVX-VNNI" if "avx_vnni" in flags else "no VNNI")
-    return f"x86 {kind}" if flags else "unknown CPU"
+    if "sse2" not in flags:  # not an x86 CPU, or no /proc/cpuinfo
+        return "unknown CPU"
+    return ("AMX-int8" if "amx_int8" in flags else "AVX512-VNNI" if "avx512_vnni" in flags else
+            "AVX-VNNI" if "avx_vnni" in flags else "no VNNI")
 
 
-def evaluate_quantized(path: Path, split: ArraySplit) -> dict[str, float]:
-    """The quantized model's task metrics on ``split`` (fp32 logits out of ONNX Runtime)."""
-    from dfkd_common.engine import Engine
-    from dfkd_common.evaluation import evaluate
-
-    return evaluate(OnnxModel(path), split, Engine.create("cpu", amp=False))
-
-
-def check_out(out: Path) -> None:
-    """``--out`` must name an ONNX file: the only format ``dfkd quantize`` writes (one line otherwise)."""
+def check(out: Path, cfg: Quantize) -> None:
+    """What ``dfkd quantize`` cannot do, as one line before any work: ``--out`` other than ONNX (the only format
+    it writes), 4-bit weights below opset 21, no calibration rows."""
     if out.suffix.lower() != ".onnx":
         raise DfkdError(f"--out {out}: dfkd quantize writes an ONNX QDQ model; name it *.onnx")
+    if cfg.weight_bits == 4 and cfg.opset < 21:
+        raise DfkdError(f"4-bit weights need opset 21 or later (quantize.opset is {cfg.opset})")
+    if cfg.calibration_images < 1:
+        raise DfkdError(f"quantize.calibration_images must be at least 1, not {cfg.calibration_images}")

@@ -101,14 +101,18 @@ def style(i: int) -> dict[str, Any]:
 def quantized_table(rows: list[dict[str, Any]]) -> str:
     """Quantized models (``dfkd quantize``'s metrics with their details): bits, calibration, fine-tuning, the
     headline against the same model in fp32 on the same split, and the file's size."""
-    lines = ["| quantized model | of | bits | calibration | fine-tuning | accuracy | fp32 | x fp32 | KiB |",
+    task = rows_task(rows)
+    key = task.headline
+    lines = [f"| quantized model | of | bits | calibration | fine-tuning | {task.headline_label} | fp32 | x fp32 "
+             "| KiB |",
              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
+        x = f"{r['x_fp32']:.4f}x" if r.get("x_fp32") is not None else "-"
         sources = ", ".join(Path(s["path"]).name if s.get("path") else s["kind"]
                             for s in r.get("calibration_sources", []))
         ft = f"{r['finetune_epochs']} epochs" if r.get("finetune_epochs") else "none"
         lines.append(f"| {r['name']} | {Path(r['model']).stem} | W{r['weight_bits']}A{r['act_bits']} | {sources} | "
-                     f"{ft} | {100 * r['test_acc']:.2f} | {100 * r['fp32_test_acc']:.2f} | {r['x_fp32']:.4f}x | "
+                     f"{ft} | {100 * r[key]:.2f} | {100 * r['fp32_' + key]:.2f} | {x} | "
                      f"{r['bytes'] / 1024:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -23,8 +23,8 @@ def main(
     out: Path = typer.Option(..., "--out", help="file to write (and its sidecar FILE.json)"),
     batch: int = typer.Option(4, "--batch", help="batch of random images the export is checked on"),
     tolerance: float = typer.Option(1e-4, "--tolerance", help="largest output difference accepted (a quantized "
-                                    "model: equal at its size, 5 % of the logits' magnitude at others)"),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset"),
+                                    "model: not used; equal at its size, 5 % of the logits' magnitude at others)"),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (a quantized model keeps its own)"),
     trust_code: list[str] | None = TrustOpt,
 ) -> None:
     """Export a checkpoint to ONNX or TorchScript (images in [0, 1] of any size: resize and normalisation inside)

@@ -46,10 +46,18 @@ def main(
     if teacher_metrics:
         details = details_path(teacher_metrics)
         teacher = {**(_read(details) if details.is_file() else {}), **_read(teacher_metrics)}
-    q_rows = [{"name": p.name.removesuffix(".metrics.json"), **_read(details_path(p)), **_read(p)}
-              for p in quantized or []]
+    q_rows = [_quantized_row(p) for p in quantized or []]
     md = write_report(rows, out_dir, teacher, q_rows)
     console.print(md, highlight=False)
+
+
+def _quantized_row(path: Path) -> dict[str, Any]:
+    """A quantized model's metrics with their details (one line for a file ``dfkd quantize`` did not write)."""
+    row = {"name": path.name.removesuffix(".metrics.json"), **_read(details_path(path)), **_read(path)}
+    if "weight_bits" not in row:
+        raise DfkdError(f"{path} is not the metrics of a quantized model (dfkd quantize --metrics)")
+    row.pop("finetune_history", None)
+    return row
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -42,6 +42,21 @@ def tiny() -> Classifier:
     return Classifier(net, [0.5], [0.25], 10).eval()
 
 
+def with_batchnorm() -> Classifier:
+    """Conv -> BatchNorm (some gammas negative, odd running statistics) -> ReLU -> Linear: what ONNX Runtime
+    stores are the folded weights w * gamma / sigma."""
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(6)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.5, -0.7, 0.3, -2.0, 1.0, 0.9]))
+        bn.bias.normal_()
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.2, 3.0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), bn, nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                        nn.Linear(96, 10))
+    return Classifier(net, [0.5], [0.25], 10).eval()
+
+
 def dequantized_weights(path: Path) -> dict[tuple[int, ...], np.ndarray]:
     """Every integer initializer of a QDQ model dequantized (by its DequantizeLinear's scale), keyed by shape."""
     from onnx import numpy_helper
@@ -70,6 +85,43 @@ def test_fake_quantized_weights_are_onnxruntimes(tmp_path: Path, bits: int) -> N
         faked = FakeQuantWeight(bits)(layer.weight.detach()).numpy()
         np.testing.assert_allclose(stored[tuple(layer.weight.shape)], faked, rtol=1e-6, atol=1e-7)
         assert max(len(np.unique(channel)) for channel in faked) <= 2**bits  # 4 bits: 16 values a channel
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_folded_batchnorm_is_what_onnxruntime_quantizes(tmp_path: Path, bits: int) -> None:
+    """The fine-tuning folds each BatchNorm into the convolution feeding it, as the export does, so its fake
+    quantization is of the stored weights; the folded model computes what the model did."""
+    from dfkd_common.quantize import fold_batchnorm
+
+    model = with_batchnorm()
+    x = torch.rand(8, 1, 8, 8)
+    out = tmp_path / "q.onnx"
+    quantize_onnx(model, (1, 8, 8), x, Quantize(weight_bits=bits), out)
+    before = model(x)
+    assert fold_batchnorm(model, x[:2]) == 1
+    assert isinstance(model.net[1], nn.Identity)
+    torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    faked = FakeQuantWeight(bits)(model.net[0].weight.detach()).numpy()
+    np.testing.assert_allclose(dequantized_weights(out)[(6, 1, 3, 3)], faked, rtol=1e-6, atol=1e-7)
+
+
+def test_a_student_with_its_own_input_size_quantizes(tmp_path: Path, mnist_test) -> None:
+    """A network that takes another size than its data (resized inside, antialiased: no ONNX form) is quantized
+    at its own size, and dfkd resizes images to it before they go in."""
+    from dfkd_common.checkpoint import ModelMeta
+    from dfkd_common.quantize import OnnxModel, fit, net_shape
+
+    info = mnist_test.info
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 16 * 16, 10))
+    model = Classifier(net, info.mean, info.std, 10, input_size=(16, 16)).eval()
+    meta = ModelMeta("x", {}, info, {}, {}, "", "", "student", input_size=[16, 16])
+    shape = net_shape(meta)
+    assert shape == (1, 16, 16)
+    x = mnist_test.images[:64].float() / 255
+    out = tmp_path / "q.onnx"
+    quantize_onnx(model, shape, fit(x, shape), Quantize(), out)
+    agree = (OnnxModel(out, shape)(x).argmax(1) == model(x).argmax(1)).float().mean()
+    assert agree > 0.95
 
 
 def test_fake_quantization_goes_and_keeps_trained_weights() -> None:
