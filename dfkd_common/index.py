@@ -20,6 +20,7 @@ _LOSSES = "dfkd_common.synthesis.losses"
 INDEX: dict[str, dict[str, str]] = {
     "task": {
         "classification": "dfkd_common.tasks.classification",
+        "segmentation": "dfkd_common.tasks.segmentation",
     },
     "model source": {
         "zoo": "dfkd_common.models.sources",
@@ -28,9 +29,11 @@ INDEX: dict[str, dict[str, str]] = {
         "code": "dfkd_common.models.sources",
         "torchscript": "dfkd_common.models.sources",
     },
-    "dataset": {name: _DATA for name in ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "svhn", "imagefolder")},
+    "dataset": {**{name: _DATA for name in ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "svhn",
+                                            "imagefolder")},
+                "mnist5k-seg": "dfkd_common.data.canvases"},
     "model": {name: _ZOO for name in ("lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2",
-                                      "wrn_40_1", "wrn_40_2", "vgg11_bn")},
+                                      "wrn_40_1", "wrn_40_2", "vgg11_bn", "deeplab_mini", "deeplab_mini_half")},
     "generator": {
         "dcgan": "dfkd_common.models.generators",
         "coupled": "dfkd_common.models.coupled",

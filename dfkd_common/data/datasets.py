@@ -140,10 +140,15 @@ class DatasetSpec:
         hw = as_hw(size) if size is not None else self.info.image_size
         if hw == self.info.image_size:
             images, labels = self.loader(split, where)
+        elif self.info.task != "classification":  # a resize would have to resize the targets too
+            raise DfkdError(f"{self.info.name} is {self.info.task} data of {self.info.image_size[0]}x"
+                            f"{self.info.image_size[1]} images; a model of another input size cannot take it")
         else:
             images, labels = (self.native or self.loader)(split, where)
             images = resize_uint8(images, hw)
-        return ArraySplit(images.contiguous(), labels.long().contiguous(), self.info.at(hw))
+        # classification targets as int64; masks stay uint8 (a quarter of the memory of 64x64 int64 masks)
+        labels = labels.long() if self.info.task == "classification" else labels
+        return ArraySplit(images.contiguous(), labels.contiguous(), self.info.at(hw))
 
     @property
     def sizes(self) -> list[tuple[int, int]]:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dfkd_common.augment_ops import AugmentConfig, build_augment, to_float
@@ -57,7 +56,11 @@ class TeacherLoop(Loop):
         self.sched = torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, max(1, cfg.epochs))
         self.aug = build_augment(train.info.image_size, cfg.augment)
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.headline = get_task(test.info.task).headline
+        self.task = get_task(test.info.task)
+        self.headline = self.task.headline
+        if self.task.name != "classification" and (cfg.augment.crop_pad or cfg.augment.flip):
+            raise DfkdError(f"teacher: augment.crop_pad and augment.flip move the images, not their {self.task.name} "
+                            "targets: set augment.crop_pad=0 and augment.flip=false")
         self.images, self.labels = train.images.to(engine.device), train.labels.to(engine.device)
 
     def run(self, epoch: int) -> dict[str, Any]:
@@ -69,7 +72,7 @@ class TeacherLoop(Loop):
         for idx in batches:
             x = self.engine.images(self.aug(to_float(self.images[idx])))
             with self.engine.autocast():
-                loss = F.cross_entropy(self.net(x).float(), self.labels[idx])
+                loss = self.task.loss(self.net(x).float(), self.labels[idx])
             check_finite(loss, "teacher loss")
             self.opt.zero_grad(set_to_none=True)
             loss.backward()

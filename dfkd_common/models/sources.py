@@ -55,7 +55,7 @@ def resolve(arch: str) -> tuple[ModelSource, str]:
 
 def build_model(arch: str, num_classes: int, in_channels: int, mean: Sequence[float], std: Sequence[float],
                 image_size: Size | None = None, features: dict[str, Any] | None = None,
-                input_size: Size | None = None, **kwargs: Any) -> Classifier:
+                input_size: Size | None = None, task: str = "classification", **kwargs: Any) -> Classifier:
     """The network ``arch`` (a model reference) behind its normalisation, checked against ``image_size`` if given;
     ``features``: feature sites named by module path, ``input_size``: the network's own input size where it
     differs from the data's (:class:`~dfkd_common.models.zoo.Classifier`).
@@ -71,7 +71,7 @@ def build_model(arch: str, num_classes: int, in_channels: int, mean: Sequence[fl
     if features:
         check_feature_paths(model, arch)
     if image_size is not None:
-        check_input(model, arch, in_channels, image_size)
+        check_input(model, arch, in_channels, image_size, task)
     return model
 
 
@@ -80,7 +80,7 @@ def build_for(arch: str, info: DatasetInfo, kwargs: dict[str, Any] | None = None
     """The network ``arch`` for data described by ``info`` (classes, channels, normalisation, input size); with
     ``input_size``, a network that takes images of that size, the data's resized to it inside."""
     return build_model(arch, info.num_classes, info.channels, info.mean, info.std, image_size=info.image_size,
-                       features=features, input_size=input_size, **(kwargs or {}))
+                       features=features, input_size=input_size, task=info.task, **(kwargs or {}))
 
 
 def build_fitting(arch: str, info: DatasetInfo, sizes: Sequence[Size], kwargs: dict[str, Any] | None = None,
@@ -124,19 +124,35 @@ class Zoo(ModelSource):
 
 
 class Torchvision(ModelSource):
-    """torchvision's classification models (``torchvision:NAME``), random weights: the import brings them."""
+    """torchvision's classification and segmentation models (``torchvision:NAME``), random weights (a backbone's
+    too: nothing is downloaded); the import brings them. A segmentation model's dict output is reduced to its
+    ``out`` logits by a forward hook, so its parameter names stay torchvision's (weights from a file load as
+    saved), and its auxiliary head is left out."""
 
     name = "torchvision"
 
     def build(self, name: str, num_classes: int, in_channels: int, **kwargs: Any) -> nn.Module:
         from torchvision import models as tv_models
 
-        if name not in tv_models.list_models(module=tv_models):
-            raise DfkdError(f"torchvision has no classification model {name!r} (e.g. resnet18, resnet50, "
-                            "mobilenet_v2, vgg11_bn)")
+        segmentation = tv_models.list_models(module=tv_models.segmentation)
+        if name not in tv_models.list_models(module=tv_models) and name not in segmentation:
+            raise DfkdError(f"torchvision has no classification or segmentation model {name!r} (e.g. resnet18, "
+                            "mobilenet_v2, vgg11_bn; deeplabv3_resnet50, lraspp_mobilenet_v3_large)")
         if in_channels != 3:
             raise DfkdError(f"torchvision:{name} takes 3-channel images, not {in_channels}")
-        return tv_models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        if name not in segmentation:
+            return tv_models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        kwargs = {"weights_backbone": None, "aux_loss": False, **kwargs}
+        if name.startswith("lraspp"):
+            kwargs.pop("aux_loss")
+        net = tv_models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
+        net.register_forward_hook(_segmentation_logits)
+        return net
+
+
+def _segmentation_logits(module: nn.Module, args: Any, out: Any) -> Any:
+    """torchvision's segmentation models return ``{"out": logits, ...}``: the logits."""
+    return out["out"] if isinstance(out, dict) else out
 
 
 SOURCES.register("zoo")(Zoo())

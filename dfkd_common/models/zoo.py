@@ -86,10 +86,13 @@ class InputRejected(DfkdError):
 
 
 @torch.no_grad()
-def check_input(model: Classifier, arch: str, channels: int, image_size: Size) -> None:
+def check_input(model: Classifier, arch: str, channels: int, image_size: Size, task: str = "classification") -> None:
     """One eval-mode forward of zeros: raise :class:`InputRejected` when ``model`` cannot take this input shape
     (a layer's shape error, or a network's own check of its input: an assertion, a ValueError) or does not map it
-    to ``num_classes`` logits."""
+    to the logits ``task`` expects (classification: ``num_classes``; segmentation: ``num_classes`` per pixel)."""
+    from dfkd_common.tasks import get_task
+
+    expected = get_task(task).output_shape(2, model.num_classes, as_hw(image_size))
     was_training = model.training
     model.eval()
     shape = shape_str(channels, image_size)
@@ -100,9 +103,10 @@ def check_input(model: Classifier, arch: str, channels: int, image_size: Size) -
         raise InputRejected(f"model {arch} cannot take {shape} inputs ({reason})") from None
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, model.num_classes):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise InputRejected(f"model {arch} maps {shape} inputs to {got}, not {model.num_classes} logits")
+        want = f"{model.num_classes} logits" if len(expected) == 2 else f"logits of shape {expected[1:]}"
+        raise InputRejected(f"model {arch} maps {shape} inputs to {got}, not {want}")
 
 
 # ----------------------------------------------------------------------------------------------- LeNet-5
@@ -146,11 +150,11 @@ def lenet5_half(num_classes: int = 10, in_channels: int = 1, batchnorm: bool = T
 class BasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, dilation: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, dilation, dilation=dilation, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, dilation, dilation=dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
@@ -287,3 +291,64 @@ class VGG(nn.Module):
 @MODELS.register("vgg11_bn")
 def vgg11_bn(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     return VGG(((64,), (128,), (256, 256), (512, 512), (512, 512)), num_classes, in_channels)
+
+
+# ------------------------------------------------------------------------------ DeepLabV3-style segmentation
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLabV3): a 1x1 branch, 3x3 branches at ``rates``, and the image's
+    mean broadcast back, concatenated and projected to ``cout`` channels."""
+
+    def __init__(self, cin: int, cout: int, rates: Sequence[int]) -> None:
+        super().__init__()
+
+        def branch(k: int, rate: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, k, padding=0 if k == 1 else rate, dilation=rate, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.branches = nn.ModuleList([branch(1, 1), *(branch(3, r) for r in rates)])
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False), nn.ReLU(inplace=True))
+        self.project = nn.Sequential(nn.Conv2d(cout * (len(rates) + 2), cout, 1, bias=False), nn.BatchNorm2d(cout),
+                                     nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.pool(x).expand(-1, -1, *x.shape[-2:])
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], 1))
+
+
+class DeepLabMini(nn.Module):
+    """A CPU-sized DeepLabV3: a ResNet-style backbone of basic blocks to output stride 8 (three stride-2 stages,
+    then a dilated one, as DeepLabV3's output stride 8), ASPP at rates 2 and 4 (DeepLabV3's 12, 24, 36 scaled to
+    an 8x8 map of a 64x64 image), a 3x3 head and a 1x1 classifier, the logits upsampled bilinearly to the input.
+    ``width`` sets every stage (the teacher 32, the thinner student 16). Not BN-free: DeepInversion and the
+    relevance estimate read its BatchNorms."""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int) -> None:
+        super().__init__()
+        w = width
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
+                                  nn.ReLU(inplace=True))
+        self.layer1 = BasicBlock(w, w, 2)
+        self.layer2 = BasicBlock(w, 2 * w, 2)
+        self.layer3 = BasicBlock(2 * w, 4 * w, 2)
+        self.layer4 = BasicBlock(4 * w, 4 * w, 1, dilation=2)
+        self.aspp = ASPP(4 * w, 2 * w, (2, 4))
+        self.head = nn.Sequential(nn.Conv2d(2 * w, 2 * w, 3, 1, 1, bias=False), nn.BatchNorm2d(2 * w),
+                                  nn.ReLU(inplace=True))
+        self.classifier = nn.Conv2d(2 * w, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        y = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        y = self.classifier(self.head(self.aspp(y)))
+        return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+
+
+@MODELS.register("deeplab_mini")
+def deeplab_mini(num_classes: int = 11, in_channels: int = 1, width: int = 32) -> nn.Module:
+    return DeepLabMini(num_classes, in_channels, width)
+
+
+@MODELS.register("deeplab_mini_half")
+def deeplab_mini_half(num_classes: int = 11, in_channels: int = 1, width: int = 16) -> nn.Module:
+    return DeepLabMini(num_classes, in_channels, width)
+

@@ -78,6 +78,14 @@ class Task(ABC):
     def draw_targets(self, n: int, round_index: int, num_classes: int, gen: torch.Generator) -> torch.Tensor:
         """Targets for ``n`` images a synthesis round makes (CPU tensor), drawn from ``gen``."""
 
+    def output_shape(self, n: int, num_classes: int, image_size: tuple[int, int]) -> tuple[int, ...]:
+        """The logits' shape a model of this task makes for ``n`` images (classification: (n, K))."""
+        return (n, num_classes)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The supervised loss a teacher trains with on real targets (cross-entropy over the class axis)."""
+        return torch.nn.functional.cross_entropy(logits, targets.long())
+
     @abstractmethod
     def check_targets(self, targets: torch.Tensor, num_classes: int, where: str) -> None:
         """Raise :class:`~dfkd_common.errors.DfkdError` when a target does not fit ``num_classes``."""

@@ -1,0 +1,139 @@
+"""The segmentation task: mIoU and pixel accuracy of known masks, the ignore index, per-pixel KD's sign and
+gradient, the bank columns it declares."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dfkd_common.errors import DfkdError
+from dfkd_common.tasks import get_task
+from dfkd_common.tasks.segmentation import IGNORE, confusion, iou_per_class
+
+
+def one_hot_logits(mask: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(mask.long(), k).movedim(-1, 1).float() * 10
+
+
+def test_miou_of_known_masks() -> None:
+    """3 classes on a 2x4 image, IoU worked out by hand."""
+    task = get_task("segmentation")
+    target = torch.tensor([[[0, 0, 0, 0], [1, 1, 2, 2]]], dtype=torch.uint8)
+    pred = torch.tensor([[[0, 0, 0, 1], [1, 2, 2, 0]]])
+    scores = task.metrics(one_hot_logits(pred, 3), target)
+    # class 0: TP 3, FP 1 (pixel 7), FN 1 -> 3/5; class 1: TP 1, FP 1, FN 1 -> 1/3; class 2: TP 1, FP 1, FN 1 -> 1/3
+    assert scores["miou"] == pytest.approx((3 / 5 + 1 / 3 + 1 / 3) / 3)
+    assert scores["pixel_acc"] == pytest.approx(5 / 8)
+    assert task.metrics(one_hot_logits(target, 3), target) == {"miou": 1.0, "pixel_acc": 1.0}
+
+
+def test_ignored_pixels_and_absent_classes_do_not_count() -> None:
+    task = get_task("segmentation")
+    target = torch.tensor([[[0, IGNORE], [1, 1]]], dtype=torch.uint8)
+    pred = torch.tensor([[[0, 3], [1, 1]]])  # the ignored pixel's prediction (class 3) is not counted
+    scores = task.metrics(one_hot_logits(pred, 5), target)
+    assert scores == {"miou": 1.0, "pixel_acc": 1.0}  # classes 2, 3, 4: in neither, no IoU
+    iou = iou_per_class(confusion(pred, target, 5))
+    assert iou[:2].tolist() == [1.0, 1.0] and all(math.isnan(v) for v in iou[2:].tolist())
+
+
+def test_per_pixel_kd_sign_and_gradient() -> None:
+    """Zero where the student's per-pixel distributions equal the teacher's, positive elsewhere; its gradient
+    moves the student's logits toward the teacher's at every pixel."""
+    task = get_task("segmentation")
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 4, 3, 5)
+    assert float(task.kd(teacher.clone(), teacher, 4.0)) == pytest.approx(0.0, abs=1e-6)
+    student = torch.randn(2, 4, 3, 5, requires_grad=True)
+    loss = task.kd(student, teacher, 4.0)
+    loss.backward()
+    assert float(loss) > 0
+    stepped = student.detach() - 10.0 * student.grad
+    assert float(task.kd(stepped, teacher, 4.0)) < float(loss)
+    assert bool((student.grad.abs().sum(1) > 0).all())  # every pixel gets a gradient
+
+
+def test_columns_targets_and_synthesis() -> None:
+    task = get_task("segmentation")
+    assert task.target == "masks"
+    col = task.target_column(11, (64, 48))
+    assert col.dtype == np.uint8 and col.shape == (64, 48)
+    assert task.logits_column(11, (64, 48)).shape == (11, 64, 48)
+    assert task.predict(torch.randn(2, 11, 4, 4)).dtype == torch.uint8
+    task.check_targets(torch.tensor([[0, 10, IGNORE]], dtype=torch.uint8), 11, "bank b")
+    with pytest.raises(DfkdError, match="mask value 11"):
+        task.check_targets(torch.tensor([[0, 11]], dtype=torch.uint8), 11, "bank b")
+    with pytest.raises(DfkdError, match="segmentation"):
+        task.draw_targets(4, 0, 11, torch.Generator())
+
+
+def test_canvases_hold_real_digits_where_their_masks_say() -> None:
+    """mnist5k-seg: 64x64 canvases, 11 classes, made the same way on every load; digit pixels differ from the
+    photo under them (ink), and a digit's class covers a few percent of the pixels."""
+    from dfkd_common.data import get_dataset
+
+    spec = get_dataset("mnist5k-seg")
+    assert spec.info.task == "segmentation" and spec.info.num_classes == 11
+    test = spec.load("test")
+    assert test.images.shape == (1000, 1, 64, 64) and test.labels.shape == (1000, 64, 64)
+    assert test.labels.dtype == torch.uint8 and int(test.labels.max()) <= 10
+    again = spec.load("test")
+    assert torch.equal(test.images, again.images) and torch.equal(test.labels, again.labels)
+    share = torch.bincount(test.labels.flatten().long(), minlength=11).double() / test.labels.numel()
+    assert 0.05 < 1 - float(share[0]) < 0.3 and bool((share[1:] > 0.003).all())
+    # the background cannot be told by intensity alone: digits are inked both dark and light
+    digit = test.images[:, 0][test.labels > 0].float()
+    assert float((digit < 64).float().mean()) > 0.1 and float((digit > 192).float().mean()) > 0.1
+    with pytest.raises(DfkdError, match="another input size"):
+        spec.load("test", size=32)
+
+
+def test_a_segmentation_network_is_checked_as_one() -> None:
+    from dfkd_common.data import get_dataset
+    from dfkd_common.models import build_for
+    from dfkd_common.models.zoo import InputRejected
+
+    info = get_dataset("mnist5k-seg").info
+    model = build_for("deeplab_mini_half", info)
+    assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 11, 64, 64)
+    with pytest.raises(InputRejected, match=r"not logits of shape \(11, 64, 64\)"):
+        build_for("wrn_16_1", info)  # a classifier: one set of logits per image
+
+
+@pytest.mark.parametrize("arch", ["torchvision:lraspp_mobilenet_v3_large", "torchvision:deeplabv3_mobilenet_v3_large",
+                                  "torchvision:fcn_resnet50", "torchvision:deeplabv3_resnet50"])
+def test_torchvision_segmentation_models_as_architectures(arch: str, tmp_path) -> None:
+    """torchvision's segmentation networks, random weights (no backbone download), per-pixel logits out, and
+    their parameter names torchvision's own (a state dict saved from torchvision loads as it is)."""
+    import dataclasses
+
+    from dfkd_common.data import get_dataset
+    from dfkd_common.models import build_for
+
+    info = dataclasses.replace(get_dataset("mnist5k-seg").info, channels=3, mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = build_for(arch, info).eval()
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, 64, 64)).shape == (1, 11, 64, 64)
+    keys = set(model.net.state_dict())
+    assert any(k.startswith("backbone.") for k in keys) and not any(k.startswith("aux_classifier") for k in keys)
+
+
+@pytest.mark.slow
+def test_a_segmentation_teacher_trains_on_real_canvases(tmp_path, dfkd) -> None:
+    """`dfkd teacher train` on mnist5k-seg: the network learns the digits' shapes, far above predicting the
+    background everywhere (mIoU 0.079: background's IoU 0.87 over 11 classes, the others 0)."""
+    import json
+
+    params = tmp_path / "params.yaml"
+    params.write_text("teacher:\n  dataset: mnist5k-seg\n  arch: deeplab_mini_half\n  epochs: 3\n  batch_size: 32\n"
+                      "  lr: 0.003\n  optimizer: adam\n  weight_decay: 0.0\n  augment: {crop_pad: 0, flip: false}\n")
+    metrics = tmp_path / "t.metrics.json"
+    dfkd("teacher", "train", "--params", params, "--out", tmp_path / "t.safetensors", "--metrics", metrics,
+         check=True)
+    scores = json.loads(metrics.read_text())
+    assert scores["miou"] > 0.2 and scores["pixel_acc"] > 0.87  # 3 epochs of the half-width network
+    refused = dfkd("teacher", "train", "--params", params, "--set", "augment.flip=true", "--out", tmp_path / "u.st")
+    assert refused.returncode == 2 and "flip move the images" in refused.stderr
