@@ -72,7 +72,7 @@ def torchao_runs(model: torch.nn.Module, x: torch.Tensor, calib: torch.Tensor) -
     runs: dict[str, Callable[[], object]] = {}
     compile_s: dict[str, float] = {}
     with torch.no_grad():
-        exported = torch.export.export(model.eval(), (x[:1],), dynamic_shapes=None).module()
+        exported = torch.export.export(model.eval(), (x[:2],), dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
         quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
         prepared = prepare_pt2e(exported, quantizer)
         for i in range(0, len(calib), 64):
