@@ -225,3 +225,42 @@ def test_finetuning_recovers_4_bit_weights(tmp_path: Path, dfkd, teacher_ckpt, m
         acc[epochs] = json.loads(metrics.read_text())
     assert acc[4]["x_teacher"] >= 0.99
     assert acc[4]["test_acc"] >= acc[0]["test_acc"]
+
+
+def test_interrupted_finetuning_resumes_to_the_same_model(tmp_path: Path, teacher_ckpt, small_bank,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Fine-tuning stopped in its second epoch and run again gives the model an uninterrupted run gives."""
+    import dataclasses
+
+    from dfkd_common.runs import quantize_run
+
+    bank = small_bank(tmp_path / "b.h5", n=128)
+    cfg = Quantize(weight_bits=4, calibration_images=64)
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=3, batch_size=32))
+    real_distill = quantize_run.distill
+
+    def run(out: Path, stop_after: int | None = None) -> None:
+        def distill(*args: object, **kwargs: object) -> object:
+            def stop(row: dict[str, object]) -> None:
+                if stop_after is not None and row["epoch"] == stop_after:
+                    raise KeyboardInterrupt
+
+            return real_distill(*args, **kwargs, on_epoch=stop)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(quantize_run, "distill", distill)
+        quantize_run.run(cfg, quantize_run.QuantizePaths(teacher_ckpt, out, [bank]), "bank", device="cpu",
+                         say=lambda _: None)
+
+    run(tmp_path / "straight.onnx")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "resumed.onnx", stop_after=2)  # the state of epoch 1 is kept
+    assert not (tmp_path / "resumed.onnx").exists() and (tmp_path / ".resumed.onnx.state.safetensors").exists()
+    with caplog.at_level("INFO", logger="dfkd.runner"):
+        run(tmp_path / "resumed.onnx")
+    assert "resuming after epoch 1 of 3" in caplog.text  # not a fresh start that happens to agree
+    straight, resumed = (dequantized_weights(tmp_path / f"{n}.onnx") for n in ("straight", "resumed"))
+    assert straight.keys() == resumed.keys()
+    for shape in straight:
+        np.testing.assert_array_equal(straight[shape], resumed[shape])
+    assert not (tmp_path / ".resumed.onnx.state.safetensors").exists()
