@@ -46,12 +46,15 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
     augment = attrs.get("augment") if isinstance(attrs.get("augment"), dict) else None
     made = {int(r["class"]): r for r in (augment or {}).get("per_class", [])}
     per_class = []
+    pixels = bank.task.name == "segmentation"  # a mask's targets are pixels: counts and shares of them
+    total = int((labels != 255).sum()) if pixels else len(bank)
     for c in range(num_classes):
         m = labels == c
         per_class.append({
             "class": c,
             "name": names[c] if c < len(names) else str(c),
             "count": int(m.sum()),
+            **({"share": int(m.sum()) / total if total else None} if pixels else {}),
             "agreement": float(agree[m].mean()) if agree is not None and m.any() else None,
             "confidence": float(conf[m].mean()) if conf is not None and m.any() else None,
             **({"made": made[c]["made"], "keep_rate": made[c]["keep_rate"]} if c in made else {}),
@@ -79,6 +82,7 @@ def bank_summary(path: str | Path, teacher: str | Path | None = None) -> dict[st
         "task": bank.task.name,
         "method": attrs.get("method"),
         "size": len(bank),
+        "counted": "pixels" if pixels else "images",
         "image_shape": list(bank.image_shape),
         "seed": attrs.get("seed"),
         "created_at": attrs.get("created_at"),
@@ -122,6 +126,8 @@ def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_inde
     teacher's logits (a red caption names the class the teacher sees instead), and a class with fewer images
     than columns shows empty cells, never black images. Only the images shown are read (any bank size)."""
     bank = load_bank(path, images=False)
+    if bank.task.name == "segmentation":
+        return save_mask_grid(bank, path, out, per_class, round_index, seed)
     rng = np.random.default_rng(seed)
     keep = torch.ones(len(bank), dtype=torch.bool)
     if round_index is not None:
@@ -164,6 +170,50 @@ def save_grid(path: str | Path, out: str | Path, per_class: int = 10, round_inde
     image = render_grid(tiles, per_class, title, row_labels=name, captions=captions if view is not None else None)
     _save_png(image, out)
     return shown
+
+
+def palette(num_classes: int) -> torch.Tensor:
+    """uint8 (K + 1, 3) colours: class 0 (background, by convention) black, the others matplotlib's tab20 in turn,
+    and the last row grey for the ignore index."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    colours = [(0, 0, 0)] + [tuple(int(255 * v) for v in cmap(i % 20)[:3]) for i in range(num_classes - 1)]
+    return torch.tensor([*colours, (128, 128, 128)], dtype=torch.uint8)
+
+
+def save_mask_grid(bank: Any, path: str | Path, out: str | Path, count: int = 10, round_index: int | None = None,
+                   seed: int = 0) -> int:
+    """A segmentation bank's grid: ``count`` random rows, each image beside its mask (the teacher's, coloured by
+    class), four pairs a row, and a legend row of the class colours under them; returns images shown."""
+    rng = np.random.default_rng(seed)
+    keep = torch.ones(len(bank), dtype=torch.bool) if round_index is None else bank.rounds == round_index
+    idx = torch.nonzero(keep).flatten().numpy()
+    rows = sorted(int(r) for r in (rng.choice(idx, size=min(count, len(idx)), replace=False) if len(idx) else []))
+    num_classes = int(bank.dataset.get("num_classes") or 1)
+    names = list(bank.dataset.get("class_names") or [str(k) for k in range(num_classes)])
+    colours = palette(num_classes)
+    tiles: list[torch.Tensor | None] = []
+    captions: list[tuple[str, bool] | None] = []
+    for image, mask in zip(bank.read_images(rows), (bank.labels[r] for r in rows), strict=True):
+        rgb = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+        index = torch.where(mask.long() == 255, num_classes, mask.long().clamp(max=num_classes))
+        tiles += [rgb, colours[index].permute(2, 0, 1).contiguous()]
+        captions += [None, None]
+    ncol = 8
+    while len(tiles) % ncol:
+        tiles.append(None)
+        captions.append(None)
+    h, w = (tiles[0].shape[1:] if tiles and tiles[0] is not None else (16, 16))
+    for k in range(num_classes):  # the legend: a swatch per class, named under it
+        tiles.append(colours[k].view(3, 1, 1).expand(3, h, w).contiguous())
+        captions.append((names[k] if k < len(names) else str(k), False))
+    title = [f"{Path(path).name}: {bank.attrs.get('method') or '?'} ({bank.attrs.get('kind') or '?'}), "
+             f"{int(keep.sum()):,} images" + (f", round {round_index}" if round_index is not None else ""),
+             f"{len(rows)} random images, each beside its mask (the teacher's classes; grey: ignored); last: legend"]
+    image = render_grid(tiles, ncol, title, col_labels=["image", "mask"] * (ncol // 2), captions=captions)
+    _save_png(image, out)
+    return len(rows)
 
 
 def render_grid(tiles: list[torch.Tensor | None], ncol: int, title: list[str], row_labels: list[str] | None = None,

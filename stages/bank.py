@@ -49,12 +49,15 @@ def info(
                      f"teacher label unchanged for {_pct(a.get('label_agreement'))}")
     out_console.print(head)
     augmented = any("keep_rate" in row for row in s["per_class"])
-    classes = Table(title="per class")
-    for col in ("class", "name", "count", "agreement", "confidence", *(("made", "keep rate") if augmented else ())):
+    pixels = s.get("counted") == "pixels"  # segmentation: counts and shares of the masks' pixels
+    classes = Table(title="per class" + (" (pixels of the masks)" if pixels else ""))
+    for col in ("class", "name", "pixels" if pixels else "count", *(("share",) if pixels else ()), "agreement",
+                "confidence", *(("made", "keep rate") if augmented else ())):
         classes.add_column(col, justify="right")
     for row in s["per_class"]:
         extra = (str(row.get("made", "-")), _pct(row.get("keep_rate"))) if augmented else ()
-        classes.add_row(str(row["class"]), row["name"], str(row["count"]),
+        share = (_pct(row.get("share")),) if pixels else ()
+        classes.add_row(str(row["class"]), row["name"], f"{row['count']:,}", *share,
                         _pct(row.get("agreement")), _pct(row.get("confidence")), *extra)
     out_console.print(classes)
     per_round = s["per_round"] if all_rounds else grouped_rounds(s["per_round"])

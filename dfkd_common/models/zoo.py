@@ -322,6 +322,9 @@ class DeepLabMini(nn.Module):
     ``width`` sets every stage (the teacher 32, the thinner student 16). Not BN-free: DeepInversion and the
     relevance estimate read its BatchNorms."""
 
+    #: the task it serves (a network without this attribute is a classifier)
+    task = "segmentation"
+
     def __init__(self, num_classes: int, in_channels: int, width: int) -> None:
         super().__init__()
         w = width

@@ -28,6 +28,7 @@ from dfkd_common.checkpoint import (
 from dfkd_common.data import DATASETS, get_dataset
 from dfkd_common.errors import DfkdError
 from dfkd_common.models import MODELS, build_model
+from dfkd_common.tasks import get_task
 
 ROOT = Path(__file__).resolve().parents[2]
 INFO = get_dataset("mnist5k").info
@@ -168,8 +169,9 @@ def test_unwritable_outputs_are_one_line_naming_the_path(tmp_path: Path, teacher
 
 
 # ----------------------------------------------------------------------------------------------------- zoo
-def dataset_shapes(tmp_path: Path) -> dict[str, tuple[int, int, int]]:
-    """(channels, size, classes) of every registered dataset from its metadata (no download, no data read)."""
+def dataset_shapes(tmp_path: Path) -> dict[str, tuple[int, int, int, str]]:
+    """(channels, size, classes, task) of every registered dataset from its metadata (no download, no data
+    read)."""
     shapes = {}
     for name in DATASETS.names():
         if name == "imagefolder":  # its shape comes from its options; a root with two class folders
@@ -178,18 +180,24 @@ def dataset_shapes(tmp_path: Path) -> dict[str, tuple[int, int, int]]:
             info = get_dataset(name, root=tmp_path).info
         else:
             info = get_dataset(name).info
-        shapes[name] = (info.channels, info.image_size[0], info.num_classes)
+        shapes[name] = (info.channels, info.image_size[0], info.num_classes, info.task)
     return shapes
 
 
 def test_every_zoo_model_runs_forward_and_backward_on_every_dataset(tmp_path: Path) -> None:
+    """Every zoo network on every registered dataset of its task (a network states a task other than
+    classification as its ``task`` attribute: DeepLab's segmentation)."""
     shapes = dataset_shapes(tmp_path)
-    assert {(1, 28, 10), (1, 32, 10), (3, 32, 10), (3, 32, 100)} <= set(shapes.values())
+    assert {(1, 28, 10, "classification"), (1, 32, 10, "classification"), (3, 32, 10, "classification"),
+            (3, 32, 100, "classification"), (1, 64, 11, "segmentation")} <= set(shapes.values())
     for arch in MODELS.names():
-        for name, (c, size, k) in shapes.items():
-            model = build_model(arch, k, c, (0.5,) * c, (0.25,) * c, image_size=size).train()
+        task = getattr(MODELS.get(arch)(), "task", "classification")
+        for name, (c, size, k, data_task) in shapes.items():
+            if data_task != task:
+                continue
+            model = build_model(arch, k, c, (0.5,) * c, (0.25,) * c, image_size=size, task=task).train()
             logits = model(torch.rand(2, c, size, size))
-            assert logits.shape == (2, k), (arch, name)
+            assert logits.shape == get_task(task).output_shape(2, k, (size, size)), (arch, name)
             logits.square().mean().backward()
             assert all(p.grad is not None for p in model.parameters() if p.requires_grad), (arch, name)
 

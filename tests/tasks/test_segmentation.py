@@ -137,3 +137,36 @@ def test_a_segmentation_teacher_trains_on_real_canvases(tmp_path, dfkd) -> None:
     assert scores["miou"] > 0.2 and scores["pixel_acc"] > 0.87  # 3 epochs of the half-width network
     refused = dfkd("teacher", "train", "--params", params, "--set", "augment.flip=true", "--out", tmp_path / "u.st")
     assert refused.returncode == 2 and "flip move the images" in refused.stderr
+
+
+def test_a_segmentation_bank_holds_masks_and_shows_them(tmp_path, dfkd) -> None:
+    """A bank of real canvases with their masks: `dfkd bank info` gives each class's share of the pixels,
+    `dfkd bank grid` draws each image beside its mask in the classes' colours, with a legend."""
+    import json
+
+    from PIL import Image
+
+    from dfkd_common.bank import BankWriter, load_bank
+    from dfkd_common.data import get_dataset
+    from dfkd_common.inspect import palette
+
+    spec = get_dataset("mnist5k-seg")
+    test = spec.load("test")
+    path = tmp_path / "seg.h5"
+    with BankWriter(path, channels=1, image_size=64, kind="synthetic", method="t",
+                    dataset=spec.info.to_dict()) as w:
+        w.append(test.images[:12], test.labels[:12], 0)
+    bank = load_bank(path)
+    assert bank.labels.shape == (12, 64, 64) and torch.equal(bank.labels.to(torch.uint8), test.labels[:12])
+    summary = tmp_path / "info.json"
+    dfkd("bank", "info", path, "--json", summary, check=True)
+    info = json.loads(summary.read_text())
+    shares = {row["name"]: row["share"] for row in info["per_class"]}
+    assert info["counted"] == "pixels" and sum(shares.values()) == pytest.approx(1.0)
+    expected = float((test.labels[:12] == 0).double().mean())
+    assert shares["background"] == pytest.approx(expected)
+    grid = tmp_path / "grid.png"
+    dfkd("bank", "grid", path, "--out", grid, check=True)
+    colours = {tuple(c) for c in Image.open(grid).convert("RGB").getdata()}
+    present = torch.unique(test.labels[:12]).tolist()
+    assert all(tuple(palette(11)[k].tolist()) in colours for k in present)
