@@ -31,7 +31,8 @@ INDEX: dict[str, dict[str, str]] = {
     },
     "dataset": {**{name: _DATA for name in ("mnist5k", "digits", "mnist", "cifar10", "cifar100", "svhn",
                                             "imagefolder")},
-                "mnist5k-seg": "dfkd_common.data.canvases"},
+                "mnist5k-seg": "dfkd_common.data.canvases",
+                **{name: "dfkd_common.data.segmentation_folders" for name in ("camvid", "nyuv2", "voc")}},
     "model": {name: _ZOO for name in ("lenet5", "lenet5_half", "resnet18", "resnet34", "wrn_16_1", "wrn_16_2",
                                       "wrn_40_1", "wrn_40_2", "vgg11_bn", "deeplab_mini", "deeplab_mini_half")},
     "generator": {

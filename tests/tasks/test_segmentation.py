@@ -170,3 +170,56 @@ def test_a_segmentation_bank_holds_masks_and_shows_them(tmp_path, dfkd) -> None:
     colours = {tuple(c) for c in Image.open(grid).convert("RGB").getdata()}
     present = torch.unique(test.labels[:12]).tolist()
     assert all(tuple(palette(11)[k].tolist()) in colours for k in present)
+
+
+def _png(path, array) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_camvid_nyuv2_and_voc_folders_load_in_their_layouts(tmp_path) -> None:
+    """Small files written in each dataset's usual layout drive the real loaders (VOC: torchvision's
+    VOCSegmentation): images resized, masks by nearest neighbour, void pixels 255."""
+    from scipy.io import savemat
+
+    from dfkd_common.data import get_dataset
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    mask = np.zeros((40, 60), dtype=np.uint8)
+    mask[:, 30:] = 3
+    mask[:5] = 11  # CamVid's void
+    for split in ("train", "test"):
+        _png(tmp_path / "CamVid" / split / "a.png", image)
+        _png(tmp_path / "CamVid" / f"{split}annot" / "a.png", mask)
+    camvid = get_dataset("camvid", image_size=20).load("test", tmp_path)
+    assert camvid.images.shape == (1, 3, 20, 20) and camvid.labels.shape == (1, 20, 20)
+    assert set(torch.unique(camvid.labels).tolist()) == {0, 3, IGNORE}
+    assert int(camvid.labels[0, 10, 5]) == 0 and int(camvid.labels[0, 10, 15]) == 3
+
+    nyu = tmp_path / "NYUv2"
+    (nyu / "nyuv2-meta-data").mkdir(parents=True)
+    savemat(str(nyu / "nyuv2-meta-data" / "splits.mat"), {"trainNdxs": np.array([[1]]), "testNdxs": np.array([[2]])})
+    nyu_mask = np.zeros((40, 60), dtype=np.uint8)  # 0: void
+    nyu_mask[10:] = 5  # class 5 of 1-13: index 4
+    _png(nyu / "480_640" / "IMAGE" / "1.png", image)
+    _png(nyu / "nyuv2-meta-data" / "test_labels_13" / "new_nyu_class13_0002.png", nyu_mask)
+    test = get_dataset("nyuv2", image_size=(16, 24)).load("test", tmp_path)
+    assert test.images.shape == (1, 3, 16, 24)
+    assert set(torch.unique(test.labels).tolist()) == {4, IGNORE}
+
+    voc = tmp_path / "VOC" / "VOCdevkit" / "VOC2012"
+    _png(voc / "JPEGImages" / "x.jpg", image)
+    voc_mask = np.zeros((40, 60), dtype=np.uint8)
+    voc_mask[20:, 20:] = 15
+    voc_mask[18:21, :] = 255  # an object border
+    _png(voc / "SegmentationClass" / "x.png", voc_mask)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "val.txt").write_text("x\n")
+    val = get_dataset("voc", image_size=32).load("test", tmp_path)
+    assert val.images.shape == (1, 3, 32, 32) and set(torch.unique(val.labels).tolist()) == {0, 15, IGNORE}
+
+    with pytest.raises(DfkdError, match="CamVid not found"):
+        get_dataset("camvid").load("train", tmp_path / "nowhere")
