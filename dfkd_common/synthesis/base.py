@@ -73,8 +73,16 @@ class Synthesizer(ABC):
     #: used by ``dfkd distill --online M`` unless the run's params give their own objective; None: the
     #: distill stage's default (KD)
     student_objective: ClassVar[StudentObjective | None] = None
+    #: the tasks whose teachers the method can invert: a method built for another is refused in one line
+    tasks: ClassVar[tuple[str, ...]] = ("classification",)
     #: what the base serves every term: teacher logits and penultimate features, BN hooks, the student's logits
     BASE_PROVIDES: ClassVar[frozenset[str]] = frozenset({"t_logits", "t_feat", "bn", "s_logits", "stages"})
+
+    @torch.no_grad()
+    def teacher_targets(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's targets for images ``x`` (CPU), unaugmented: a segmentation bank's masks."""
+        with self.engine.autocast():
+            return self.task.predict(self.teacher(self.engine.images(x.to(self.device))).float()).cpu()
 
     @classmethod
     def provides(cls) -> frozenset[str]:
@@ -108,6 +116,9 @@ class Synthesizer(ABC):
         self.engine = engine or Engine.create()
         self.info = info
         self.task = get_task(info.task)
+        if self.task.name not in self.tasks:
+            raise DfkdError(f"{self.name} cannot invert a {self.task.name} teacher (it serves "
+                            f"{', '.join(self.tasks)}); for {self.task.name}: {', '.join(serving(self.task.name))}")
         self.teacher = self.engine.model(teacher).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -157,10 +168,13 @@ class Synthesizer(ABC):
             if self.bn is not None:
                 self.bn.enable(False)
 
-    def targets(self, n: int, round_index: int) -> torch.Tensor:
+    def targets(self, n: int, round_index: int) -> torch.Tensor | None:
         """The round's targets, drawn by the task (classification: balanced classes, shuffled); where
         :attr:`classes` is set (``dfkd retrieve --top-up``: the classes a bank lacks, each repeated as often as
-        it lacks images), cycled through those instead, shuffled."""
+        it lacks images), cycled through those instead, shuffled. None for a task that draws none
+        (segmentation: the teacher's own prediction is the target, and the bank's masks are the teacher's)."""
+        if self.classes is None and not self.task.draws_targets:
+            return None
         if self.classes is not None:
             y = self.classes[(torch.arange(n) + round_index * n) % len(self.classes)]
             return y[torch.randperm(n, generator=self.gen)].to(self.device)
@@ -326,3 +340,12 @@ def build_synthesizer(
     seed: int = 0,
 ) -> Synthesizer:
     return SYNTHESIZERS.get(method)(teacher, info, cfg, engine, seed)
+
+
+def serving(task: str) -> list[str]:
+    """The registered synthesis methods that invert a ``task`` teacher (imports them all: for error lines)."""
+    from dfkd_common.synthesis import SYNTHESIZERS
+
+    names = [n for n in SYNTHESIZERS.names() if task in SYNTHESIZERS.get(n).tasks]
+    return [*names, "dfkd distill --online dfad"] if task != "classification" else names
+

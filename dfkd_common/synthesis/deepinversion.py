@@ -22,6 +22,9 @@ from dfkd_common.synthesis.losses import Context
 @SYNTHESIZERS.register("deepinversion")
 class DeepInversion(Synthesizer):
     name = "deepinversion"
+    #: a segmentation teacher too: no targets drawn, ``oh`` is the per-pixel CE against the teacher's own
+    #: prediction, the bank's masks are the teacher's on the images made
+    tasks = ("classification", "segmentation")
 
     @dataclass(frozen=True)
     class Config(SynthesisConfig):
@@ -51,4 +54,5 @@ class DeepInversion(Synthesizer):
         project()  # the random start too
         best_x, _, logs = self.optimise(self.cfg.g_steps, step, opt, after_step=project)
         self.end_round()
-        return SynthResult(best_x.float().cpu(), y.cpu(), logs)
+        images = best_x.float().cpu()
+        return SynthResult(images, y.cpu() if y is not None else self.teacher_targets(images), logs)

@@ -53,6 +53,9 @@ class Task(ABC):
     headline_label: ClassVar[str] = ""
     #: every metric :meth:`metrics` returns
     metric_names: ClassVar[tuple[str, ...]] = ()
+    #: whether synthesis draws targets for it (classification's classes); False: a synthesized image's target
+    #: is what the teacher predicts for it
+    draws_targets: ClassVar[bool] = True
 
     @abstractmethod
     def target_column(self, num_classes: int, image_size: tuple[int, int]) -> Column:

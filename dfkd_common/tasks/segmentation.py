@@ -49,6 +49,7 @@ class Segmentation(Task):
     headline = "miou"
     headline_label = "mIoU"
     metric_names: ClassVar[tuple[str, ...]] = ("miou", "pixel_acc")
+    draws_targets: ClassVar[bool] = False
 
     def target_column(self, num_classes: int, image_size: tuple[int, int]) -> Column:
         return Column(np.uint8, tuple(image_size))

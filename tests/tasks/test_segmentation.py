@@ -223,3 +223,33 @@ def test_camvid_nyuv2_and_voc_folders_load_in_their_layouts(tmp_path) -> None:
 
     with pytest.raises(DfkdError, match="CamVid not found"):
         get_dataset("camvid").load("train", tmp_path / "nowhere")
+
+
+def test_deepinversion_inverts_a_segmentation_teacher_and_others_are_refused(tmp_path, dfkd, one_line_error) -> None:
+    """DeepInversion draws no targets for a segmentation teacher: its bank's masks are the teacher's on the
+    images made. A method that cannot serve the task is one line naming those that can."""
+    from dfkd_common import __version__
+    from dfkd_common.bank import load_bank
+    from dfkd_common.checkpoint import ModelMeta, load_model, now, save_model
+    from dfkd_common.data import get_dataset
+    from dfkd_common.models import build_for
+
+    info = get_dataset("mnist5k-seg").info
+    torch.manual_seed(0)
+    teacher = tmp_path / "t.safetensors"
+    save_model(teacher, build_for("deeplab_mini_half", info), ModelMeta("deeplab_mini_half", {}, info, {}, {}, now(),
+                                                                         __version__, "teacher"))
+    params = tmp_path / "none.yaml"
+    params.write_text("{}\n")
+    out = tmp_path / "di.h5"
+    dfkd("synthesize", "--method", "deepinversion", "--teacher", teacher, "--out", out, "--params", params,
+         "--set", "rounds=1", "--set", "batch_size=4", "--set", "g_steps=2", "--set", "amp=false", check=True)
+    bank = load_bank(out)
+    model, _ = load_model(teacher)
+    with torch.no_grad():
+        masks = model(bank.images.float() / 255).argmax(1)
+    assert bank.labels.shape == (4, 64, 64)
+    assert float((bank.labels.long() == masks).float().mean()) > 0.99  # uint8 rounding of the images aside
+    one_line_error(dfkd("synthesize", "--method", "dafl", "--teacher", teacher, "--out", tmp_path / "d.h5",
+                        "--params", params), "dafl cannot invert a segmentation teacher", code=2)
+    assert not (tmp_path / "d.h5").exists()
