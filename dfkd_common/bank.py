@@ -50,7 +50,7 @@ from dfkd_common.tasks import Column, Task, get_task
 SCHEMA_VERSION = 2
 #: versions this dfkd reads: 1 (dfkd 0.2-0.6), 2 (since 0.7: the task attribute, (H, W) geometry)
 READABLE = (1, 2)
-KINDS = ("synthetic", "retrieved", "augmented", "merged")
+KINDS = ("synthetic", "retrieved", "augmented", "merged", "real")
 #: the optional per-row columns every task shares; ``teacher_logits`` is optional too, its shape the task's
 OPTIONAL = {
     "teacher_logits": np.float16,

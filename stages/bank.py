@@ -1,4 +1,5 @@
-"""``dfkd bank info|grid``: look inside a bank (what did the teacher dream?)."""
+"""``dfkd bank info|grid|verify``: look inside a bank (what did the teacher dream?); ``dfkd bank from-dataset``: a
+bank of a dataset's real images, the reference every paper reports."""
 
 from __future__ import annotations
 
@@ -144,6 +145,31 @@ def grid(
         return
     n = save_grid(bank, out, per_class, round_index, seed)
     out_console.print(f"{n} images -> {out}")
+
+
+@app.command("from-dataset")
+@errors
+def from_dataset(
+    dataset: str = typer.Option(..., "--dataset", help="a registered dataset (dfkd methods lists them)"),
+    out: Path = typer.Option(..., "--out", help="bank (.h5) to write"),
+    split: str = typer.Option("train", "--split", help="train or test"),
+    data_root: Path | None = typer.Option(None, help="where the dataset's files are (default: ~/.cache/dfkd/data)"),
+) -> None:
+    """A bank of a dataset's real images with their true targets (kind ``real``): what KD on the real training
+    images, the upper reference of every data-free paper, trains from (``dfkd distill --bank``), and a labelled
+    test set (``--test``)."""
+    from dfkd_common.bank import BankHeader
+    from dfkd_common.data import get_dataset
+
+    ensure_writable(out)
+    data = get_dataset(dataset).load(split, data_root)
+    info = data.info
+    header = BankHeader(channels=info.channels, image_size=info.image_size, kind="real", method=f"{dataset}:{split}",
+                        dataset=info.to_dict(), params={"dataset": dataset, "split": split})
+    block = 4096
+    header.write(out, (header.columns(data.images[i : i + block], data.labels[i : i + block], 0)
+                       for i in range(0, len(data), block)))
+    out_console.print(f"{len(data):,} {split} images of {dataset} with their {info.task} targets -> {out}")
 
 
 if __name__ == "__main__":

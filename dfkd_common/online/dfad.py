@@ -82,6 +82,9 @@ class DFADFeed(RecordedFeed):
         record: int = 100  # images of each epoch kept in the output bank
         ie: float = 0.0  # weight of DAFL's class-balance entropy term in the generator loss; 0: published DFAD
         bn: float = 0.0  # weight of DeepInversion's BN-statistics prior in the generator loss; 0: published DFAD
+        # the generator maximises the L1 ("l1", the classification scripts) or log(L1 + 1) ("log", the released
+        # segmentation scripts); "auto": log for a segmentation teacher, l1 otherwise
+        g_loss: Literal["auto", "l1", "log"] = "auto"
 
     def __init__(self, ctx: FeedContext, cfg: Mapping[str, Any] | Config | None = None) -> None:
         cfg = cfg if isinstance(cfg, DFADFeed.Config) else parse(DFADFeed.Config, cfg, "dfad online")
@@ -90,6 +93,7 @@ class DFADFeed(RecordedFeed):
         super().__init__(ctx, cfg)
         info, engine = ctx.info, ctx.engine
         self.nz = cfg.nz
+        self.log_loss = cfg.g_loss == "log" or (cfg.g_loss == "auto" and info.task == "segmentation")
         self.student_steps = cfg.student_steps
         self.iterations = cfg.iterations
         self.to_record = cfg.record
@@ -154,7 +158,7 @@ class DFADFeed(RecordedFeed):
             t_logits = self.teacher(x)
             s_logits = self.student(x)
             l1 = l1_discrepancy(s_logits, t_logits)
-            loss = -l1
+            loss = -torch.log1p(l1) if self.log_loss else -l1
             ctx = Context(x=x, t_logits=t_logits.float(), bn=self.bn)
             if self.ie:
                 loss = loss + self.ie * TERMS.get("ie")(ctx)

@@ -253,3 +253,17 @@ def test_deepinversion_inverts_a_segmentation_teacher_and_others_are_refused(tmp
     one_line_error(dfkd("synthesize", "--method", "dafl", "--teacher", teacher, "--out", tmp_path / "d.h5",
                         "--params", params), "dafl cannot invert a segmentation teacher", code=2)
     assert not (tmp_path / "d.h5").exists()
+
+
+def test_bank_from_dataset_holds_the_real_images_and_targets(tmp_path, dfkd) -> None:
+    """`dfkd bank from-dataset`: the reference bank (KD on real data) of either task, kind `real`."""
+    from dfkd_common.bank import load_bank
+    from dfkd_common.data import get_dataset
+
+    for name, split in (("mnist5k", "test"), ("mnist5k-seg", "test")):
+        out = tmp_path / f"{name}.h5"
+        dfkd("bank", "from-dataset", "--dataset", name, "--split", split, "--out", out, check=True)
+        bank, data = load_bank(out), get_dataset(name).load(split)
+        assert bank.attrs["kind"] == "real" and len(bank) == len(data)
+        assert torch.equal(torch.as_tensor(bank.images), data.images)
+        assert torch.equal(bank.labels.long(), data.labels.long())
