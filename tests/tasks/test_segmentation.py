@@ -267,3 +267,19 @@ def test_bank_from_dataset_holds_the_real_images_and_targets(tmp_path, dfkd) -> 
         assert bank.attrs["kind"] == "real" and len(bank) == len(data)
         assert torch.equal(torch.as_tensor(bank.images), data.images)
         assert torch.equal(bank.labels.long(), data.labels.long())
+
+
+def test_dfad_discrepancy_over_per_pixel_logits() -> None:
+    """DFAD's L1 over (N, K, H, W) logits: zero on agreement, positive elsewhere; the student's gradient closes the
+    gap at every pixel, and the generator's published segmentation loss -log(L1 + 1) falls as L1 grows."""
+    from dfkd_common.functional import l1_discrepancy
+
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 11, 8, 8)
+    assert float(l1_discrepancy(teacher.clone(), teacher)) == 0.0
+    student = torch.randn(2, 11, 8, 8, requires_grad=True)
+    gap = l1_discrepancy(student, teacher)
+    gap.backward()
+    assert float(gap) > 0 and bool((student.grad.abs().sum(1) > 0).all())
+    assert float(l1_discrepancy(student.detach() - 0.01 * student.grad.sign(), teacher)) < float(gap)
+    assert float(-torch.log1p(gap.detach() * 2)) < float(-torch.log1p(gap.detach()))
