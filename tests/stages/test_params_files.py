@@ -85,7 +85,7 @@ def test_shipped_params_build(path: Path, tmp_path: Path) -> None:
     else:
         (arch, info), arch_kwargs = described_teacher(path.parent / "dvc.yaml"), {}
     teacher = build_model(arch, info.num_classes, info.channels, info.mean, info.std, image_size=info.image_size,
-                          **arch_kwargs)
+                          task=info.task, **arch_kwargs)
     ckpt = tmp_path / "teacher.safetensors"
     save_model(ckpt, teacher, ModelMeta(arch, {}, info, {"test_acc": 0.9}, {}, now(), __version__, "teacher"))
     teacher = load_model(ckpt)[0]
@@ -95,8 +95,9 @@ def test_shipped_params_build(path: Path, tmp_path: Path) -> None:
     for name in sections(path, "distill"):  # every run the file configures, online or from a bank
         cfg = resolve_run(path, name, online=runs.get(name))
         student = build_model(cfg.student, info.num_classes, info.channels, info.mean, info.std,
-                              image_size=info.image_size, **cfg.student_kwargs)
-        StudentSide(student, cfg.weights, cfg.terms, TermSetup(teacher, student, info.channels, info.image_size, 0.9))
+                              image_size=info.image_size, task=info.task, **cfg.student_kwargs)
+        StudentSide(student, cfg.weights, cfg.terms, TermSetup(teacher, student, info.channels, info.image_size, 0.9,
+                                                               info.task))
         if name in runs:
             online = {k: v for k, v in cfg.online.items() if k != "method"}
             with Job(tmp_path / f"{name}.h5", {}) as job:
