@@ -43,7 +43,7 @@ from dfkd_common import __version__
 from dfkd_common.checkpoint import now
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import atomic_path
-from dfkd_common.errors import DfkdError
+from dfkd_common.errors import DfkdError, first_line
 from dfkd_common.geometry import Size, as_hw, shape_str
 from dfkd_common.tasks import Column, Task, get_task
 
@@ -465,12 +465,8 @@ def _read(h5: h5py.File, name: str, sel: Any, path: Path) -> np.ndarray:
     except OSError as exc:
         if getattr(h5[name], "fletcher32", False):
             raise DfkdError(f"{path}: dataset '{name}' fails its checksum: the file is corrupted "
-                            f"(HDF5: {_first_line(exc)})") from None
-        raise DfkdError(f"{path}: dataset '{name}' is unreadable (truncated file? {_first_line(exc)})") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                            f"(HDF5: {first_line(exc)})") from None
+        raise DfkdError(f"{path}: dataset '{name}' is unreadable (truncated file? {first_line(exc)})") from None
 
 
 def note_unverified(path: Path) -> None:

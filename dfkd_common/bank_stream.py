@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dfkd_common.bank import _first_line, _open, checksummed, compatible, note_unverified, read_attrs, validate
+from dfkd_common.bank import _open, checksummed, compatible, note_unverified, read_attrs, validate
 from dfkd_common.data import DatasetInfo
 from dfkd_common.dist import World, current
-from dfkd_common.errors import DfkdError
+from dfkd_common.errors import DfkdError, first_line
 from dfkd_common.tasks import Task, get_task
 
 
@@ -133,7 +133,7 @@ class _BlockReader(Dataset):
             labels = torch.from_numpy(h5[self.targets[k]][start:stop].astype(np.int64))
         except OSError as exc:  # a worker's error comes back as a value: the main process raises it in one line
             return ("error", f"{self.paths[k]}: rows {start}-{stop} fail their checksum or are unreadable "
-                             f"(HDF5: {_first_line(exc)})")
+                             f"(HDF5: {first_line(exc)})")
         return images, labels
 
 

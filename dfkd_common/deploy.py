@@ -32,7 +32,7 @@ from torch import nn
 
 from dfkd_common.checkpoint import ModelMeta
 from dfkd_common.engine import atomic_path
-from dfkd_common.errors import DfkdError
+from dfkd_common.errors import DfkdError, first_line
 from dfkd_common.extras import need
 from dfkd_common.models import Classifier, build_for
 
@@ -212,7 +212,7 @@ def export_quantized(source: Path, meta: ModelMeta, out: Path, batch: int = 4,
     int8 ONNX model: the same graph behind a resize of any H x W to that size, checked against the artifact
     (equal at its size; within ``tolerance`` x the logits' largest magnitude at two others), dfkd's metadata moved
     to the sidecar (the file is a deployment, not an artifact dfkd reads back), with its sidecar."""
-    from dfkd_common.quantize import OnnxModel, first_line, net_shape
+    from dfkd_common.quantize import OnnxModel, net_shape
 
     onnx = need("onnx", "exporting a quantized model")
     channels, h, w = net_shape(meta)
@@ -228,8 +228,8 @@ def export_quantized(source: Path, meta: ModelMeta, out: Path, batch: int = 4,
             onnx.save(onnx.compose.merge_models(front, quantized, io_map=[("resized", "images")], prefix2="q_"),
                       str(tmp))
         except (RuntimeError, ValueError) as exc:  # onnx's compose and converter raise these
-            raise DfkdError(f"{source}: the resize does not compose with the quantized graph ({first_line(exc)})") \
-                from None
+            why = first_line(exc, 200)
+            raise DfkdError(f"{source}: the resize does not compose with the quantized graph ({why})") from None
         deployed, model = OnnxModel(tmp), OnnxModel(source)
 
         def reference(x: torch.Tensor) -> torch.Tensor:

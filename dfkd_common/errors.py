@@ -12,3 +12,9 @@ class DfkdError(Exception):
 
 class NonFiniteLossError(DfkdError):
     """Raised when a loss becomes NaN/inf, before any artifact is written."""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (its type's name if it has none), at most ``limit`` characters:
+    what an error line quotes of a library's own error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

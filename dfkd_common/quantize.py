@@ -45,7 +45,7 @@ from dfkd_common.augment_ops import AugmentConfig, to_float
 from dfkd_common.bank import load_bank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, now
 from dfkd_common.data import DatasetInfo, get_dataset
-from dfkd_common.errors import DfkdError
+from dfkd_common.errors import DfkdError, first_line
 from dfkd_common.extras import need
 from dfkd_common.loops.distillation import Distillation
 
@@ -293,7 +293,7 @@ def export_float(model: nn.Module, shape: tuple[int, int, int], out: Path, opset
             onnx = need("onnx", "dfkd quantize")
             onnx.save(onnx.version_converter.convert_version(onnx.load(str(out)), opset), str(out))
     except (RuntimeError, ValueError) as exc:  # an operator the exporter or the converter has no form for
-        raise DfkdError(f"the model does not export to ONNX: {first_line(exc)}") from None
+        raise DfkdError(f"the model does not export to ONNX: {first_line(exc, 200)}") from None
 
 
 def quantize_onnx(model: nn.Module, shape: tuple[int, int, int], images: torch.Tensor, cfg: Quantize,
@@ -323,7 +323,7 @@ def quantize_onnx(model: nn.Module, shape: tuple[int, int, int], images: torch.T
                               activation_type=q.QuantType.QUInt8, calibrate_method=methods[cfg.method],
                               extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
         except Exception as exc:  # onnx / onnxruntime raise their own types for a graph they cannot take
-            raise DfkdError(f"ONNX Runtime could not quantize the model: {first_line(exc)}") from None
+            raise DfkdError(f"ONNX Runtime could not quantize the model: {first_line(exc, 200)}") from None
 
 
 def write_meta(path: Path, meta: ModelMeta) -> None:
@@ -350,7 +350,7 @@ def read_quantized_meta(path: Path) -> ModelMeta:
     try:
         meta = ModelMeta.from_json(props["dfkd"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise DfkdError(f"{path}: its dfkd metadata is damaged ({first_line(exc)})") from None
+        raise DfkdError(f"{path}: its dfkd metadata is damaged ({first_line(exc, 200)})") from None
     if meta.kind != KIND:
         raise DfkdError(f"{path} holds a {meta.kind!r} model, not a quantized one")
     return meta
@@ -367,7 +367,7 @@ class OnnxModel(nn.Module):
         try:
             self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's own error types
-            raise DfkdError(f"{path}: ONNX Runtime cannot load it ({first_line(exc)})") from None
+            raise DfkdError(f"{path}: ONNX Runtime cannot load it ({first_line(exc, 200)})") from None
         self.input = self.session.get_inputs()[0].name
         self.shape = shape
 
@@ -380,9 +380,6 @@ def load_quantized(path: Path) -> tuple[OnnxModel, ModelMeta]:
     meta = read_quantized_meta(path)
     return OnnxModel(path, net_shape(meta)), meta
 
-
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def is_quantized(path: Path) -> bool:

@@ -60,6 +60,12 @@ def _pairs(pairs: list[tuple[Any, Any]], size: tuple[int, int], remap: np.ndarra
     return images, masks
 
 
+def _info(name: str, classes: tuple[str, ...], image_size: Size) -> DatasetInfo:
+    """A folder dataset's description: RGB at ``image_size``, ImageNet's normalisation, segmentation targets."""
+    return DatasetInfo(name, 3, as_hw(image_size), len(classes), classes, IMAGENET_MEAN, IMAGENET_STD,
+                       task="segmentation")
+
+
 def _folder(root: Path, name: str, layout: str) -> Path:
     where = root / name
     if not where.is_dir():
@@ -69,9 +75,8 @@ def _folder(root: Path, name: str, layout: str) -> Path:
 
 @DATASETS.register("camvid")
 def camvid(image_size: Size = 128) -> DatasetSpec:
-    size = as_hw(image_size)
-    info = DatasetInfo("camvid", 3, size, len(CAMVID_CLASSES), CAMVID_CLASSES, IMAGENET_MEAN, IMAGENET_STD,
-                       task="segmentation")
+    info = _info("camvid", CAMVID_CLASSES, image_size)
+    size = info.image_size
     remap = np.arange(256, dtype=np.uint8)
     remap[11:] = IGNORE  # 11: void
 
@@ -88,9 +93,8 @@ def camvid(image_size: Size = 128) -> DatasetSpec:
 
 @DATASETS.register("nyuv2")
 def nyuv2(image_size: Size = 128) -> DatasetSpec:
-    size = as_hw(image_size)
-    info = DatasetInfo("nyuv2", 3, size, len(NYU13_CLASSES), NYU13_CLASSES, IMAGENET_MEAN, IMAGENET_STD,
-                       task="segmentation")
+    info = _info("nyuv2", NYU13_CLASSES, image_size)
+    size = info.image_size
     remap = np.full(256, IGNORE, dtype=np.uint8)
     remap[1:14] = np.arange(13, dtype=np.uint8)  # 0: void; 1-13: the classes
 
@@ -109,9 +113,8 @@ def nyuv2(image_size: Size = 128) -> DatasetSpec:
 
 @DATASETS.register("voc")
 def voc(image_size: Size = 128) -> DatasetSpec:
-    size = as_hw(image_size)
-    info = DatasetInfo("voc", 3, size, len(VOC_CLASSES), VOC_CLASSES, IMAGENET_MEAN, IMAGENET_STD,
-                       task="segmentation")
+    info = _info("voc", VOC_CLASSES, image_size)
+    size = info.image_size
 
     def load(split: str, root: Path) -> tuple[torch.Tensor, torch.Tensor]:
         from torchvision.datasets import VOCSegmentation
