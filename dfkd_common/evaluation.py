@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +23,7 @@ from dfkd_common.data import DATASETS, ArraySplit, DatasetInfo, get_dataset
 from dfkd_common.data.datasets import folder_split
 from dfkd_common.engine import Engine
 from dfkd_common.errors import DfkdError
-from dfkd_common.tasks import get_task
+from dfkd_common.tasks import Task, get_task
 
 
 @torch.no_grad()
@@ -47,6 +48,15 @@ def evaluate(model: nn.Module, split: ArraySplit, engine: Engine, batch_size: in
     figures every metrics file, checkpoint and report uses."""
     logits = predict(model, split.images, engine, batch_size)
     return get_task(split.info.task).metrics(logits, split.labels)
+
+
+def breakdown(model: nn.Module, split: ArraySplit, engine: Engine, batch_size: int = 1000) -> dict[str, Any]:
+    """The task's per-class figures of ``model`` on a split (segmentation: each class's IoU) for a run's details
+    file; a task without any costs no pass over the split."""
+    task = get_task(split.info.task)
+    if type(task).breakdown is Task.breakdown:
+        return {}
+    return task.breakdown(predict(model, split.images, engine, batch_size), split.labels, split.info.class_names)
 
 
 @dataclass

@@ -78,6 +78,15 @@ INDEX: dict[str, dict[str, str]] = {
     },
 }
 
+#: the tasks each method serves where it is more than classification (a method not named here inverts or distils
+#: classifiers only, and is refused on another task in one line); ``tests/common/test_registry.py`` holds the
+#: methods' own ``tasks`` to this
+TASKS_SERVED: dict[str, tuple[str, ...]] = {
+    "deepinversion": ("classification", "segmentation"),
+    "dafl": ("classification", "segmentation"),
+    "dfad": ("classification", "segmentation"),
+}
+
 #: the ``dfkd`` sub-commands: name -> (stage module, attribute: a typer app or a command function, one-line help).
 #: The console script imports a stage module only when its command runs (or its own ``--help`` is asked for).
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -114,6 +123,12 @@ TITLES: dict[str, str] = {
 def names(kind: str) -> list[str]:
     """The names the index declares for one registry kind, sorted."""
     return sorted(INDEX[kind])
+
+
+def serving(task: str) -> list[str]:
+    """The methods (synthesis and online) that serve a ``task`` teacher, from the index alone."""
+    every = online_methods()
+    return every if task == "classification" else sorted(m for m in every if task in TASKS_SERVED.get(m, ()))
 
 
 def online_methods() -> list[str]:

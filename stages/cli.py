@@ -17,7 +17,7 @@ import typer
 from typer.core import TyperGroup
 
 from dfkd_common import __version__
-from dfkd_common.index import COMMANDS, TITLES, names, online_methods
+from dfkd_common.index import COMMANDS, TITLES, names, online_methods, serving
 
 
 class LazyGroup(TyperGroup):
@@ -105,6 +105,9 @@ def methods() -> None:
     Read from the declared index (:mod:`dfkd_common.index`), so nothing is imported."""
     for kind, title in TITLES.items():
         typer.echo(f"{title}: {', '.join(online_methods() if kind == 'online method' else names(kind))}")
+    for task in names("task"):
+        if task != "classification":
+            typer.echo(f"methods for {task}: {', '.join(serving(task))} (the others classification only)")
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ from dfkd_common.checkpoint import load_model
 from dfkd_common.data import get_dataset
 from dfkd_common.engine import Engine, ensure_writable, write_metrics
 from dfkd_common.errors import DfkdError
-from dfkd_common.evaluation import evaluate
+from dfkd_common.evaluation import breakdown, evaluate
 from dfkd_common.quantize import is_quantized, load_quantized
 from stages.common import DeviceOpt, TrustOpt, allow_code, console, errors
 
@@ -37,8 +37,8 @@ def main(
                         "targets")
     scores = evaluate(engine.model(model), data, engine)
     if metrics:
-        write_metrics(metrics, {"task": task.name, **scores, "dataset": data.info.name, "split": split},
-                      task=task.name, **scores)
+        write_metrics(metrics, {"task": task.name, **scores, "dataset": data.info.name, "split": split,
+                                **breakdown(engine.model(model), data, engine)}, task=task.name, **scores)
     console.print(f"{checkpoint}: {scores[task.headline]:.4f} on {data.info.name}/{split} ({len(data)} images)")
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from dfkd_common.bank import BankHeader, to_uint8
+from dfkd_common.bank import BankHeader, logit_columns, to_uint8
 from dfkd_common.checkpoint import ModelMeta, file_checksum
 from dfkd_common.config import parse, values
 from dfkd_common.dist import current, gather_objects, rank_path, rank_share
@@ -36,6 +36,7 @@ class SynthesisRun:
     seed: int = 0
     amp: Literal["auto", True, False] = "auto"  # the engine's: bf16 where the device has it natively
     channels_last: bool = True  # the engine's memory format (1-channel pixel optimisation: off is faster)
+    teacher_logits: bool | None = None  # store the teacher's logits per row (None: the task's default, bank.py)
 
 
 def split_params(params: Mapping[str, Any], method: str) -> tuple[SynthesisRun, SynthesisConfig]:
@@ -54,6 +55,8 @@ def scored_rows(header: BankHeader, teacher: Classifier, engine: Engine, images:
     agreement and confidence) always describes the bank's uint8 images.
     """
     u8 = torch.from_numpy(to_uint8(images))
+    if "teacher_logits" not in header.optional:  # not asked for (a segmentation bank's default): no teacher pass
+        return header.columns(u8, labels, rounds)
     x = engine.images(u8.to(engine.device).float().div_(255.0))
     t_logits = teacher(x).float().cpu()
     return header.columns(u8, labels, rounds, teacher_logits=t_logits.half())
@@ -95,7 +98,7 @@ def run_synthesis(method: str, teacher: Classifier, meta: ModelMeta, teacher_pat
     teacher_sum = file_checksum(teacher_path)
     header = BankHeader(channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
                         dataset=info.to_dict(), params=synth.provenance() | {"rounds": run.rounds}, seed=run.seed,
-                        teacher_checksum=teacher_sum, optional=("teacher_logits",))
+                        teacher_checksum=teacher_sum, optional=logit_columns(info.task, run.teacher_logits))
     key = {"method": method, **values(run), **values(synth.cfg), "teacher": teacher_sum, "runner_layout": LAYOUT,
            **({"world": world.size} if world.distributed else {})}
     with Job(rank_path(out, world), key) as job:

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfkd_common.bank import Bank, BankHeader
+from dfkd_common.bank import Bank, BankHeader, logit_columns
 from dfkd_common.config import parse
 from dfkd_common.data import DatasetInfo
 from dfkd_common.dist import current, gather_objects
@@ -93,7 +93,7 @@ def recording(out: str | os.PathLike[str], teacher: Classifier, info: DatasetInf
     ``ctx.job.publish_bank(ctx.header, feed.stats())`` inside the block.
     """
     header = BankHeader(channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
-                        dataset=info.to_dict(), optional=("teacher_logits",))
+                        dataset=info.to_dict(), optional=logit_columns(info.task, None))
     with Job(out, key or {"method": method}) as job:
         yield FeedContext(teacher, info, engine, job, header, **kwargs)
 

@@ -39,7 +39,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -68,11 +68,17 @@ class DFADFeed(RecordedFeed):
     per_rank_batches = True
     takes_banks = False
 
+    #: per-pixel logits need nothing else: the L1 discrepancy is over every output (index.TASKS_SERVED)
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation")
+
     @dataclass(frozen=True)
     class Config:
         nz: int = 100  # latent size (MNIST 100, CIFAR 256)
         ngf: int = 64
         head: str = "dafl"
+        # the generator's x2 stages (None: 2 up to 128 px, DAFL's; the released segmentation scripts' GeneratorB
+        # doubles 4 times from S/16)
+        ups: int | None = None
         lr_g: float = 1e-3  # Adam
         # the generator's LR follows the student's cosine schedule ("constant": no decay)
         g_schedule: Literal["cosine", "constant"] = "cosine"
@@ -110,7 +116,7 @@ class DFADFeed(RecordedFeed):
             raise DfkdError("dfad: student_steps and iterations must be >= 1")
         self.generator = engine.model(build_generator(
             "dcgan", nz=self.nz, ngf=cfg.ngf, image_size=info.image_size, channels=info.channels,
-            head=cfg.head, mean=info.mean, std=info.std,
+            head=cfg.head, mean=info.mean, std=info.std, ups=cfg.ups,
         )).train()
         self.opt = fused_adam(self.generator.parameters(), lr=cfg.lr_g, betas=cfg.betas)
         self.gen = torch.Generator().manual_seed(ctx.seed + 1)

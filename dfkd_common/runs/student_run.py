@@ -18,14 +18,14 @@ from typing import Any, Literal
 import torch
 
 from dfkd_common import __version__
-from dfkd_common.bank import Bank, BankHeader, concat_banks, load_bank
+from dfkd_common.bank import Bank, BankHeader, concat_banks, load_bank, logit_columns
 from dfkd_common.bank_stream import StreamConfig, StreamedBank
 from dfkd_common.checkpoint import ModelMeta, file_checksum, load_model, now, save_model
 from dfkd_common.config import REPLACES, resolve, values
 from dfkd_common.dist import World, barrier, current, main_first, rank_path
 from dfkd_common.engine import Engine, seed_everything, write_json, write_metrics
 from dfkd_common.errors import DfkdError
-from dfkd_common.evaluation import evaluate, evaluation_split
+from dfkd_common.evaluation import breakdown, evaluate, evaluation_split
 from dfkd_common.jobs import Job, OutputLock
 from dfkd_common.loops.distillation import BankFeed, Distillation, distill
 from dfkd_common.loops.runner import JobStore, StateFile, Store
@@ -125,12 +125,15 @@ def online_feed(method: str, cfg: dict[str, Any], t_model: Classifier, teacher: 
     bank given (its checksum is the grown bank's ``parent_checksum``; default: ``data``'s)."""
     cfg = dict(cfg)
     syn_engine = engine.sibling(cfg.pop("amp", "auto"), where="distill: param online.amp")
+    record_logits = cfg.pop("teacher_logits", None)  # the recorded rows' logits (None: the task's default)
+    if record_logits not in (None, True, False):
+        raise DfkdError(f"distill: param online.teacher_logits must be true, false or null, not {record_logits!r}")
     header = BankHeader(
         channels=info.channels, image_size=info.image_size, kind="synthetic", method=method,
         dataset=info.to_dict(), params={"online": cfg, "distill": values(run_cfg)}, seed=run_cfg.seed,
         teacher_checksum=file_checksum(teacher),
         parent_checksum=file_checksum(parent or data.path) if parent or data is not None else "",
-        optional=("teacher_logits",),
+        optional=logit_columns(info.task, record_logits),
     )
     ctx = FeedContext(t_model, info, syn_engine, job, header, data, run_cfg.seed + seed_offset, run_cfg.batch_size,
                       run_cfg.epochs)
@@ -213,6 +216,7 @@ def run(cfg: StudentRun, paths: Paths, online: str | None = None, name: str | No
             save_model(paths.out, s_model, meta)
             summary = summarise(cfg, paths, name, t_meta, scores, t_scores, history, seconds, chosen.described,
                                 rows, engine, world)
+            summary.update(breakdown(s_model, test, engine))
             if isinstance(feed, RecordedFeed) and job is not None:
                 stats = feed.stats()
                 job.publish_bank(feed.ctx.header, stats)

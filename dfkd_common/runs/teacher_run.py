@@ -19,7 +19,7 @@ from dfkd_common.data import DatasetInfo, get_dataset
 from dfkd_common.dist import barrier, current, main_first, rank_path
 from dfkd_common.engine import Engine, seed_everything, write_metrics
 from dfkd_common.errors import DfkdError
-from dfkd_common.evaluation import evaluate
+from dfkd_common.evaluation import breakdown, evaluate
 from dfkd_common.geometry import shape_str
 from dfkd_common.imports import KEYMAPS, KeyMap, load_weights, read_weights
 from dfkd_common.jobs import OutputLock
@@ -76,7 +76,8 @@ def train(cfg: TeacherRun, out: Path, metrics: Path | None = None, device: str =
             if metrics:
                 write_metrics(metrics, {"task": info.task, **scores, "arch": cfg.arch, "dataset": info.name,
                                         "precision": engine.precision, "epochs": len(history), "history": history,
-                                        "world_size": world.size}, task=info.task, **scores)
+                                        "world_size": world.size, **breakdown(model, test_split, engine)},
+                              task=info.task, **scores)
         barrier()  # every rank's state stays until the artifact is written
         store.clear()
     task = get_task(info.task)

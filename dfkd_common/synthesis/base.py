@@ -27,7 +27,8 @@ from dfkd_common.config import parse, spec, values
 from dfkd_common.data import DatasetInfo
 from dfkd_common.engine import Engine, check_finite
 from dfkd_common.errors import DfkdError
-from dfkd_common.index import WITHOUT_BN
+from dfkd_common.index import INDEX, WITHOUT_BN
+from dfkd_common.index import serving as index_serving
 from dfkd_common.models import Classifier
 from dfkd_common.models.hooks import BNStats, FeatureHooks, Penultimate, stage_outputs
 from dfkd_common.params import check_weighted_terms
@@ -343,9 +344,7 @@ def build_synthesizer(
 
 
 def serving(task: str) -> list[str]:
-    """The registered synthesis methods that invert a ``task`` teacher (imports them all: for error lines)."""
-    from dfkd_common.synthesis import SYNTHESIZERS
-
-    names = [n for n in SYNTHESIZERS.names() if task in SYNTHESIZERS.get(n).tasks]
-    return [*names, "dfkd distill --online dfad"] if task != "classification" else names
+    """The methods that serve a ``task`` teacher, as commands name them (from the index: for error lines)."""
+    online_only = set(INDEX["online method"]) - set(INDEX["synthesis method"])
+    return [f"dfkd distill --online {m}" if m in online_only else m for m in index_serving(task)]
 

@@ -32,6 +32,8 @@ from dfkd_common.synthesis.losses import Context
 @SYNTHESIZERS.register("dafl")
 class DAFL(Synthesizer):
     name = "dafl"
+    #: a segmentation teacher's targets are its masks; ``ie`` balances its pixels' classes (DFAD's DAFL baseline)
+    tasks = ("classification", "segmentation")
 
     @dataclass(frozen=True)
     class Config(SynthesisConfig):
@@ -85,10 +87,8 @@ class DAFL(Synthesizer):
 
         _, _, logs = self.optimise(self.cfg.g_steps, step, self.opt)  # DAFL samples afresh: no best iterate
         self.end_round()
-        x = self.sample(b)
-        with torch.no_grad(), self.engine.autocast():
-            y = self.teacher(self.engine.images(x.clamp(0, 1))).argmax(1)
-        return SynthResult(x.clamp(0, 1).cpu(), y.cpu(), logs)
+        x = self.sample(b).clamp(0, 1)
+        return SynthResult(x.cpu(), self.teacher_targets(x), logs)
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:

@@ -144,10 +144,13 @@ class EntropyOptions:
 def entropy_balance_term(ctx: Context, opts: EntropyOptions) -> torch.Tensor:
     """DAFL information entropy: sum_k pbar_k log pbar_k (minimised = batch classes balanced).
 
-    Natural log by default; ``log10: true`` is DAFL's released code, whose term is ln 10 = 2.3x weaker at the
-    same weight.
+    ``pbar`` is the teacher's prediction averaged over the batch, and for per-pixel logits (N, K, H, W) over
+    every pixel as well: a segmentation teacher's balance is its pixels' (the class-balance term DAFL's
+    segmentation baseline needs). Natural log by default; ``log10: true`` is DAFL's released code, whose term
+    is ln 10 = 2.3x weaker at the same weight.
     """
-    pbar = F.softmax(ctx.t_logits.float(), dim=1).mean(0)
+    probs = F.softmax(ctx.t_logits.float(), dim=1)
+    pbar = probs.movedim(1, -1).reshape(-1, probs.shape[1]).mean(0)
     ent = (pbar * torch.log(pbar + 1e-8)).sum()
     return ent / math.log(10.0) if opts.log10 else ent
 

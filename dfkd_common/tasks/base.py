@@ -20,6 +20,7 @@ geometry is (H, W) throughout (:mod:`dfkd_common.geometry`).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -56,6 +57,9 @@ class Task(ABC):
     #: whether synthesis draws targets for it (classification's classes); False: a synthesized image's target
     #: is what the teacher predicts for it
     draws_targets: ClassVar[bool] = True
+    #: whether synthesized banks store the teacher's logits per row unless told (``teacher_logits`` param):
+    #: a classifier's are a few bytes a row; per-pixel logits are the row's size many times over
+    logits_by_default: ClassVar[bool] = True
 
     @abstractmethod
     def target_column(self, num_classes: int, image_size: tuple[int, int]) -> Column:
@@ -72,6 +76,10 @@ class Task(ABC):
     @abstractmethod
     def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Every metric of logits against true targets; :attr:`headline` among them."""
+
+    def breakdown(self, logits: torch.Tensor, targets: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:
+        """Per-class figures behind the metrics, for a run's details file (none unless a task has them)."""
+        return {}
 
     @abstractmethod
     def kd(self, s_logits: torch.Tensor, t_logits: torch.Tensor, tau: float) -> torch.Tensor:

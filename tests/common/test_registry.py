@@ -72,6 +72,18 @@ def test_the_index_names_exactly_what_each_module_registers(reg: Registry) -> No
     assert not wrong, f"{reg.kind}: (registered by, index says) {wrong}"
 
 
+def test_the_index_says_which_tasks_each_method_serves() -> None:
+    """``dfkd methods`` and every refusal name the methods for a task from the index: it must be what each method
+    itself accepts (a synthesizer's or an online feed's ``tasks``), classification only where it names none."""
+    from dfkd_common.index import TASKS_SERVED, online_methods
+    from dfkd_common.online import ONLINE
+    from dfkd_common.synthesis import SYNTHESIZERS
+
+    for name in online_methods():
+        reg = SYNTHESIZERS if name in SYNTHESIZERS.names() else ONLINE
+        assert tuple(reg.get(name).tasks) == TASKS_SERVED.get(name, ("classification",)), name
+
+
 def test_a_name_imports_its_module_only_when_asked_for(fresh_python: Any) -> None:
     code = ("import sys\n"
             "from dfkd_common.synthesis import SYNTHESIZERS\n"

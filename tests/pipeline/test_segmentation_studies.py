@@ -42,8 +42,11 @@ def test_the_offline_study_resolves_and_fits_its_budget() -> None:
     """pipelines/segmentation-mnist5k: every student profile resolves; DFAD keeps the published structure
     (5 student steps per generator step, L1 on per-pixel logits, the log generator loss by default)."""
     params = ROOT / "pipelines" / "segmentation-mnist5k" / "params.yaml"
-    for name in ("deepinversion", "kd_real"):
-        assert resolve_run(params, name).student == "deeplab_mini_half"
+    for name in ("deepinversion", "dafl", "kd_real"):
+        run = resolve_run(params, name)
+        assert run.student == "deeplab_mini_half" and run.terms["kd"]["tau"] == 1.0  # tau 4 halves KD's mIoU
+    study = yaml.safe_load(params.read_text())
+    assert {"deepinversion", "dafl"} <= set(study["synthesize"])
     dfad = resolve_run(params, "dfad", online="dfad")
     assert dfad.weights == {"kd": 0.0, "l1": 1.0} and dfad.online["student_steps"] == 5
     assert yaml.safe_load(params.read_text())["teacher"]["dataset"] == "mnist5k-seg"

@@ -122,9 +122,10 @@ def test_torchvision_segmentation_models_as_architectures(arch: str, tmp_path) -
 
 
 @pytest.mark.slow
-def test_a_segmentation_teacher_trains_on_real_canvases(tmp_path, dfkd) -> None:
+def test_teacher_then_dfad_on_real_canvases_end_to_end(tmp_path, dfkd) -> None:
     """`dfkd teacher train` on mnist5k-seg: the network learns the digits' shapes, far above predicting the
-    background everywhere (mIoU 0.079: background's IoU 0.87 over 11 classes, the others 0)."""
+    background everywhere (mIoU 0.079: background's IoU 0.87 over 11 classes, the others 0); then DFAD distils it
+    into a student that beats that by a wide margin on the real test canvases."""
     import json
 
     params = tmp_path / "params.yaml"
@@ -137,6 +138,40 @@ def test_a_segmentation_teacher_trains_on_real_canvases(tmp_path, dfkd) -> None:
     assert scores["miou"] > 0.2 and scores["pixel_acc"] > 0.87  # 3 epochs of the half-width network
     refused = dfkd("teacher", "train", "--params", params, "--set", "augment.flip=true", "--out", tmp_path / "u.st")
     assert refused.returncode == 2 and "flip move the images" in refused.stderr
+    details = json.loads((tmp_path / "t.details.json").read_text())
+    assert set(details["iou_per_class"]) == {"background", *"0123456789"}
+    assert details["iou_per_class"]["background"] > 0.87
+
+    # ... then DFAD as published (per-pixel L1, 5 student steps per generator step, -log(L1 + 1) for the
+    # generator) distils it into a student that never sees a real canvas, measured on the real test canvases
+    params.write_text(params.read_text() + DFAD_PARAMS)
+    out = tmp_path / "dfad.safetensors"
+    dfkd("distill", "--name", "dfad", "--online", "dfad", "--params", params, "--teacher", tmp_path / "t.safetensors",
+         "--out", out, "--metrics", tmp_path / "dfad.metrics.json", check=True)
+    student = json.loads((tmp_path / "dfad.metrics.json").read_text())
+    assert student["miou"] > 0.079 + E2E_MARGIN, student  # 0.079: the background everywhere
+    assert "iou_per_class" in json.loads((tmp_path / "dfad.details.json").read_text())
+    bank = tmp_path / "dfad.bank.h5"  # the generator's recorded samples: images and the teacher's masks
+    from dfkd_common.bank import load_bank
+
+    recorded = load_bank(bank)
+    assert recorded.labels.shape[1:] == (64, 64) and "teacher_logits" not in recorded.extra
+
+
+#: what the end-to-end test runs: a CPU-minute of DFAD at batch 32 (the study's settings, fewer iterations)
+DFAD_PARAMS = """distill:
+  dfad:
+    student: deeplab_mini_half
+    weights: {kd: 0.0, l1: 1.0}
+    epochs: EPOCHS
+    batch_size: 32
+    lr: 0.1
+    optimizer: sgd
+    weight_decay: 0.0005
+    augment: {crop_pad: 0, flip: false}
+    online: {nz: 256, ngf: 32, lr_g: 0.001, student_steps: 5, iterations: ITERS, record: 8}
+"""
+E2E_MARGIN = 0.1
 
 
 def test_a_segmentation_bank_holds_masks_and_shows_them(tmp_path, dfkd) -> None:
@@ -250,9 +285,58 @@ def test_deepinversion_inverts_a_segmentation_teacher_and_others_are_refused(tmp
         masks = model(bank.images.float() / 255).argmax(1)
     assert bank.labels.shape == (4, 64, 64)
     assert float((bank.labels.long() == masks).float().mean()) > 0.99  # uint8 rounding of the images aside
-    one_line_error(dfkd("synthesize", "--method", "dafl", "--teacher", teacher, "--out", tmp_path / "d.h5",
-                        "--params", params), "dafl cannot invert a segmentation teacher", code=2)
-    assert not (tmp_path / "d.h5").exists()
+    assert "teacher_logits" not in bank.extra  # per-pixel logits only on request
+    asked = tmp_path / "logits.h5"
+    dfkd("synthesize", "--method", "deepinversion", "--teacher", teacher, "--out", asked, "--params", params,
+         "--set", "rounds=1", "--set", "batch_size=2", "--set", "g_steps=1", "--set", "amp=false",
+         "--set", "teacher_logits=true", check=True)
+    stored = load_bank(asked).extra["teacher_logits"]
+    agree = (stored.float().argmax(1) == load_bank(asked).labels.long()).float().mean()
+    assert stored.shape == (2, 11, 64, 64) and float(agree) > 0.99
+    # DAFL (the paper's failing baseline for segmentation): its generator's bank, masks the teacher's as well
+    dafl = tmp_path / "dafl.h5"
+    dfkd("synthesize", "--method", "dafl", "--teacher", teacher, "--out", dafl, "--params", params,
+         "--set", "rounds=1", "--set", "batch_size=4", "--set", "g_steps=2", "--set", "amp=false", check=True)
+    bank = load_bank(dafl)
+    with torch.no_grad():
+        masks = model(bank.images.float() / 255).argmax(1)
+    assert bank.labels.shape == (4, 64, 64) and float((bank.labels.long() == masks).float().mean()) > 0.99
+    refused = dfkd("synthesize", "--method", "fast", "--teacher", teacher, "--out", tmp_path / "f.h5", "--params",
+                   params)
+    one_line_error(refused, "fast cannot invert a segmentation teacher", code=2)
+    assert "dafl, deepinversion, dfkd distill --online dfad" in refused.stderr
+    assert not (tmp_path / "f.h5").exists()
+    listed = dfkd("methods", check=True).stdout
+    assert "methods for segmentation: dafl, deepinversion, dfad (the others classification only)" in listed
+
+
+def test_dafl_entropy_balances_the_pixels_classes() -> None:
+    """DAFL's ``ie`` over per-pixel logits is the entropy of the class shares over every pixel of the batch:
+    lowest (-ln K) when the pixels' classes are balanced, 0 when every pixel is one class, and its gradient moves
+    a one-class batch toward balance."""
+    from dfkd_common.synthesis.losses import TERMS, Context
+
+    ie = TERMS.get("ie")
+    k = 4
+    balanced = one_hot_logits(torch.arange(k).repeat_interleave(4).view(1, 4, 4), k)  # each class 4 of 16 pixels
+    assert float(ie(Context(x=torch.zeros(1), t_logits=balanced * 10))) == pytest.approx(-math.log(k), abs=1e-4)
+    single = one_hot_logits(torch.zeros(2, 4, 4, dtype=torch.long), k)
+    assert float(ie(Context(x=torch.zeros(1), t_logits=single * 10))) == pytest.approx(0.0, abs=1e-3)
+    leaning = (single / 5).requires_grad_(True)  # every pixel leans to class 0, unsaturated
+    value = ie(Context(x=torch.zeros(1), t_logits=leaning))
+    value.backward()
+    stepped = float(ie(Context(x=torch.zeros(1), t_logits=leaning.detach() - 10 * leaning.grad)))
+    assert -math.log(k) <= stepped < float(value) < 0
+
+
+def test_per_class_iou_names_each_class() -> None:
+    task = get_task("segmentation")
+    target = torch.tensor([[[0, 0, 0, 0], [1, 1, 2, 2]]], dtype=torch.uint8)
+    pred = torch.tensor([[[0, 0, 0, 1], [1, 2, 2, 0]]])
+    out = task.breakdown(one_hot_logits(pred, 4), target, ("background", "a", "b", "c"))
+    assert out == {"iou_per_class": {"background": 0.6, "a": pytest.approx(1 / 3, abs=1e-4),
+                                     "b": pytest.approx(1 / 3, abs=1e-4), "c": None}}
+    assert get_task("classification").breakdown(torch.zeros(2, 3), torch.zeros(2), ("a", "b", "c")) == {}
 
 
 def test_bank_from_dataset_holds_the_real_images_and_targets(tmp_path, dfkd) -> None:
