@@ -197,7 +197,8 @@ class RecordedFeed(BankFeed):
         if not cols:
             return
         self.images = torch.from_numpy(cols["images"]).to(self.device)
-        self.labels = torch.from_numpy(cols["labels"].astype(np.int64)).to(self.device)
+        # the task's target column: classification's labels, segmentation's masks
+        self.labels = torch.from_numpy(cols[self.ctx.header.task.target].astype(np.int64)).to(self.device)
 
     def stats(self) -> dict[str, Any]:
         """Figures the stage puts into its metrics and the bank's attributes."""

@@ -371,3 +371,23 @@ def test_dfad_discrepancy_over_per_pixel_logits() -> None:
     assert float(gap) > 0 and bool((student.grad.abs().sum(1) > 0).all())
     assert float(l1_discrepancy(student.detach() - 0.01 * student.grad.sign(), teacher)) < float(gap)
     assert float(-torch.log1p(gap.detach() * 2)) < float(-torch.log1p(gap.detach()))
+
+
+def test_an_online_segmentation_run_resumes_its_recorded_masks(tmp_path) -> None:
+    """A resumed online run rebuilds its rows from the job: a segmentation bank's target column is its masks
+    (a resumed DFAD run once failed with a traceback looking for classification's labels)."""
+    from dfkd_common.data import get_dataset
+    from dfkd_common.engine import Engine
+    from dfkd_common.models import build_for
+    from dfkd_common.online import build_online_feed, recording
+
+    info = get_dataset("mnist5k-seg").info
+    torch.manual_seed(0)
+    teacher = build_for("deeplab_mini_half", info).eval()
+    with recording(tmp_path / "b.h5", teacher, info, Engine.create("cpu", amp=False), method="dfad") as ctx:
+        feed = build_online_feed("dfad", ctx, {"nz": 8, "ngf": 8, "record": 2})
+        masks = torch.randint(0, 11, (2, 64, 64), dtype=torch.uint8)
+        feed.record(torch.rand(2, 1, 64, 64), masks, 0)
+        resumed = build_online_feed("dfad", ctx, {"nz": 8, "ngf": 8, "record": 2})
+        resumed.load_state_dict(feed.state_dict())
+        assert torch.equal(resumed.labels, masks.long()) and resumed.images.shape == (2, 1, 64, 64)
