@@ -51,14 +51,6 @@ SCHEMA_VERSION = 2
 #: versions this dfkd reads: 1 (dfkd 0.2-0.6), 2 (since 0.7: the task attribute, (H, W) geometry)
 READABLE = (1, 2)
 KINDS = ("synthetic", "retrieved", "augmented", "merged", "real")
-def logit_columns(task: str, record: bool | None) -> tuple[str, ...]:
-    """``("teacher_logits",)`` where a synthesized bank records its teacher's logits: as asked (``record``), else
-    the task's default (classification yes; segmentation no, its per-pixel logits are only on request)."""
-    from dfkd_common.tasks import get_task
-
-    return ("teacher_logits",) if (get_task(task).logits_by_default if record is None else record) else ()
-
-
 #: the optional per-row columns every task shares; ``teacher_logits`` is optional too, its shape the task's
 OPTIONAL = {
     "teacher_logits": np.float16,
@@ -66,6 +58,12 @@ OPTIONAL = {
     "score": np.float32,
     "source": np.int16,
 }
+
+
+def logit_columns(task: str, record: bool | None) -> tuple[str, ...]:
+    """``("teacher_logits",)`` where a synthesized bank records its teacher's logits: as asked (``record``), else
+    the task's default (classification yes; segmentation no, its per-pixel logits are only on request)."""
+    return ("teacher_logits",) if (get_task(task).logits_by_default if record is None else record) else ()
 
 
 class UnverifiedWarning(UserWarning):
